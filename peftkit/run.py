@@ -1,0 +1,137 @@
+"""`peftkit run`, top to bottom: the whole pipeline in one reading.
+
+    recipe -> data (splits, labels) -> base model (+ 8/4-bit) -> method -> train -> evaluate -> export
+"""
+
+import json
+import logging
+from pathlib import Path
+
+from peftkit import assets, atomic, bench, data, export, train
+from peftkit.errors import UserError
+from peftkit.methods import METHODS
+from peftkit.recipe import Recipe, load_recipe
+from peftkit.tasks import TASKS
+
+log = logging.getLogger("peftkit")
+
+
+def run(recipe: Recipe, overwrite: bool = False) -> Path:
+    """Train and export; the run folder appears complete or not at all (`<folder>.partial` while running)."""
+    from accelerate.utils import set_seed
+
+    task, method = TASKS[recipe.task.type], METHODS[recipe.method.name]
+    accelerator = train.make_accelerator(recipe.train.precision, recipe.train.grad_accum)
+    set_seed(recipe.train.seed)
+    with atomic.building(recipe.output_dir, overwrite, keep_failed=True) as run_dir:
+        handler = _log_to_file(run_dir / "train.log")
+        try:
+            (run_dir / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+            log.info("run %s -> %s (precision %s, device %s)", recipe.name, recipe.output_dir,
+                     train.precision_of(accelerator), accelerator.device)  # fmt: skip
+            splits, labels = data.load(recipe.data, task)
+            missing = [s for s in recipe.eval.splits if s not in splits]
+            if missing:
+                raise UserError(f"eval.splits: no {', '.join(missing)} split (the data has {', '.join(splits)})")
+
+            tokenizer, model = load_base(recipe, task, labels, accelerator.device, train.precision_of(accelerator))
+            head = [name for name in task.HEAD_MODULES if hasattr(model, name)]
+            model = method.apply(model, recipe.method, head, task.PEFT_TASK_TYPE)
+            counts = bench.parameter_counts(model)
+            log.info("trainable parameters: %s of %s (%.3f%%)", f"{counts['trainable_params']:,}",
+                     f"{counts['total_params']:,}", 100 * counts["trainable_share"])  # fmt: skip
+
+            encoded = task.preprocess(splits, tokenizer, recipe.task)
+            collate = task.collator(tokenizer)
+            result = train.fit(model, encoded, collate, task, recipe, accelerator, labels)
+
+            final = {}
+            for split in recipe.eval.splits:
+                loader = accelerator.prepare(train.make_loader(encoded[split], collate, recipe.eval.batch_size,
+                                                               False, True, recipe.train.seed))  # fmt: skip
+                final[split] = train.evaluate(model, loader, task, labels, accelerator)
+                log.info("%s: %s", split, "  ".join(f"{k} {v:.4f}" for k, v in final[split].items() if isinstance(v, float)))
+
+            adapter_dir = run_dir / "adapter"
+            export.save_adapter(accelerator.unwrap_model(model), tokenizer, adapter_dir, recipe, labels)
+            metrics = {
+                **final,
+                **counts,
+                "adapter_bytes": export.adapter_bytes(adapter_dir),
+                "train": result,
+                "precision": train.precision_of(accelerator),
+                "device": str(accelerator.device),
+                **bench.peak_memory(accelerator.device),
+            }
+            atomic.write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+        except BaseException as err:
+            log.debug("run failed: %s: %s", type(err).__name__, err)  # debug: the log file only; the CLI prints it
+            raise
+        finally:
+            logging.getLogger("peftkit").removeHandler(handler)
+            handler.close()
+    return recipe.output_dir
+
+
+def load_base(recipe: Recipe, task, labels, device, precision: str = "no"):
+    """(tokenizer, model) for the recipe's base model, quantised if the recipe asks, head freshly initialised."""
+    import torch
+    from transformers import AutoTokenizer
+
+    ref = assets.resolve_model(recipe.model.name)
+    common = {"revision": recipe.model.revision, "trust_remote_code": recipe.model.trust_remote_code}
+    if recipe.model.trust_remote_code:
+        log.warning("model.trust_remote_code is on: code from %s will run on this machine", recipe.model.name)
+    attn = recipe.model.attn_implementation
+    if attn == "auto":
+        # Measured (benchmarks/RESULTS.md): under bf16 autocast on CPU, SDPA's flash-attention backward is ~2.5x
+        # slower than eager attention; in fp32 on CPU and on GPUs SDPA is as fast or faster.
+        attn = "eager" if device.type == "cpu" and precision == "bf16" else "sdpa"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref, **common)
+        if tokenizer.pad_token is None:  # GPT-2 / Llama tokenizers have none; padding reuses end-of-sequence
+            tokenizer.pad_token = tokenizer.eos_token
+        kwargs = {**common, "attn_implementation": attn, "dtype": torch.float32}
+        if recipe.quantization:
+            from peftkit import quant
+
+            kwargs.update(quant.load_kwargs(recipe.quantization, list(task.HEAD_MODULES), device))
+        model = task.load_model(ref, labels, tokenizer, **kwargs)
+    except OSError as err:
+        raise assets.hub_error("model.name", recipe.model.name, err) from None
+    if recipe.quantization:
+        from peftkit import quant
+
+        model = quant.prepare(model)
+    return tokenizer, model
+
+
+def load_trained(run_dir: Path, device=None):
+    """(recipe, task, tokenizer, model with its adapter, labels) of a finished run, ready for inference."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    run_dir = Path(run_dir)
+    adapter_dir = run_dir / "adapter"
+    if not (adapter_dir / "adapter_config.json").is_file():
+        hint = " (an unfinished run: it has .partial in its name)" if run_dir.name.endswith(".partial") else ""
+        raise UserError(f"{run_dir} is not a finished peftkit run folder: no adapter/adapter_config.json{hint}")
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    info = json.loads((adapter_dir / "peftkit.json").read_text())
+    task = TASKS[recipe.task.type]
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _, base = load_base(recipe, task, info["labels"], device)
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    model = PeftModel.from_pretrained(base, adapter_dir).to(device).eval()
+    return recipe, task, tokenizer, model, info["labels"]
+
+
+def _log_to_file(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("peftkit")
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    return handler

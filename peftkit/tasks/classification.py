@@ -1,0 +1,96 @@
+"""Sequence classification (sentiment, topic, ...): binary or multi-class, one label per text (or text pair).
+
+The head is the model's own `...ForSequenceClassification` head (`classifier` on BERT, `score` on GPT-2 and
+Llama), newly initialised and trained in full precision next to the adapter, and saved with it.
+"""
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from peftkit.config import Section
+
+COLUMNS = {"text": True, "text_pair": False, "label": True}
+LABEL_ROLE = "label"
+METRICS = ("accuracy", "macro_f1")
+PEFT_TASK_TYPE = "SEQ_CLS"
+HEAD_MODULES = ("classifier", "score")  # BERT / GPT-2 and Llama: trained in full, saved with the adapter
+_METRIC_DIR = Path(__file__).resolve().parent.parent / "metrics"
+
+
+class Config(Section):
+    type: Literal["classification"]
+    max_length: int = Field(256, gt=0, description="Longer texts are truncated to this many tokens.")
+
+
+def load_model(path: str, labels: list[str], tokenizer, **kwargs):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+        **kwargs,
+    )
+    # Decoder models classify from the last non-pad token and need to know the pad id (ASSETS.md pitfall).
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def preprocess(splits, tokenizer, config: Config):
+    """Tokenize without padding (the collator pads each batch to its own longest sequence)."""
+
+    def encode(batch):
+        pair = batch["text_pair"] if "text_pair" in batch else None
+        encoded = tokenizer(batch["text"], pair, truncation=True, max_length=config.max_length)
+        encoded["labels"] = batch["label"]
+        return encoded
+
+    return splits.map(encode, batched=True, remove_columns=splits["train"].column_names, desc="tokenize")
+
+
+def collator(tokenizer):
+    from transformers import DataCollatorWithPadding
+
+    return DataCollatorWithPadding(tokenizer)
+
+
+def eval_outputs(outputs, batch):
+    """(predictions, references) of one batch, as tensors that can be gathered across processes."""
+    return outputs.logits.argmax(dim=-1), batch["labels"]
+
+
+def compute_metrics(predictions, references, labels: list[str]) -> dict:
+    import evaluate
+
+    # evaluate.load("accuracy") fetches from the Hub; these local modules work offline (ASSETS.md).
+    accuracy = evaluate.load(str(_METRIC_DIR / "accuracy.py"))
+    f1 = evaluate.load(str(_METRIC_DIR / "f1.py"))
+    ids = list(range(len(labels)))
+    per_class = f1.compute(predictions=predictions, references=references, labels=ids, average=None)["f1"]
+    return {
+        "accuracy": accuracy.compute(predictions=predictions, references=references)["accuracy"],
+        "macro_f1": f1.compute(predictions=predictions, references=references, labels=ids, average="macro")["f1"],
+        "f1_per_class": dict(zip(labels, per_class)),
+    }
+
+
+def predict(model, tokenizer, texts: list[str], config: Config, batch_size: int = 64) -> list[dict]:
+    """Label and probability for each text."""
+    import torch
+
+    results = []
+    labels = model.config.id2label
+    device = next(model.parameters()).device
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        batch = tokenizer(chunk, truncation=True, max_length=config.max_length, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            probs = model(**batch.to(device)).logits.float().softmax(dim=-1)
+        best = probs.argmax(dim=-1)
+        for text, i, p in zip(chunk, best.tolist(), probs.tolist()):
+            results.append({"text": text, "label": labels[i], "probability": p[i]})
+    return results

@@ -1,0 +1,199 @@
+"""The one training loop, on accelerate: AdamW, warmup + decay, gradient accumulation, clipping, mixed
+precision, evaluation each epoch, and the best trainable weights (by eval.metric_for_best) kept in memory.
+
+The same loop runs on one CPU, one GPU, or several processes started by `accelerate launch` / torchrun.
+"""
+
+import logging
+import math
+
+from peftkit import bench
+from peftkit.errors import UserError
+
+log = logging.getLogger("peftkit")
+
+_LOWER_IS_BETTER = {"loss", "perplexity"}
+
+
+def resolve_precision(choice: str, device) -> str:
+    """'auto' -> bf16 where the hardware computes it natively, else fp32. On a CPU without AMX or AVX512-BF16,
+    bf16 matmuls are emulated and hundreds of times slower than fp32 (measured: benchmarks/RESULTS.md)."""
+    import torch
+
+    if choice != "auto":
+        return choice
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        native = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)() or getattr(
+            torch.cpu, "_is_avx512_bf16_supported", lambda: False
+        )()
+        return "bf16" if native else "fp32"
+    return "fp32"
+
+
+def precision_of(accelerator) -> str:
+    """bf16 / fp16 / fp32 (accelerate calls full precision "no")."""
+    return {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
+
+
+def make_accelerator(precision_choice: str, grad_accum: int, cpu: bool = False):
+    import torch
+    from accelerate import Accelerator
+
+    device = torch.device("cuda") if torch.cuda.is_available() and not cpu else torch.device("cpu")
+    precision = resolve_precision(precision_choice, device)
+    mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision]
+    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=grad_accum, cpu=device.type == "cpu")
+
+
+def make_loader(dataset, collate, batch_size: int, shuffle: bool, group_by_length: bool, seed: int):
+    """Batches padded to their own longest example; grouping similar lengths keeps that padding small."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    generator = torch.Generator().manual_seed(seed)
+    lengths = [len(ids) for ids in dataset["input_ids"]] if group_by_length else None
+    if shuffle and group_by_length:
+        # transformers' sampler: shuffle, then sort within mega-batches of 50 batches, so each batch holds
+        # similar lengths while the order stays random.
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        sampler = LengthGroupedSampler(batch_size, lengths=lengths, generator=generator)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate)
+    if group_by_length:  # evaluation: order does not matter, so sort outright
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        return DataLoader(dataset, batch_size=batch_size, sampler=order, collate_fn=collate)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate)
+
+
+def fit(model, splits, collate, task, recipe, accelerator, labels) -> dict:
+    """Train `model` (already wrapped by its method) in place; returns the history and throughput."""
+    import torch
+    from transformers import get_scheduler
+
+    cfg = recipe.train
+    train_loader = make_loader(splits["train"], collate, cfg.batch_size, True, cfg.group_by_length, cfg.seed)
+    val_loader = (
+        make_loader(splits["validation"], collate, recipe.eval.batch_size, False, True, cfg.seed)
+        if "validation" in splits
+        else None
+    )
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)  # biases and norms take no weight decay
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+    )
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if val_loader is not None:
+        val_loader = accelerator.prepare(val_loader)
+
+    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    scheduler_name = {"constant": "constant_with_warmup"}.get(cfg.scheduler, cfg.scheduler)
+    scheduler = get_scheduler(scheduler_name, optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    scheduler = accelerator.prepare(scheduler)
+
+    best_name = recipe.eval.metric_for_best
+    sign = -1 if best_name in _LOWER_IS_BETTER else 1
+    best_score, best_state, best_epoch = -math.inf, None, None
+    history, meter, step = [], bench.Throughput(), 0
+    log.info("training: %d epoch(s), %d optimizer steps, %d per epoch", epochs, total_steps, steps_per_epoch)
+
+    with _progress(accelerator) as progress:
+        bar = progress.add_task("train", total=total_steps, loss=float("nan"), rate="")
+        for epoch in range(1, epochs + 1):
+            model.train()
+            running, seen = torch.zeros((), device=accelerator.device), 0
+            for batch in train_loader:
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                running += loss.detach()
+                seen += 1
+                meter.update(batch)
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                if step % cfg.log_every == 0 or step == total_steps:
+                    mean_loss = running.item() / seen  # the only host sync: once per log interval
+                    _check_finite(mean_loss, step)
+                    rates = meter.rates()
+                    rate = f"{rates['samples_per_s']:.0f} samples/s, {rates['tokens_per_s']:.0f} tok/s"
+                    progress.update(bar, loss=mean_loss, rate=rate)
+                    log.debug("step %d  loss %.4f  lr %.2e  %s", step, mean_loss, scheduler.get_last_lr()[0], rate)
+                    running, seen = torch.zeros((), device=accelerator.device), 0
+                progress.update(bar, advance=1)
+                if step >= total_steps:
+                    break
+            entry = {"epoch": epoch, "step": step}
+            if val_loader is not None:
+                entry["validation"] = evaluate(model, val_loader, task, labels, accelerator)
+                score = sign * entry["validation"][best_name]
+                if score > best_score:
+                    best_score, best_epoch = score, epoch
+                    best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                log.info("epoch %d: %s", epoch, _short(entry["validation"]))
+            history.append(entry)
+            if step >= total_steps:
+                break
+
+    if best_state is not None:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in best_state:
+                    param.copy_(best_state[name])
+        log.info("kept the adapter of epoch %d (best validation %s)", best_epoch, best_name)
+    return {"history": history, "best_epoch": best_epoch, "steps": step, **meter.rates(), "tokens": meter.tokens}
+
+
+def evaluate(model, loader, task, labels, accelerator) -> dict:
+    """The task's metrics over a whole split; predictions gathered from every process exactly once."""
+    import torch
+
+    model.eval()
+    predictions, references = [], []
+    with torch.no_grad():
+        for batch in loader:
+            preds, refs = task.eval_outputs(model(**batch), batch)
+            preds, refs = accelerator.gather_for_metrics((preds, refs))
+            predictions.append(preds.cpu())
+            references.append(refs.cpu())
+    model.train()
+    return task.compute_metrics(torch.cat(predictions).tolist(), torch.cat(references).tolist(), labels)
+
+
+def _check_finite(loss: float, step: int) -> None:
+    if not math.isfinite(loss):
+        raise UserError(
+            f"the training loss became {loss} at step {step}; lower train.lr, or set train.precision: fp32 "
+            "(fp16 overflows easily)"
+        )
+
+
+def _short(metrics: dict) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+
+
+def _progress(accelerator):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        disable=not accelerator.is_main_process,
+    )

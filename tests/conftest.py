@@ -1,0 +1,93 @@
+"""Tiny random models and small generated data, built on the spot: the fast tests download nothing."""
+
+import csv
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+POSITIVE = "good great fine superb lovely brilliant charming moving".split()
+NEGATIVE = "bad awful poor dull boring clumsy tedious weak".split()
+FILLER = "the a movie film plot actor story scene was is and but".split()
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def make_bert(folder: Path, seed: int = 0) -> Path:
+    """A 2-layer, 32-wide BERT with a word-level vocabulary of the words the test data uses."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(SPECIAL + POSITIVE + NEGATIVE + FILLER) + "\n")
+    BertTokenizer(str(vocab)).save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(SPECIAL + POSITIVE + NEGATIVE + FILLER), hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
+    """Learnable two-class data: the label is carried by one sentiment word among filler words."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        words = rng.sample(FILLER, 4) + [rng.choice(POSITIVE if label == "pos" else NEGATIVE)]
+        rng.shuffle(words)
+        rows.append({"review": " ".join(words), "sentiment": label})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return make_bert(tmp_path_factory.mktemp("models") / "tiny-bert")
+
+
+@pytest.fixture(scope="session")
+def sentiment_csv(tmp_path_factory) -> Path:
+    return write_csv(tmp_path_factory.mktemp("data") / "reviews.csv", sentiment_rows(200))
+
+
+@pytest.fixture
+def recipe_file(tmp_path, tiny_bert, sentiment_csv):
+    """Write a small recipe for the tiny model and data; keyword arguments replace whole sections."""
+
+    def write(**sections) -> Path:
+        import yaml
+
+        recipe = {
+            "model": {"name": str(tiny_bert)},
+            "data": {"source": str(sentiment_csv), "columns": {"text": "review", "label": "sentiment"},
+                     "labels": ["neg", "pos"]},  # fmt: skip
+            "task": {"type": "classification", "max_length": 32},
+            "method": {"name": "lora", "r": 4, "alpha": 8},
+            "train": {"epochs": 1, "batch_size": 16, "lr": 5e-3},
+            "export": {"output_dir": str(tmp_path / "runs" / "{name}")},
+        }
+        recipe.update(sections)
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        return path
+
+    return write
+
+
+def peftkit(*args, cwd=None) -> subprocess.CompletedProcess:
+    """Run the real command line, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "peftkit", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600
+    )

@@ -1,0 +1,127 @@
+"""The command line end to end on a tiny model: run -> eval -> predict -> merge, and its error paths."""
+
+import json
+
+import pytest
+
+from .conftest import peftkit
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_bert, sentiment_csv):
+    import yaml
+
+    folder = tmp_path_factory.mktemp("cli")
+    recipe = {
+        "model": {"name": str(tiny_bert)},
+        "data": {"source": str(sentiment_csv), "columns": {"text": "review", "label": "sentiment"}},
+        "task": {"type": "classification", "max_length": 32},
+        "method": {"name": "lora", "r": 4, "alpha": 8},
+        "train": {"batch_size": 8, "lr": 1e-2, "log_every": 1},
+        "export": {"output_dir": str(folder / "runs" / "{name}")},
+    }
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = peftkit("run", path, "train.max_steps=2", "eval.metric_for_best=macro_f1")
+    assert result.returncode == 0, result.stderr
+    return path, folder / "runs" / "tiny", result
+
+
+def test_run_leaves_a_complete_run_folder(finished_run):
+    _, run_dir, result = finished_run
+    assert sorted(p.name for p in run_dir.iterdir()) == ["adapter", "metrics.json", "recipe.yaml", "train.log"]
+    assert not run_dir.with_name("tiny.partial").exists()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics["test"]) >= {"accuracy", "macro_f1", "f1_per_class"}
+    assert metrics["train"]["steps"] == 2 and metrics["trainable_params"] == 1090
+    resolved = (run_dir / "recipe.yaml").read_text()
+    assert "max_steps: 2" in resolved and "metric_for_best: macro_f1" in resolved and "weight_decay" in resolved
+    assert "step 2  loss" in (run_dir / "train.log").read_text()
+    assert "test" in result.stdout and "accuracy" in result.stdout
+    adapter = {p.name for p in (run_dir / "adapter").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "peftkit.json"} <= adapter
+
+
+def test_existing_run_folder_is_refused(finished_run):
+    path, run_dir, _ = finished_run
+    result = peftkit("run", path, "train.max_steps=1")
+    assert result.returncode == 2 and "already exists; pass --overwrite" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_eval_reproduces_the_run_metrics(finished_run):
+    _, run_dir, _ = finished_run
+    result = peftkit("eval", run_dir, "--split", "test")
+    assert result.returncode == 0, result.stderr
+    expected = json.loads((run_dir / "metrics.json").read_text())["test"]["accuracy"]
+    assert f"{expected:.4f}" in result.stdout
+
+
+def test_predict_texts_and_file(finished_run, tmp_path):
+    _, run_dir, _ = finished_run
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a lovely film\n\nthe plot was dull\n")
+    result = peftkit("predict", run_dir, "good movie", "--file", texts)
+    assert result.returncode == 0, result.stderr
+    for text in ("good movie", "a lovely film", "the plot was dull"):
+        assert text in result.stdout
+    assert result.stdout.count("pos") + result.stdout.count("neg") >= 3
+
+
+def test_merge_writes_a_verified_standalone_model(finished_run, tmp_path):
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    _, run_dir, _ = finished_run
+    out = tmp_path / "merged"
+    result = peftkit("merge", run_dir, out)
+    assert result.returncode == 0, result.stderr
+    assert "max abs logit difference" in result.stdout
+    assert (out / "model.safetensors").is_file()
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.id2label == {0: "neg", 1: "pos"} and not any("lora" in n for n, _ in model.named_parameters())
+    again = peftkit("merge", run_dir, out)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    strict = peftkit("merge", run_dir, tmp_path / "strict", "--tolerance", "1e-30")
+    if strict.returncode != 0:  # bit-exact merges happen; a non-zero difference must be refused cleanly
+        assert strict.returncode == 2 and "merge check failed" in strict.stderr
+        assert not (tmp_path / "strict").exists() and not (tmp_path / "strict.partial").exists()
+
+
+def test_user_errors_exit_2_with_the_fix(recipe_file, tmp_path):
+    missing_column = recipe_file(data={"source": str(tmp_path / "nope.csv")})
+    result = peftkit("run", missing_column)
+    assert result.returncode == 2 and "file not found" in result.stderr and "Traceback" not in result.stderr
+
+    result = peftkit("run", recipe_file(), "train.epochs=three", "method.rr=2")
+    assert result.returncode == 2 and "train.epochs" in result.stderr and "method.rr" in result.stderr
+
+    result = peftkit("predict", tmp_path)
+    assert result.returncode == 2 and "nothing to predict" in result.stderr
+    result = peftkit("predict", tmp_path, "text")
+    assert result.returncode == 2 and "not a finished peftkit run folder" in result.stderr
+
+
+def test_failed_run_leaves_only_a_partial_folder(recipe_file, tmp_path, sentiment_csv):
+    path = recipe_file(data={"source": str(sentiment_csv), "columns": {"text": "review", "label": "sentiment"},
+                             "labels": ["neg"]})  # fmt: skip
+    result = peftkit("run", path)
+    assert result.returncode == 2 and "labels not in data.labels" in result.stderr
+    runs = tmp_path / "runs"
+    assert [p.name for p in runs.iterdir()] == ["recipe.partial"]
+    assert "labels not in data.labels" in (runs / "recipe.partial" / "train.log").read_text()
+    again = peftkit("run", path)
+    assert again.returncode == 2 and "unfinished earlier run" in again.stderr
+
+
+def test_unreachable_hub_model_is_a_clear_error(recipe_file):
+    import os
+    import subprocess
+    import sys
+
+    path = recipe_file(model={"name": "someone/not-a-packaged-model"})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # no network here either way; offline mode fails fast
+    result = subprocess.run([sys.executable, "-m", "peftkit", "run", str(path)], capture_output=True, text=True,
+                            env=env, timeout=300)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "could not load 'someone/not-a-packaged-model'" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,117 @@
+import bz2
+import gzip
+import json
+from collections import Counter
+
+import pytest
+
+from peftkit import data
+from peftkit.errors import UserError
+from peftkit.recipe import DataSection
+from peftkit.tasks import TASKS
+
+from .conftest import sentiment_rows, write_csv
+
+TASK = TASKS["classification"]
+
+
+def load(**cfg):
+    cfg.setdefault("columns", {"text": "review", "label": "sentiment"})
+    return data.load(DataSection(**cfg), TASK)
+
+
+def test_stratified_seeded_three_way_split(sentiment_csv):
+    splits, labels = load(source=str(sentiment_csv))
+    assert labels == ["neg", "pos"]  # read from the data, sorted
+    assert {k: len(v) for k, v in splits.items()} == {"train": 160, "validation": 20, "test": 20}
+    for split in splits.values():
+        assert Counter(split["label"]) == {0: len(split) // 2, 1: len(split) // 2}  # stratified
+    again, _ = load(source=str(sentiment_csv))
+    assert again["test"]["text"] == splits["test"]["text"]
+    other, _ = load(source=str(sentiment_csv), seed=7)
+    assert other["test"]["text"] != splits["test"]["text"]
+    assert not set(splits["train"]["source_row"]) & set(splits["test"]["source_row"])
+
+
+def test_label_list_sets_id_order(sentiment_csv):
+    splits, labels = load(source=str(sentiment_csv), labels=["pos", "neg"])
+    assert labels == ["pos", "neg"]
+    row = splits["train"][0]
+    assert (row["label"] == 0) == any(w in row["text"] for w in ("good", "great", "fine", "superb", "lovely",
+                                                                    "brilliant", "charming", "moving"))  # fmt: skip
+
+
+def test_label_mapping_merges_raw_values(tmp_path):
+    rows = [{"review": f"text {i}", "sentiment": str(i % 5 + 1)} for i in range(100)]
+    path = write_csv(tmp_path / "stars.csv", rows)
+    mapping = {1: "negative", 2: "negative", 3: "neutral", 4: "positive", 5: "positive"}
+    splits, labels = load(source=str(path), labels=mapping)
+    assert labels == ["negative", "neutral", "positive"]
+    assert sum(len(s) for s in splits.values()) == 100
+
+
+def test_unknown_labels_fail_or_drop(tmp_path):
+    rows = sentiment_rows(60) + [{"review": "a plot summary", "sentiment": "plot"}] * 7
+    path = write_csv(tmp_path / "mixed.csv", rows)
+    with pytest.raises(UserError, match=r"7 row\(s\) have labels not in data.labels: 'plot' \(7\).*unknown_labels: drop"):
+        load(source=str(path), labels=["neg", "pos"])
+    splits, _ = load(source=str(path), labels=["neg", "pos"], unknown_labels="drop")
+    assert sum(len(s) for s in splits.values()) == 60
+
+
+def test_missing_column_names_the_fix(sentiment_csv):
+    with pytest.raises(UserError) as err:
+        load(source=str(sentiment_csv), columns={"text": "reveiw", "label": "sentiment"})
+    message = str(err.value)
+    assert "column 'reveiw'" in message and "did you mean 'review'" in message and "data.columns.text" in message
+    with pytest.raises(UserError, match="unknown role"):
+        load(source=str(sentiment_csv), columns={"txt": "review"})
+
+
+def test_empty_text_names_the_source_row(tmp_path):
+    rows = sentiment_rows(40)
+    rows[12]["review"] = "  "
+    with pytest.raises(UserError, match=r"empty 'text' \(source rows 13,"):
+        load(source=str(write_csv(tmp_path / "gap.csv", rows)))
+
+
+@pytest.mark.parametrize("suffix", [".csv.gz", ".csv.bz2", ".jsonl", ".json.gz", ".parquet"])
+def test_formats_and_compression(tmp_path, suffix):
+    rows = sentiment_rows(50)
+    path = tmp_path / f"reviews{suffix}"
+    if suffix == ".parquet":
+        import pandas as pd
+
+        pd.DataFrame(rows).to_parquet(path)
+    else:
+        plain = tmp_path / "plain"
+        if ".csv" in suffix:
+            write_csv(plain, rows)
+        else:
+            plain.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        opener = {".gz": gzip.open, ".bz2": bz2.open}.get(path.suffix, open)
+        with opener(path, "wb") as f:
+            f.write(plain.read_bytes())
+    splits, labels = load(source=str(path))
+    assert sum(len(s) for s in splits.values()) == 50 and labels == ["neg", "pos"]
+
+
+def test_bad_sources():
+    with pytest.raises(UserError, match="file not found"):
+        load(source="no/such/file.csv")
+    with pytest.raises(UserError, match="package 'no_such_package_xyz' is not installed"):
+        load(source="pkg://no_such_package_xyz/data.csv")
+
+
+def test_package_files_resolve_without_importing():
+    from peftkit import assets
+
+    assert assets.package_path("pkg://peftkit/metrics/f1.py").is_file()
+    with pytest.raises(UserError, match="no 'nothing.csv' inside"):
+        assets.package_path("pkg://peftkit/nothing.csv")
+
+
+def test_too_small_for_splits(tmp_path):
+    path = write_csv(tmp_path / "tiny.csv", sentiment_rows(4))
+    with pytest.raises(UserError, match="too few rows"):
+        load(source=str(path))

@@ -1,0 +1,122 @@
+"""LoRA on a tiny random BERT classifier: the maths and the save format, checked exactly."""
+
+import pytest
+import torch
+
+from peftkit import export
+from peftkit.errors import UserError
+from peftkit.methods import METHODS
+from peftkit.recipe import validate
+from peftkit.run import load_base
+from peftkit.tasks import TASKS
+
+LABELS = ["neg", "pos"]
+CPU = torch.device("cpu")
+
+
+def recipe_for(model_dir, **method):
+    return validate({
+        "name": "t", "model": {"name": str(model_dir)}, "data": {"source": "unused.csv"},
+        "task": {"type": "classification"}, "method": {"name": "lora", "r": 4, "alpha": 8, **method},
+    })  # fmt: skip
+
+
+def build(model_dir, **method):
+    """(recipe, tokenizer, base copy, adapted model) with the base's own copy kept for comparison."""
+    recipe = recipe_for(model_dir, **method)
+    task = TASKS["classification"]
+    torch.manual_seed(0)
+    tokenizer, model = load_base(recipe, task, LABELS, CPU)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    head = [n for n in task.HEAD_MODULES if hasattr(model, n)]
+    adapted = METHODS["lora"].apply(model, recipe.method, head, task.PEFT_TASK_TYPE)
+    return recipe, tokenizer, base_state, adapted
+
+
+def batch(tokenizer):
+    texts = ["the movie was good", "a dull and boring plot", "lovely film but weak story"]
+    return dict(tokenizer(texts, padding=True, return_tensors="pt"), labels=torch.tensor([1, 0, 1]))
+
+
+def test_output_at_init_equals_base(tiny_bert):
+    _, tokenizer, base_state, model = build(tiny_bert, dropout=0.0)
+    inputs = batch(tokenizer)
+    model.eval()
+    with torch.no_grad():
+        adapted = model(**inputs).logits
+        with model.disable_adapter():
+            base = model(**inputs).logits
+    assert torch.equal(adapted, base)
+
+
+def test_trainable_parameter_count_is_exact(tiny_bert):
+    _, _, _, model = build(tiny_bert)
+    hidden, layers, r = 32, 2, 4
+    lora = layers * 2 * r * (hidden + hidden)  # query and value: A (r, in) + B (out, r)
+    head = hidden * len(LABELS) + len(LABELS)  # classifier weight + bias
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == lora + head
+    assert all("lora_" in n or "classifier" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_a_step_changes_only_adapter_and_head(tiny_bert):
+    _, tokenizer, base_state, model = build(tiny_bert)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    model(**batch(tokenizer)).loss.backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(("lora_" in n or "modules_to_save" in n) for n in changed)
+    assert any("lora_B" in n for n in changed)
+    for name, param in model.get_base_model().named_parameters():
+        key = name.replace(".base_layer", "")
+        if key in base_state and "lora_" not in name and "modules_to_save" not in name:
+            assert torch.equal(param, base_state[key]), name
+
+
+def train_a_little(model, tokenizer, steps=3):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    model.train()
+    for _ in range(steps):
+        model(**batch(tokenizer)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+def test_merged_equals_unmerged(tiny_bert):
+    _, tokenizer, _, model = build(tiny_bert)
+    train_a_little(model, tokenizer)
+    inputs = batch(tokenizer)
+    with torch.no_grad():
+        unmerged = model(**inputs).logits
+        merged = model.merge_and_unload()(**inputs).logits
+    assert torch.allclose(merged, unmerged, atol=1e-5)
+    assert not torch.allclose(unmerged, unmerged * 0)  # the check is not vacuous
+
+
+def test_adapter_round_trips_through_plain_peft_head_included(tiny_bert, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    recipe, tokenizer, _, model = build(tiny_bert)
+    train_a_little(model, tokenizer)
+    inputs = batch(tokenizer)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    export.save_adapter(model, tokenizer, tmp_path, recipe, LABELS)
+    assert (tmp_path / "adapter_model.safetensors").is_file() and not list(tmp_path.glob("*.bin"))
+
+    torch.manual_seed(123)  # a different random head: it must come from the adapter, not the seed
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    loaded = PeftModel.from_pretrained(base, tmp_path).eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(**inputs).logits, expected, atol=1e-6)
+
+
+def test_target_that_matches_nothing_lists_candidates(tiny_bert):
+    with pytest.raises(UserError) as err:
+        build(tiny_bert, target_modules=["query", "vlaue"])
+    message = str(err.value)
+    assert "'vlaue'" in message and "did you mean 'value'" in message and "candidate layers:" in message
+    assert "dense" in message and "classifier" not in message

@@ -12,21 +12,21 @@ log = logging.getLogger("peftkit")
 
 
 def save_adapter(model, tokenizer, out: Path, recipe, labels) -> None:
-    """adapter_config.json + adapter_model.safetensors (plain `PeftModel.from_pretrained` loads it, head
-    included), the tokenizer, and peftkit.json with what peft's config does not hold (task, labels)."""
-    for config in model.peft_config.values():
-        config.base_model_name_or_path = recipe.model.name  # as the user named it (a Hub id travels; a path does not)
-    # save_embedding_layers=False: the default "auto" looks the base up on the Hub to see if its vocabulary
-    # changed; peftkit never resizes the vocabulary.
-    model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
+    """The trained part in its method's format (methods/base.py): peft's, so plain `PeftModel.from_pretrained`
+    loads it, head included; peftkit's own for prefix tuning and bottleneck adapters; the whole model for full
+    fine-tuning. Plus the tokenizer, and peftkit.json with what the formats do not hold (task, labels)."""
+    from peftkit.methods import base
+
+    fmt = base.save(model, out, recipe.method, recipe.model.name)
     tokenizer.save_pretrained(out)
     info = {"peftkit_version": __version__, "task": recipe.task.type, "method": recipe.method.name,
-            "base_model": recipe.model.name, "labels": labels}  # fmt: skip
+            "format": fmt, "base_model": recipe.model.name, "labels": labels}  # fmt: skip
     (out / "peftkit.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
 
 
 def adapter_bytes(adapter_dir: Path) -> int:
-    return sum(f.stat().st_size for f in Path(adapter_dir).glob("adapter_model.*"))
+    """Size of the trained weights on disk (all formats keep them in .safetensors files; the tokenizer aside)."""
+    return sum(f.stat().st_size for f in Path(adapter_dir).glob("*.safetensors"))
 
 
 def merge(run_dir: Path, out: Path, overwrite: bool = False, tolerance: float | None = None) -> dict:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from peftkit import assets, atomic, bench, data, export, train
 from peftkit.errors import UserError
-from peftkit.methods import METHODS
+from peftkit.methods import METHODS, base
+from peftkit.methods.base import Context
 from peftkit.recipe import Recipe, load_recipe
 from peftkit.tasks import TASKS
 
@@ -35,15 +36,17 @@ def run(recipe: Recipe, overwrite: bool = False) -> Path:
                 raise UserError(f"eval.splits: no {', '.join(missing)} split (the data has {', '.join(splits)})")
 
             tokenizer, model = load_base(recipe, task, labels, accelerator.device, train.precision_of(accelerator))
-            head = [name for name in task.HEAD_MODULES if hasattr(model, name)]
-            model = method.apply(model, recipe.method, head, task.PEFT_TASK_TYPE)
+            context = method_context(recipe, task, model, train.total_steps(len(splits["train"]), recipe.train))
+            model = method.apply(model, recipe.method, context)
+            tokenizer.padding_side = getattr(model, "peftkit_padding_side", tokenizer.padding_side)  # base.py
             counts = bench.parameter_counts(model)
             log.info("trainable parameters: %s of %s (%.3f%%)", f"{counts['trainable_params']:,}",
                      f"{counts['total_params']:,}", 100 * counts["trainable_share"])  # fmt: skip
 
             encoded = task.preprocess(splits, tokenizer, recipe.task)
             collate = task.collator(tokenizer)
-            result = train.fit(model, encoded, collate, task, recipe, accelerator, labels)
+            after_step = getattr(method, "after_optimizer_step", None)
+            result = train.fit(model, encoded, collate, task, recipe, accelerator, labels, after_step)
 
             final = {}
             for split in recipe.eval.splits:
@@ -71,6 +74,15 @@ def run(recipe: Recipe, overwrite: bool = False) -> Path:
             logging.getLogger("peftkit").removeHandler(handler)
             handler.close()
     return recipe.output_dir
+
+
+def method_context(recipe: Recipe, task, model, total_steps: int = 1000) -> Context:
+    return Context(
+        head_modules=[name for name in task.HEAD_MODULES if hasattr(model, name)],
+        peft_task_type=task.PEFT_TASK_TYPE,
+        total_steps=total_steps,
+        model_path=assets.resolve_model(recipe.model.name),
+    )
 
 
 def load_base(recipe: Recipe, task, labels, device, precision: str = "no"):
@@ -109,22 +121,21 @@ def load_base(recipe: Recipe, task, labels, device, precision: str = "no"):
 def load_trained(run_dir: Path, device=None):
     """(recipe, task, tokenizer, model with its adapter, labels) of a finished run, ready for inference."""
     import torch
-    from peft import PeftModel
     from transformers import AutoTokenizer
 
     run_dir = Path(run_dir)
     adapter_dir = run_dir / "adapter"
-    if not (adapter_dir / "adapter_config.json").is_file():
+    if not (adapter_dir / "peftkit.json").is_file():
         hint = " (an unfinished run: it has .partial in its name)" if run_dir.name.endswith(".partial") else ""
-        raise UserError(f"{run_dir} is not a finished peftkit run folder: no adapter/adapter_config.json{hint}")
+        raise UserError(f"{run_dir} is not a finished peftkit run folder: no adapter/peftkit.json{hint}")
     recipe = load_recipe(run_dir / "recipe.yaml")
     info = json.loads((adapter_dir / "peftkit.json").read_text())
-    task = TASKS[recipe.task.type]
+    task, labels = TASKS[recipe.task.type], info["labels"]
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    _, base = load_base(recipe, task, info["labels"], device)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    model = PeftModel.from_pretrained(base, adapter_dir).to(device).eval()
-    return recipe, task, tokenizer, model, info["labels"]
+    _, model = load_base(recipe, task, labels, device)
+    model = base.load(model, adapter_dir, method_context(recipe, task, model))
+    return recipe, task, tokenizer, model.to(device).eval(), labels
 
 
 def _log_to_file(path: Path) -> logging.Handler:

@@ -67,8 +67,14 @@ def make_loader(dataset, collate, batch_size: int, shuffle: bool, group_by_lengt
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate)
 
 
-def fit(model, splits, collate, task, recipe, accelerator, labels) -> dict:
-    """Train `model` (already wrapped by its method) in place; returns the history and throughput."""
+def total_steps(train_rows: int, cfg) -> int:
+    """Optimizer steps of a run (one process): what the scheduler, and AdaLoRA's rank budget, plan over."""
+    return cfg.max_steps or cfg.epochs * math.ceil(math.ceil(train_rows / cfg.batch_size) / cfg.grad_accum)
+
+
+def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=None) -> dict:
+    """Train `model` (already wrapped by its method) in place; returns the history and throughput.
+    `after_step(model, step)` runs after each optimizer step, before gradients are cleared (AdaLoRA)."""
     import torch
     from transformers import get_scheduler
 
@@ -91,20 +97,20 @@ def fit(model, splits, collate, task, recipe, accelerator, labels) -> dict:
         val_loader = accelerator.prepare(val_loader)
 
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    epochs = math.ceil(total_steps / steps_per_epoch)
+    total = total_steps(len(splits["train"]), cfg)
+    epochs = math.ceil(total / steps_per_epoch)
     scheduler_name = {"constant": "constant_with_warmup"}.get(cfg.scheduler, cfg.scheduler)
-    scheduler = get_scheduler(scheduler_name, optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    scheduler = get_scheduler(scheduler_name, optimizer, int(cfg.warmup_ratio * total), total)
     scheduler = accelerator.prepare(scheduler)
 
     best_name = recipe.eval.metric_for_best
     sign = -1 if best_name in _LOWER_IS_BETTER else 1
     best_score, best_state, best_epoch = -math.inf, None, None
     history, meter, step = [], bench.Throughput(), 0
-    log.info("training: %d epoch(s), %d optimizer steps, %d per epoch", epochs, total_steps, steps_per_epoch)
+    log.info("training: %d epoch(s), %d optimizer steps, %d per epoch", epochs, total, steps_per_epoch)
 
     with _progress(accelerator) as progress:
-        bar = progress.add_task("train", total=total_steps, loss=float("nan"), rate="")
+        bar = progress.add_task("train", total=total, loss=float("nan"), rate="")
         for epoch in range(1, epochs + 1):
             model.train()
             running, seen = torch.zeros((), device=accelerator.device), 0
@@ -116,6 +122,8 @@ def fit(model, splits, collate, task, recipe, accelerator, labels) -> dict:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                     optimizer.step()
                     scheduler.step()
+                    if after_step is not None and accelerator.sync_gradients:
+                        after_step(accelerator.unwrap_model(model), step + 1)
                     optimizer.zero_grad(set_to_none=True)
                 running += loss.detach()
                 seen += 1
@@ -123,7 +131,7 @@ def fit(model, splits, collate, task, recipe, accelerator, labels) -> dict:
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
-                if step % cfg.log_every == 0 or step == total_steps:
+                if step % cfg.log_every == 0 or step == total:
                     mean_loss = running.item() / seen  # the only host sync: once per log interval
                     _check_finite(mean_loss, step)
                     rates = meter.rates()
@@ -132,7 +140,7 @@ def fit(model, splits, collate, task, recipe, accelerator, labels) -> dict:
                     log.debug("step %d  loss %.4f  lr %.2e  %s", step, mean_loss, scheduler.get_last_lr()[0], rate)
                     running, seen = torch.zeros((), device=accelerator.device), 0
                 progress.update(bar, advance=1)
-                if step >= total_steps:
+                if step >= total:
                     break
             entry = {"epoch": epoch, "step": step}
             if val_loader is not None:
@@ -143,7 +151,7 @@ def fit(model, splits, collate, task, recipe, accelerator, labels) -> dict:
                     best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
                 log.info("epoch %d: %s", epoch, _short(entry["validation"]))
             history.append(entry)
-            if step >= total_steps:
+            if step >= total:
                 break
 
     if best_state is not None:

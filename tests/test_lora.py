@@ -7,7 +7,7 @@ from peftkit import export
 from peftkit.errors import UserError
 from peftkit.methods import METHODS
 from peftkit.recipe import validate
-from peftkit.run import load_base
+from peftkit.run import load_base, method_context
 from peftkit.tasks import TASKS
 
 LABELS = ["neg", "pos"]
@@ -28,8 +28,7 @@ def build(model_dir, **method):
     torch.manual_seed(0)
     tokenizer, model = load_base(recipe, task, LABELS, CPU)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    head = [n for n in task.HEAD_MODULES if hasattr(model, n)]
-    adapted = METHODS["lora"].apply(model, recipe.method, head, task.PEFT_TASK_TYPE)
+    adapted = METHODS["lora"].apply(model, recipe.method, method_context(recipe, task, model))
     return recipe, tokenizer, base_state, adapted
 
 

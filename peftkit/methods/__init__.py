@@ -1,12 +1,39 @@
 """Method registry: the recipe's `method.name` -> the module that implements it.
 
-A method module defines `Config` (its recipe section, with `name: Literal[...]`), `MERGEABLE`, and
-`apply(model, config, head_modules, peft_task_type) -> model`. Heavy imports stay inside `apply` so that
-`peftkit validate` starts fast. Adding a method = one new file + one line here.
+A method module defines (heavy imports stay inside functions, so `peftkit validate` starts fast):
+  Config                 its recipe section, with `name: Literal[...]` and its own options (defaults live there)
+  MERGEABLE              whether the trained update folds into the base weights
+  NOT_MERGEABLE_BECAUSE  when not: why, and what to do instead (shown by `peftkit merge`)
+  apply(model, config, context) -> model    freeze the base, add the method; only it and the head train
+  after_optimizer_step(model, step)         optional: called after each optimizer step (AdaLoRA)
+Storage is shared (methods/base.py): peft's format for peft methods, peftkit's for its own.
+Adding a method = one new file + one line here.
 """
 
-from peftkit.methods import lora
+from peftkit.methods import (
+    adalora,
+    bottleneck,
+    full,
+    ia3,
+    loha,
+    lokr,
+    lora,
+    p_tuning,
+    prefix_tuning,
+    prompt_tuning,
+    vera,
+)
 
 METHODS = {
     "lora": lora,
+    "ia3": ia3,
+    "loha": loha,
+    "lokr": lokr,
+    "vera": vera,
+    "adalora": adalora,
+    "prompt_tuning": prompt_tuning,
+    "p_tuning": p_tuning,
+    "prefix_tuning": prefix_tuning,
+    "bottleneck": bottleneck,
+    "full": full,
 }

@@ -1,16 +1,25 @@
-"""LoRA (Hu et al. 2021) through peft.
+"""LoRA (Hu et al. 2021) and its variants, through peft.
 
-    h = W0 x + (alpha / r) * B A x        W0: frozen (out, in)   A: (r, in), random   B: (out, r), zeros
+    h = W0 x + s * B A x        W0: frozen (out, in)   A: (r, in), random   B: (out, r), zeros   s = alpha / r
 
-B starts at zero, so the adapted model equals the base at init. Only A and B (and the task head) train; after
-training B A folds into W0 (merge), so inference costs nothing extra.
+B starts at zero, so the adapted model equals the base at init. Variants, all peft options:
+  rslora   s = alpha / sqrt(r) (Kalajdzievski 2023): the update's scale stops shrinking as r grows
+  dora     W = m * (W0 + s B A) / ||W0 + s B A|| (Liu et al. 2024): magnitude and direction trained apart
+  init     pissa: A, B from the top-r singular vectors of W0, W0 keeps the residual (Meng et al. 2024);
+           olora: from a QR decomposition of W0 (Büyükakyüz 2024). Both move W0, so the saved adapter is
+           converted into a plain LoRA of rank 2r that applies to the original, unmodified base (below).
+After training B A folds into W0 (merge), so inference costs nothing extra.
 """
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from peftkit.config import Section
+from peftkit.errors import UserError
+from peftkit.methods import targets
+from peftkit.methods.base import Context, peft_targets, peft_wrap
 
 MERGEABLE = True
 
@@ -25,23 +34,80 @@ class Config(Section):
         "lists for the architecture (query/value for BERT, c_attn for GPT-2, q_proj/v_proj for Llama)."
     )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train too.")
+    rslora: bool = Field(False, description="Scale by alpha / sqrt(r) instead of alpha / r (rank-stabilised).")
+    dora: bool = Field(False, description="Weight-decomposed LoRA: train magnitude and direction separately.")
+    init: Literal["default", "gaussian", "pissa", "olora"] = Field(
+        "default", description="How A and B start: default (Kaiming A, zero B), gaussian, or from W0 by SVD "
+        "(pissa) or QR (olora)."
+    )
+
+    @model_validator(mode="after")
+    def _init_and_dora(self):
+        if self.dora and self.init in ("pissa", "olora"):
+            raise ValueError(f"init {self.init} cannot be combined with dora: its adapter could not be converted "
+                             "back to the original base; use one or the other")  # fmt: skip
+        return self
 
 
-def apply(model, config: Config, head_modules: list[str], peft_task_type: str):
-    from peft import LoraConfig, get_peft_model
-    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+def apply(model, config: Config, context: Context):
+    from peft import LoraConfig
 
-    from peftkit.methods import targets
-
-    modules = targets.resolve(model, config.target_modules, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, head_modules)
+    modules = peft_targets(model, config.target_modules, "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING", context)
+    if config.init == "olora" and targets.uses_conv1d(model, modules):
+        raise UserError(
+            "method.init olora: peft's OLoRA initialisation does not handle GPT-2-style Conv1D layers (the adapted "
+            "model fails with a shape error); use init: pissa, or the default, on this model"
+        )
+    init = {"default": True, "gaussian": "gaussian"}.get(config.init, config.init)
     peft_config = LoraConfig(
         r=config.r,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
         target_modules=modules,
         bias=config.bias,
-        fan_in_fan_out=targets.uses_conv1d(model, modules),
-        modules_to_save=head_modules,
-        task_type=peft_task_type,
+        fan_in_fan_out=targets.uses_conv1d(model, modules),  # GPT-2 Conv1D stores W transposed
+        use_rslora=config.rslora,
+        use_dora=config.dora,
+        init_lora_weights=init,
+        modules_to_save=context.head_modules,
     )
-    return get_peft_model(model, peft_config)
+    model = peft_wrap(model, peft_config, context)
+    if config.init in ("pissa", "olora"):
+        _keep_initial_adapter(model, init)
+    return model
+
+
+def _keep_initial_adapter(model, init: str) -> None:
+    """PiSSA / OLoRA subtract their initial B0 A0 from W0; remember B0 A0 (before any step) for the export."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model)
+    model.peftkit_initial_lora = {k: v.detach().clone() for k, v in state.items() if ".lora_" in k}
+
+
+def save_for_original_base(model, out: Path) -> None:
+    """Save a PiSSA / OLoRA adapter as a plain LoRA for the unmodified base (the export every user can load).
+
+    The model computes (W0 - s B0 A0) + s B A = W0 + s [B, -B0] [A; A0]: a LoRA of rank 2r with the same scale s.
+    peft can do this (save_pretrained's path_initial_model_for_weight_conversion), but in peft 0.21.2 it fails
+    with a KeyError when the model has modules_to_save, which every peftkit task head is; so it is done here.
+    """
+    import copy
+
+    import torch
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    initial = model.peftkit_initial_lora
+    state = {}
+    for key, value in get_peft_model_state_dict(model).items():
+        if ".lora_A." in key:
+            value = torch.cat([value, initial[key]], dim=0)
+        elif ".lora_B." in key:
+            value = torch.cat([value, -initial[key]], dim=1)
+        state[key] = value.detach().contiguous().cpu()
+    config = copy.deepcopy(model.peft_config["default"])
+    scale_ratio = 2**0.5 if config.use_rslora else 2  # keep alpha / r (or alpha / sqrt r) unchanged at rank 2r
+    config.r, config.lora_alpha, config.init_lora_weights = 2 * config.r, config.lora_alpha * scale_ratio, True
+    config.save_pretrained(out)
+    save_file(state, Path(out) / "adapter_model.safetensors", metadata={"format": "pt"})

@@ -50,3 +50,12 @@ def uses_conv1d(model, targets: list[str]) -> bool:
 def _matches(name: str, target: str) -> bool:
     # peft's rule for a list of target names: the full name, or its last dotted components.
     return name == target or name.endswith("." + target)
+
+
+def refuse_conv1d(model, targets: list[str], method: str) -> None:
+    """peft's LyCORIS methods (LoHa, LoKr) adapt nn.Linear only, not GPT-2's transposed Conv1D layers."""
+    if uses_conv1d(model, targets):
+        raise UserError(
+            f"method {method}: peft implements it for nn.Linear layers only, and this model's target layers "
+            f"({', '.join(targets)}) are GPT-2-style Conv1D layers; use lora, ia3, vera or bottleneck on this model"
+        )

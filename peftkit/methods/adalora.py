@@ -1,0 +1,67 @@
+"""AdaLoRA (Zhang et al. 2023), through peft.
+
+    ΔW = P Λ Q      an SVD-shaped update whose singular values Λ are pruned during training
+
+Every layer starts at rank init_r; after a warm-up (tinit steps) the least important singular values are
+pruned, every delta_t steps, until the total budget reaches target_r per layer, tfinal steps before the end.
+Rank goes where it helps most. The training loop calls `after_optimizer_step` for the pruning. Λ starts at zero,
+so the adapted model equals the base at init; ΔW folds into W on merge.
+"""
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from peftkit.config import Section
+from peftkit.methods.base import Context, peft_targets, peft_wrap
+
+MERGEABLE = True
+
+
+class Config(Section):
+    name: Literal["adalora"]
+    init_r: int = Field(12, gt=0, description="Rank every layer starts with.")
+    target_r: int = Field(8, gt=0, description="Average rank per layer left after pruning.")
+    alpha: float = Field(16, gt=0, description="Scaling numerator: ΔW is multiplied by alpha / r.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the update's input.")
+    tinit: float = Field(0.1, ge=0, lt=1, description="Share of the steps before pruning starts.")
+    tfinal: float = Field(0.2, ge=0, lt=1, description="Share of the steps at the end with the final ranks fixed.")
+    delta_t: int = Field(10, gt=0, description="Prune every this many steps.")
+    orth_reg_weight: float = Field(0.5, ge=0, description="Weight of the loss keeping P and Q orthogonal.")
+    target_modules: list[str] | None = Field(
+        None, description="Layers to adapt. Omitted: peft's list for the architecture (attention projections)."
+    )
+
+    @model_validator(mode="after")
+    def _budget(self):
+        if self.target_r > self.init_r:
+            raise ValueError(f"target_r ({self.target_r}) must not exceed init_r ({self.init_r})")
+        if self.tinit + self.tfinal >= 1:
+            raise ValueError("tinit + tfinal must leave steps for pruning (their sum must be below 1)")
+        return self
+
+
+def apply(model, config: Config, context: Context):
+    from peft import AdaLoraConfig
+
+    modules = peft_targets(model, config.target_modules, "TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING", context)
+    total = max(context.total_steps, 3)
+    peft_config = AdaLoraConfig(
+        init_r=config.init_r,
+        target_r=config.target_r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        tinit=int(config.tinit * total),
+        tfinal=int(config.tfinal * total),
+        deltaT=config.delta_t,
+        orth_reg_weight=config.orth_reg_weight,
+        total_step=total,
+        target_modules=modules,
+        modules_to_save=context.head_modules,
+    )
+    return peft_wrap(model, peft_config, context)
+
+
+def after_optimizer_step(model, step: int) -> None:
+    """Prune singular values by importance (peft needs the gradients: call before zero_grad)."""
+    model.base_model.update_and_allocate(step)

@@ -1,0 +1,138 @@
+"""What every method shares: the context it is applied in, and the two adapter formats.
+
+- peft's format (adapter_config.json + adapter_model.safetensors) for every method peft can express, so plain
+  `PeftModel.from_pretrained(base, adapter_dir)` loads it.
+- peftkit's own format for the methods peft lacks or breaks (prefix tuning, bottleneck adapters):
+      peftkit_adapter.safetensors   every trainable tensor (method + task head), by its name in the model
+      peftkit_adapter.json          {"method": name, "config": the method's recipe section}
+  Loading = apply the method to a fresh base with that config, then copy the tensors in (names must match).
+- Full fine-tuning saves the whole model with `save_pretrained`.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+OWN_WEIGHTS = "peftkit_adapter.safetensors"
+OWN_CONFIG = "peftkit_adapter.json"
+
+
+@dataclass
+class Context:
+    """What a method needs to know about the run besides its own options."""
+
+    head_modules: list[str] = field(default_factory=list)  # trained in full next to the method (task head)
+    peft_task_type: str | None = None  # SEQ_CLS, CAUSAL_LM, ...: decides which PeftModel subclass wraps
+    total_steps: int = 1000  # optimizer steps of the run (AdaLoRA schedules its rank budget over them)
+    model_path: str | None = None  # resolved local path or Hub id of the base (prompt tuning's text init)
+
+
+def pad_left_if_last_token_pooled(model, context: Context) -> None:
+    """A decoder classifier (head `score`) reads the last non-pad token, which it finds in input_ids; methods
+    that feed inputs_embeds (prompt tuning, p-tuning) hide them, so it reads the last position instead: pad on
+    the left so that the last position is a real token. The run applies it to the tokenizer (run.py)."""
+    if context.peft_task_type == "SEQ_CLS" and "score" in context.head_modules:
+        model.peftkit_padding_side = "left"
+
+
+def format_of(model) -> str:
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return "peft"
+    return "full" if getattr(model, "peftkit_full", False) else "peftkit"
+
+
+def save(model, out: Path, method_config, base_model_name: str) -> str:
+    """Write the trained part of `model` into `out` in its method's format; returns the format's name."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    fmt = format_of(model)
+    if fmt == "peft":
+        for config in model.peft_config.values():
+            config.base_model_name_or_path = base_model_name  # as the user named it (a Hub id travels)
+        if hasattr(model, "peftkit_initial_lora"):  # PiSSA / OLoRA: moved W0, so convert (methods/lora.py)
+            from peftkit.methods.lora import save_for_original_base
+
+            save_for_original_base(model, out)
+        else:
+            # save_embedding_layers=False: the default "auto" looks the base up on the Hub to see if its
+            # vocabulary changed; peftkit never resizes the vocabulary.
+            model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
+    elif fmt == "full":
+        model.save_pretrained(out, safe_serialization=True)
+    else:
+        save_own(model, out, method_config.name, method_config)
+    return fmt
+
+
+def load(base_model, adapter_dir: Path, context: Context):
+    """`base_model` with the adapter in `adapter_dir` applied, whichever format it was saved in."""
+    import torch
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if (adapter_dir / "adapter_config.json").is_file():
+        return PeftModel.from_pretrained(base_model, adapter_dir)
+    if (adapter_dir / OWN_CONFIG).is_file():
+        return load_own(base_model, adapter_dir, context)
+    return type(base_model).from_pretrained(adapter_dir, dtype=torch.float32)  # full fine-tuning: a whole model
+
+
+# --- peft -----------------------------------------------------------------------------------------------------
+
+
+def peft_wrap(model, peft_config, context: Context):
+    from peft import get_peft_model
+
+    peft_config.task_type = context.peft_task_type
+    return get_peft_model(model, peft_config)
+
+
+def peft_targets(model, requested, mapping_name: str, context: Context) -> list[str]:
+    """Requested target modules checked against the model, or peft's per-architecture default list."""
+    from peft.utils import constants
+
+    from peftkit.methods import targets
+
+    return targets.resolve(model, requested, getattr(constants, mapping_name), context.head_modules)
+
+
+# --- peftkit's own format -------------------------------------------------------------------------------------
+
+
+def train_only(model, is_method_param, context: Context) -> None:
+    """Freeze the base; train the method's parameters and the task head."""
+    for name, param in model.named_parameters():
+        head = any(name == h or name.startswith(h + ".") for h in context.head_modules)
+        param.requires_grad_(head or is_method_param(name))
+
+
+def save_own(model, out: Path, method_name: str, config) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(tensors, Path(out) / OWN_WEIGHTS, metadata={"format": "pt", "method": method_name})
+    info = {"method": method_name, "config": config.model_dump(mode="json")}
+    (Path(out) / OWN_CONFIG).write_text(json.dumps(info, indent=2), encoding="utf-8")
+
+
+def load_own(base, adapter_dir: Path, context: Context):
+    """A base with a peftkit-format adapter applied and its trained tensors loaded."""
+    from safetensors.torch import load_file
+
+    from peftkit.methods import METHODS
+
+    info = json.loads((Path(adapter_dir) / OWN_CONFIG).read_text())
+    method = METHODS[info["method"]]
+    model = method.apply(base, method.Config.model_validate(info["config"]), context)
+    tensors = load_file(Path(adapter_dir) / OWN_WEIGHTS)
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = expected - tensors.keys(), tensors.keys() - expected
+    if missing or unexpected:
+        raise ValueError(
+            f"{adapter_dir} does not fit this base model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    model.load_state_dict(tensors, strict=False)
+    return model
+

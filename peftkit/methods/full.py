@@ -1,0 +1,34 @@
+"""Full fine-tuning: every weight trains. Not parameter-efficient — it is the reference every method is
+compared with (the LoRA paper's claim is "as good as full fine-tuning with <1% of the parameters").
+
+The export is the whole model (`save_pretrained`), so there is nothing to merge. Use a learning rate ~10-50x
+lower than LoRA's (2e-5 .. 5e-5 is the usual range for BERT-sized models).
+"""
+
+from typing import Literal
+
+from peftkit.config import Section
+from peftkit.errors import UserError
+from peftkit.methods.base import Context
+
+MERGEABLE = False
+NOT_MERGEABLE_BECAUSE = (
+    "full fine-tuning trains the weights themselves, so RUN_DIR/adapter already is a standalone model: load it "
+    "with from_pretrained, there is nothing to merge."
+)
+
+
+class Config(Section):
+    name: Literal["full"]
+
+
+def apply(model, config: Config, context: Context):
+    if getattr(model, "is_quantized", False):
+        raise UserError(
+            "method full trains every weight, and 8/4-bit weights cannot be trained: remove the quantization "
+            "section, or use a parameter-efficient method (e.g. lora) on the quantized base"
+        )
+    for param in model.parameters():
+        param.requires_grad_(True)
+    model.peftkit_full = True  # base.format_of: saved whole, with save_pretrained
+    return model

@@ -1,0 +1,45 @@
+"""LoHa (Hyeon-Woo et al. 2022, FedPara; LyCORIS), through peft.
+
+    ΔW = (B1 A1) ⊙ (B2 A2)      (Hadamard product of two rank-r products)
+
+The Hadamard product reaches rank r² with the parameters of two rank-r factorisations. One factor starts at
+zero, so the adapted model equals the base at init; ΔW folds into W on merge.
+"""
+
+from typing import Literal
+
+from pydantic import Field
+
+from peftkit.config import Section
+from peftkit.methods.base import Context, peft_targets, peft_wrap
+
+MERGEABLE = True
+
+
+class Config(Section):
+    name: Literal["loha"]
+    r: int = Field(8, gt=0, description="Rank of each of the two factors.")
+    alpha: float = Field(8, gt=0, description="Scaling numerator: ΔW is multiplied by alpha / r.")
+    rank_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout over the rank dimension while training.")
+    module_dropout: float = Field(0.0, ge=0, lt=1, description="Probability of skipping a layer's ΔW in a step.")
+    target_modules: list[str] | None = Field(
+        None, description="Layers to adapt. Omitted: peft's list for the architecture (attention projections)."
+    )
+
+
+def apply(model, config: Config, context: Context):
+    from peft import LoHaConfig
+
+    from peftkit.methods import targets
+
+    modules = peft_targets(model, config.target_modules, "TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING", context)
+    targets.refuse_conv1d(model, modules, "loha")
+    peft_config = LoHaConfig(
+        r=config.r,
+        alpha=config.alpha,
+        rank_dropout=config.rank_dropout,
+        module_dropout=config.module_dropout,
+        target_modules=modules,
+        modules_to_save=context.head_modules,
+    )
+    return peft_wrap(model, peft_config, context)

@@ -1,0 +1,47 @@
+"""LoKr (Edalati et al. 2022, KronA; LyCORIS), through peft.
+
+    ΔW = C ⊗ (B A)      (Kronecker product of a small full matrix and a low-rank one)
+
+A Kronecker product keeps full rank with very few parameters. One factor starts at zero, so the adapted model
+equals the base at init; ΔW folds into W on merge.
+"""
+
+from typing import Literal
+
+from pydantic import Field
+
+from peftkit.config import Section
+from peftkit.methods.base import Context, peft_targets, peft_wrap
+
+MERGEABLE = True
+
+
+class Config(Section):
+    name: Literal["lokr"]
+    r: int = Field(8, gt=0, description="Rank of the low-rank factor.")
+    alpha: float = Field(8, gt=0, description="Scaling numerator: ΔW is multiplied by alpha / r.")
+    decompose_factor: int = Field(-1, description="Size of the small Kronecker factor; -1 picks the most even split.")
+    rank_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout over the rank dimension while training.")
+    module_dropout: float = Field(0.0, ge=0, lt=1, description="Probability of skipping a layer's ΔW in a step.")
+    target_modules: list[str] | None = Field(
+        None, description="Layers to adapt. Omitted: peft's list for the architecture (attention projections)."
+    )
+
+
+def apply(model, config: Config, context: Context):
+    from peft import LoKrConfig
+
+    from peftkit.methods import targets
+
+    modules = peft_targets(model, config.target_modules, "TRANSFORMERS_MODELS_TO_LOKR_TARGET_MODULES_MAPPING", context)
+    targets.refuse_conv1d(model, modules, "lokr")
+    peft_config = LoKrConfig(
+        r=config.r,
+        alpha=config.alpha,
+        decompose_factor=config.decompose_factor,
+        rank_dropout=config.rank_dropout,
+        module_dropout=config.module_dropout,
+        target_modules=modules,
+        modules_to_save=context.head_modules,
+    )
+    return peft_wrap(model, peft_config, context)

@@ -1,0 +1,38 @@
+"""P-tuning (Liu et al. 2021, "GPT understands, too"), through peft.
+
+Like prompt tuning, learned virtual tokens are prepended to the input, but they come out of a small prompt
+encoder (an MLP or LSTM over trainable embeddings), which makes optimisation steadier. Not mergeable: the prompt
+is extra input, not a change of weights.
+"""
+
+from typing import Literal
+
+from pydantic import Field
+
+from peftkit.config import Section
+from peftkit.methods.base import Context, pad_left_if_last_token_pooled, peft_wrap
+
+MERGEABLE = False
+NOT_MERGEABLE_BECAUSE = (
+    "p-tuning adds virtual input tokens, which no weight of the base model can absorb. Serve the base with the "
+    "adapter: PeftModel.from_pretrained(base, RUN_DIR/adapter), or `peftkit predict RUN_DIR`."
+)
+
+
+class Config(Section):
+    name: Literal["p_tuning"]
+    num_virtual_tokens: int = Field(20, gt=0, description="Length of the learned prompt.")
+    encoder: Literal["mlp", "lstm"] = Field("mlp", description="The prompt encoder's architecture.")
+    encoder_hidden_size: int | None = Field(None, gt=0, description="Its hidden size; omitted: the model's.")
+
+
+def apply(model, config: Config, context: Context):
+    from peft import PromptEncoderConfig
+
+    peft_config = PromptEncoderConfig(
+        num_virtual_tokens=config.num_virtual_tokens,
+        encoder_reparameterization_type=config.encoder.upper(),
+        encoder_hidden_size=config.encoder_hidden_size or model.config.hidden_size,
+    )
+    pad_left_if_last_token_pooled(model, context)
+    return peft_wrap(model, peft_config, context)

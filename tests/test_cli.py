@@ -125,3 +125,34 @@ def test_unreachable_hub_model_is_a_clear_error(recipe_file):
                             env=env, timeout=300)  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert "could not load 'someone/not-a-packaged-model'" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("method", [{"name": "bottleneck", "reduction_factor": 4}, {"name": "full"}])
+def test_methods_without_a_peft_format_run_eval_predict_and_refuse_merge(method, recipe_file, tmp_path):
+    """peftkit's own format (bottleneck) and full fine-tuning (a whole model) through the same commands."""
+    path = recipe_file(method=method)
+    result = peftkit("run", path, "train.max_steps=3")
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "runs" / "recipe"
+    adapter = {p.name for p in (run_dir / "adapter").iterdir()}
+    assert ("peftkit_adapter.safetensors" in adapter) if method["name"] == "bottleneck" else ("model.safetensors" in adapter)
+    result = peftkit("eval", run_dir, "--split", "test")
+    assert result.returncode == 0, result.stderr
+    expected = json.loads((run_dir / "metrics.json").read_text())["test"]["accuracy"]
+    assert f"{expected:.4f}" in result.stdout  # the reloaded adapter reproduces the run's predictions
+    assert peftkit("predict", run_dir, "a lovely film").returncode == 0
+    result = peftkit("merge", run_dir, tmp_path / "merged")
+    assert result.returncode == 2 and "cannot be merged" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "merged").exists()
+
+
+def test_adalora_prunes_ranks_through_the_training_loop(recipe_file, tmp_path):
+    """The loop calls AdaLoRA's after_optimizer_step: its final rank pattern is saved with the adapter."""
+    path = recipe_file(method={"name": "adalora", "init_r": 4, "target_r": 2, "delta_t": 1, "tinit": 0.0})
+    result = peftkit("run", path, "train.max_steps=8")
+    assert result.returncode == 0, result.stderr
+    config = json.loads((tmp_path / "runs" / "recipe" / "adapter" / "adapter_config.json").read_text())
+    assert config["rank_pattern"], "AdaLoRA never allocated ranks: after_optimizer_step was not called"
+    assert config["total_step"] == 8
+    result = peftkit("merge", tmp_path / "runs" / "recipe", tmp_path / "merged")
+    assert result.returncode == 0, result.stderr

@@ -62,6 +62,13 @@ def test_unknown_method_lists_valid_ones():
     assert "unknown method 'lorra' (did you mean 'lora'?)" in message and "choose one of: lora" in message
 
 
+def test_options_of_another_method_are_errors():
+    message = problems(with_(method__name="ia3", method__r=8))
+    assert "unknown key 'method.r'" in message and "feedforward_modules" in message
+    assert "must not exceed init_r" in problems(with_(method__name="adalora", method__init_r=4, method__target_r=8))
+    assert "cannot be combined with dora" in problems(with_(method__init="pissa", method__dora=True))
+
+
 def test_out_of_range_and_cross_field_checks():
     assert "method.r" in problems(with_(method__r=0))
     assert "add up to 1" in problems(with_(data__splits__train=0.9))

@@ -90,15 +90,19 @@ def evaluate(
     encoded = task.preprocess(splits, tokenizer, recipe.task)
     accelerator = train.make_accelerator(recipe.train.precision, 1)
     loader = train.make_loader(encoded[split], task.collator(tokenizer), recipe.eval.batch_size, False, True, 0)
-    metrics = train.evaluate(accelerator.prepare(model), accelerator.prepare(loader), task, labels, accelerator)
+    metrics = train.evaluate(accelerator.prepare(model), accelerator.prepare(loader), task, labels, accelerator,
+                             recipe.task)  # fmt: skip
     _metrics_table({split: metrics}, [split])
 
 
 @app.command()
 def predict(
     run_dir: RunDir,
-    texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to classify.")] = None,
+    texts: Annotated[Optional[list[str]], typer.Argument(help="Texts (questions, for question answering).")] = None,
     file: Annotated[Optional[Path], typer.Option(help="A file with one text per line.")] = None,
+    context: Annotated[
+        Optional[str], typer.Option(help="Question answering: the passage to answer from (text, or a file).")
+    ] = None,
 ):
     """Run a finished run's adapter on texts given inline or in a file."""
     items = list(texts or [])
@@ -112,10 +116,31 @@ def predict(
     from peftkit.run import load_trained
 
     recipe, task, tokenizer, model, _ = load_trained(run_dir)
-    table = Table("text", "label", "probability")
-    for row in task.predict(model, tokenizer, items, recipe.task):
-        table.add_row(row["text"], row["label"], f"{row['probability']:.3f}")
+    options = {}
+    if context is not None:
+        if recipe.task.type != "question_answering":
+            raise UserError(f"--context is for question answering; this run's task is {recipe.task.type}")
+        options["context"] = Path(context).read_text(encoding="utf-8") if _is_file(context) else context
+    rows = task.predict(model, tokenizer, items, recipe.task, **options)
+    table = Table(*rows[0])
+    for row in rows:
+        table.add_row(*map(_cell, row.values()))
     console.print(table)
+
+
+def _is_file(text: str) -> bool:
+    try:
+        return Path(text).is_file()
+    except OSError:  # e.g. a passage too long to be a file name
+        return False
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, list):  # entities: "Empire State Building (facility); ..."
+        return "; ".join(f"{e['text']} ({e['type']})" if isinstance(e, dict) else str(e) for e in value) or "-"
+    return str(value)
 
 
 @app.command()

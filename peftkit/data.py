@@ -6,32 +6,39 @@ Every problem a user can fix (missing file or column, labels outside the set, em
 UserError naming the rows and the recipe key that fixes it.
 """
 
+from __future__ import annotations
+
 import logging
 from collections import Counter
+from typing import TYPE_CHECKING
 
 from peftkit import assets
 from peftkit.errors import UserError, did_you_mean
-from peftkit.recipe import DataSection
+
+if TYPE_CHECKING:  # annotations only: recipe.py imports the task registry, whose tasks import this module
+    from peftkit.recipe import DataSection
 
 log = logging.getLogger("peftkit")
 
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".zip")
-_FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".conll": "conll",
+            ".iob": "conll", ".bio": "conll"}  # fmt: skip
 _SPLIT_ALIASES = {"valid": "validation", "dev": "validation", "val": "validation"}
-ROW = "source_row"  # 1-based row of the source split (a csv's data rows, after its header)
+ROW = "source_row"  # 1-based row of the source split (a csv's data rows after its header; a conll's sentences)
 
 
 def load(cfg: DataSection, task):
     """(DatasetDict with train/validation/test, label names or None)."""
     splits = _read(cfg)
     splits = _select_columns(splits, cfg, task.COLUMNS)
+    per_token = task.LABELS_PER_TOKEN
     # remember each row's place in the source, so errors can name it after filtering and splitting
     splits = splits.__class__({k: v.add_column(ROW, list(range(1, len(v) + 1))) for k, v in splits.items()})
     labels = None
     if task.LABEL_ROLE:
-        splits, labels = _encode_labels(splits, cfg, task.LABEL_ROLE)
+        splits, labels = _encode_labels(splits, cfg, task.LABEL_ROLE, per_token)
     _check_text(splits)
-    splits = _make_splits(splits, cfg, stratify=task.LABEL_ROLE)
+    splits = _make_splits(splits, cfg, stratify=None if per_token else task.LABEL_ROLE, group=task.SPLIT_BY)
     if cfg.max_samples:
         splits = splits.__class__({k: v.select(range(min(cfg.max_samples, len(v)))) for k, v in splits.items()})
     for name, split in splits.items():
@@ -52,6 +59,12 @@ def _read(cfg: DataSection):
             raise assets.hub_error("data.source", cfg.source, err) from None
         return DatasetDict({_SPLIT_ALIASES.get(k, k): v for k, v in loaded.items()})
     fmt = cfg.format if cfg.format != "auto" else _format_of(path)
+    if fmt == "conll":
+        return DatasetDict({"train": _read_conll(path, cfg)})
+    if fmt == "squad" or (fmt == "json" and cfg.format == "auto" and path.suffix == ".json"):
+        squad = _read_squad(path, required=fmt == "squad")
+        if squad is not None:
+            return DatasetDict({"train": squad})
     builder, options = {"csv": ("csv", {}), "tsv": ("csv", {"sep": "\t"}), "json": ("json", {}),
                         "parquet": ("parquet", {})}[fmt]  # fmt: skip
     if builder == "csv":
@@ -66,6 +79,71 @@ def _read(cfg: DataSection):
         raise UserError(f"data.source: could not read {path} as {fmt}: {cause}.{hint}") from None
 
 
+def _read_conll(path, cfg: DataSection):
+    """CoNLL-style text: `token ... tag` per line (tab or spaces), a blank line between sentences."""
+    import bz2
+    import gzip
+    import lzma
+
+    from datasets import Dataset
+
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix, open)
+    sentences, tokens, tags = [], [], []
+    try:
+        with opener(path, "rt", encoding=cfg.encoding) as lines:
+            for number, line in enumerate(lines, 1):
+                fields = line.split()
+                if not fields or fields[0] == "-DOCSTART-":  # blank (or whitespace-only) line: sentence ends
+                    if tokens:
+                        sentences.append({"tokens": tokens, "tags": tags})
+                    tokens, tags = [], []
+                    continue
+                try:
+                    tag = fields[cfg.conll_tag_column]
+                except IndexError:
+                    raise UserError(
+                        f"data.source: line {number} of {path.name} has {len(fields)} column(s), so "
+                        f"data.conll_tag_column {cfg.conll_tag_column} does not exist: {line.strip()!r}"
+                    ) from None
+                if len(fields) < 2:
+                    raise UserError(f"data.source: line {number} of {path.name} has a token but no tag: {line.strip()!r}")
+                tokens.append(fields[0])
+                tags.append(tag)
+    except UnicodeDecodeError as err:
+        raise UserError(f"data.source: could not read {path} as {cfg.encoding} text ({err}); set data.encoding") from None
+    if tokens:
+        sentences.append({"tokens": tokens, "tags": tags})
+    if not sentences:
+        raise UserError(f"data.source: {path} holds no sentences (expected `token<TAB>tag` lines)")
+    return Dataset.from_list(sentences)
+
+
+def _read_squad(path, required: bool):
+    """SQuAD's nested JSON (data -> paragraphs -> qas) as flat rows: id, question, context, answers{text,
+    answer_start}, the layout of the Hub's `squad` dataset. None when the file is other JSON and not `required`."""
+    import json
+
+    from datasets import Dataset
+
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        articles = document["data"]
+        paragraphs = [p for article in articles for p in article["paragraphs"]]
+    except (ValueError, KeyError, TypeError) as err:
+        if not required:
+            return None
+        raise UserError(f"data.source: {path} is not SQuAD-format JSON (data -> paragraphs -> qas): {err}") from None
+    rows = []
+    for paragraph in paragraphs:
+        for qa in paragraph["qas"]:
+            answers = [] if qa.get("is_impossible") else qa.get("answers", [])
+            rows.append({
+                "id": str(qa["id"]), "question": qa["question"], "context": paragraph["context"],
+                "answers": {"text": [a["text"] for a in answers], "answer_start": [a["answer_start"] for a in answers]},
+            })  # fmt: skip
+    return Dataset.from_list(rows)
+
+
 def _format_of(path) -> str:
     name = path.name.lower()
     for suffix in _COMPRESSION:
@@ -73,7 +151,9 @@ def _format_of(path) -> str:
     for ext, fmt in _FORMATS.items():
         if name.endswith(ext):
             return fmt
-    raise UserError(f"data.source: cannot tell the format of {path.name}; set data.format to csv, tsv, json or parquet")
+    raise UserError(
+        f"data.source: cannot tell the format of {path.name}; set data.format to csv, tsv, json, parquet or conll"
+    )
 
 
 def _select_columns(splits, cfg: DataSection, roles: dict[str, bool]):
@@ -100,25 +180,52 @@ def _select_columns(splits, cfg: DataSection, roles: dict[str, bool]):
 
 def _check_text(splits):
     for name, split in splits.items():
-        for column in ("text", "text_pair"):
+        if "tokens" in split.column_names:
+            _check_tokens(split)
+        for column in ("text", "text_pair", "question", "context"):
             if column not in split.column_names:
                 continue
             bad = [row for row, t in zip(split[ROW], split[column]) if t is None or not str(t).strip()]
             if bad:
-                rows = ", ".join(map(str, bad[:5])) + (" ..." if len(bad) > 5 else "")
                 raise UserError(
-                    f"data: {len(bad)} row(s) have an empty '{column}' (source rows {rows}, counted from 1 after "
+                    f"data: {len(bad)} row(s) have an empty '{column}' (source rows {_rows(bad)}, counted from 1 after "
                     f"any header); remove or fill them"
                 )
 
 
-def _encode_labels(splits, cfg: DataSection, role: str):
-    from datasets import ClassLabel
+def _check_tokens(split):
+    """Token-labelled data: every sentence has tokens, and as many tags as tokens."""
+    empty = [row for row, tokens in zip(split[ROW], split["tokens"]) if not tokens]
+    if empty:
+        raise UserError(f"data: {len(empty)} sentence(s) have no tokens (source sentences {_rows(empty)}); remove them")
+    if "tags" in split.column_names:
+        bad = [(row, len(tok), len(tag)) for row, tok, tag in zip(split[ROW], split["tokens"], split["tags"])
+               if len(tok) != len(tag)]  # fmt: skip
+        if bad:
+            row, n_tokens, n_tags = bad[0]
+            raise UserError(
+                f"data: {len(bad)} sentence(s) have a different number of tokens and tags (first: source sentence "
+                f"{row}, {n_tokens} tokens, {n_tags} tags); every token needs exactly one tag"
+            )
 
-    # A Hub dataset's ClassLabel column: work with its names, like any text label.
+
+def _rows(rows: list[int]) -> str:
+    return ", ".join(map(str, rows[:5])) + (" ..." if len(rows) > 5 else "")
+
+
+def _encode_labels(splits, cfg: DataSection, role: str, per_token: bool = False):
+    """Map labels (one per row, or one per token when `per_token`) to ids in the label set's order."""
+    from datasets import ClassLabel, List
+
+    def items(value):  # the labels one row carries
+        return value if per_token else [value]
+
+    # A Hub dataset's ClassLabel column (or a list of them): work with its names, like any text label.
     feature = splits[next(iter(splits))].features[role]
-    if isinstance(feature, ClassLabel):
-        splits = splits.map(lambda b: {role: [feature.int2str(v) for v in b[role]]}, batched=True)
+    inner = getattr(feature, "feature", None) if per_token else feature
+    if isinstance(inner, ClassLabel):
+        to_str = (lambda v: [inner.int2str(x) for x in v]) if per_token else inner.int2str
+        splits = splits.map(lambda b: {role: [to_str(v) for v in b[role]]}, batched=True)
 
     if isinstance(cfg.labels, dict):
         to_name = {str(raw): name for raw, name in cfg.labels.items()}
@@ -127,28 +234,40 @@ def _encode_labels(splits, cfg: DataSection, role: str):
         names = [str(v) for v in cfg.labels]
         to_name = {n: n for n in names}
     else:
-        names = sorted({str(v) for split in splits.values() for v in split[role] if v is not None})
+        found = {str(x) for split in splits.values() for v in split[role] if v is not None for x in items(v)}
+        names = sorted(found, key=lambda n: (n != "O", n))  # tagging: the outside tag "O" gets id 0
         to_name = {n: n for n in names}
         log.info("labels read from the data: %s", ", ".join(names))
 
-    unknown = Counter(str(v) for split in splits.values() for v in split[role] if str(v) not in to_name)
+    unknown, bad_rows = Counter(), []
+    for split in splits.values():
+        for row, value in zip(split[ROW], split[role]):
+            missing = [str(x) for x in items(value) if str(x) not in to_name]
+            if missing:
+                unknown.update(missing)
+                bad_rows.append(row)
     if unknown:
         listed = ", ".join(f"'{v}' ({n:,})" for v, n in unknown.most_common(8))
+        what = "sentence(s) have tags" if per_token else "row(s) have labels"
         if cfg.unknown_labels == "error":
             raise UserError(
-                f"data: {sum(unknown.values()):,} row(s) have labels not in data.labels: {listed}. Add them to "
-                "data.labels, or set data.unknown_labels: drop to leave those rows out"
+                f"data: {len(bad_rows):,} {what} not in data.labels: {listed} (source rows {_rows(bad_rows)}). "
+                "Add them to data.labels, or set data.unknown_labels: drop to leave those rows out"
             )
-        log.info("data: dropped %s row(s) whose label is not in data.labels: %s", f"{sum(unknown.values()):,}", listed)
-        splits = splits.filter(lambda b: [str(v) in to_name for v in b[role]], batched=True)
+        dropped = "sentence(s) with tags" if per_token else "row(s) whose label is"
+        log.info("data: dropped %s %s not in data.labels: %s", f"{len(bad_rows):,}", dropped, listed)
+        splits = splits.filter(lambda b: [all(str(x) in to_name for x in items(v)) for v in b[role]], batched=True)
 
     label_id = {name: i for i, name in enumerate(names)}
-    splits = splits.map(lambda b: {role: [label_id[to_name[str(v)]] for v in b[role]]}, batched=True)
-    return splits.cast_column(role, ClassLabel(names=names)), names
+    encode = (lambda v: [label_id[to_name[str(x)]] for x in v]) if per_token else (lambda v: label_id[to_name[str(v)]])
+    splits = splits.map(lambda b: {role: [encode(v) for v in b[role]]}, batched=True)
+    label_feature = List(ClassLabel(names=names)) if per_token else ClassLabel(names=names)
+    return splits.cast_column(role, label_feature), names
 
 
-def _make_splits(splits, cfg: DataSection, stratify: str | None):
-    """Keep train/validation/test the source has; cut the missing ones from train with data.splits' shares."""
+def _make_splits(splits, cfg: DataSection, stratify: str | None, group: str | None = None):
+    """Keep train/validation/test the source has; cut the missing ones from train with data.splits' shares.
+    `group`: rows sharing this column's value stay in one split (QA: questions on one context)."""
     from datasets import DatasetDict
 
     if "train" not in splits:
@@ -164,6 +283,9 @@ def _make_splits(splits, cfg: DataSection, stratify: str | None):
         fraction = getattr(shares, name) / (shares.train + sum(getattr(shares, n) for n in to_cut[i:]))
         if len(train) * fraction < 1:
             raise UserError(f"data: too few rows ({len(train)}) to cut a {name} split; add data or set data.splits")
+        if group:
+            result["train"], result[name] = _group_split(train, group, fraction, cfg.seed)
+            continue
         try:
             cut = train.train_test_split(test_size=fraction, seed=cfg.seed, stratify_by_column=stratify)
         except ValueError:  # a class too small to stratify: fall back to a plain random split
@@ -171,3 +293,18 @@ def _make_splits(splits, cfg: DataSection, stratify: str | None):
             cut = train.train_test_split(test_size=fraction, seed=cfg.seed)
         result["train"], result[name] = cut["train"], cut["test"]
     return DatasetDict({k: result[k] for k in ("train", "validation", "test") if k in result})
+
+
+def _group_split(split, column: str, fraction: float, seed: int):
+    """(rest, cut): about `fraction` of the distinct values of `column`, with all their rows, go to cut."""
+    import random
+
+    values = split[column]
+    groups = sorted(set(values))
+    random.Random(seed).shuffle(groups)
+    chosen = set(groups[: max(1, round(len(groups) * fraction))])
+    if len(chosen) == len(groups):
+        raise UserError(f"data: too few distinct '{column}' values ({len(groups)}) to cut a split from; add data")
+    cut = [i for i, v in enumerate(values) if v in chosen]
+    rest = [i for i, v in enumerate(values) if v not in chosen]
+    return split.select(rest), split.select(cut)

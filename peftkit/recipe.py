@@ -56,8 +56,13 @@ class DataSection(Section):
         description="A local file (csv, tsv, json, jsonl, parquet; .gz/.bz2/.xz/.zst compressed too), "
         "pkg://PACKAGE/PATH for a file inside an installed package, or a Hub dataset name."
     )
-    format: Literal["auto", "csv", "tsv", "json", "parquet", "hub"] = Field(
-        "auto", description="auto: from the file extension; a name that is no file is a Hub dataset."
+    format: Literal["auto", "csv", "tsv", "json", "parquet", "conll", "squad", "hub"] = Field(
+        "auto", description="auto: from the file extension (.conll/.iob/.bio: conll; a .json in SQuAD's nested "
+        "layout: squad); a name that is no file is a Hub dataset. conll: one token per line with its tag in a "
+        "column, a blank line between sentences."
+    )
+    conll_tag_column: int = Field(
+        -1, description="conll format: which whitespace-separated column holds the tag (0 = the token; -1 = last)."
     )
     subset: str | None = Field(None, description="Hub dataset configuration name.")
     encoding: str = Field("utf-8", description="Text encoding of csv/tsv files (e.g. latin-1).")
@@ -108,7 +113,10 @@ class TrainSection(Section):
 
 class EvalSection(Section):
     batch_size: int = Field(64, gt=0)
-    metric_for_best: str = Field("accuracy", description="Validation metric that picks the adapter to keep.")
+    metric_for_best: str | None = Field(
+        None, description="Validation metric that picks the adapter to keep; omitted: the task's main metric "
+        "(accuracy for classification, entity F1 for token classification)."
+    )
     splits: list[str] = Field(["validation", "test"], description="Splits evaluated with the kept adapter at the end.")
 
 
@@ -142,6 +150,8 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _metric_belongs_to_task(self):
         metrics = TASKS[self.task.type].METRICS
+        if self.eval.metric_for_best is None:
+            self.eval.metric_for_best = metrics[0]
         if self.eval.metric_for_best not in metrics:
             raise ValueError(
                 f"eval.metric_for_best: '{self.eval.metric_for_best}' is not a metric of task "

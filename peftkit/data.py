@@ -182,7 +182,7 @@ def _check_text(splits):
     for name, split in splits.items():
         if "tokens" in split.column_names:
             _check_tokens(split)
-        for column in ("text", "text_pair", "question", "context"):
+        for column in ("text", "text_pair", "question", "context", "prompt", "response"):
             if column not in split.column_names:
                 continue
             bad = [row for row, t in zip(split[ROW], split[column]) if t is None or not str(t).strip()]

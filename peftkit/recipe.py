@@ -118,6 +118,10 @@ class EvalSection(Section):
         "(accuracy for classification, entity F1 for token classification)."
     )
     splits: list[str] = Field(["validation", "test"], description="Splits evaluated with the kept adapter at the end.")
+    before_training: bool = Field(
+        False, description="Also evaluate those splits before the first step (the base model, for methods that "
+        "start as the identity), to show what training changed."
+    )
 
 
 class ExportSection(Section):

@@ -45,20 +45,27 @@ def run(recipe: Recipe, overwrite: bool = False) -> Path:
 
             encoded = task.preprocess(splits, tokenizer, recipe.task)
             collate = task.collator(tokenizer)
+            before = {}
+            if recipe.eval.before_training:
+                model.to(accelerator.device)
+                for split in recipe.eval.splits:
+                    before[split] = train.evaluate(model, _eval_loader(encoded[split], collate, recipe, accelerator),
+                                                   task, labels, accelerator, recipe.task)  # fmt: skip
+                    log.info("before training, %s: %s", split, train.short(before[split]))
             after_step = getattr(method, "after_optimizer_step", None)
             result = train.fit(model, encoded, collate, task, recipe, accelerator, labels, after_step)
 
             final = {}
             for split in recipe.eval.splits:
-                loader = accelerator.prepare(train.make_loader(encoded[split], collate, recipe.eval.batch_size,
-                                                               False, True, recipe.train.seed))  # fmt: skip
+                loader = _eval_loader(encoded[split], collate, recipe, accelerator)
                 final[split] = train.evaluate(model, loader, task, labels, accelerator, recipe.task)
-                log.info("%s: %s", split, "  ".join(f"{k} {v:.4f}" for k, v in final[split].items() if isinstance(v, float)))
+                log.info("%s: %s", split, train.short(final[split]))
 
             adapter_dir = run_dir / "adapter"
             export.save_adapter(accelerator.unwrap_model(model), tokenizer, adapter_dir, recipe, labels)
             metrics = {
                 **final,
+                **({"before_training": before} if before else {}),
                 **counts,
                 "adapter_bytes": export.adapter_bytes(adapter_dir),
                 "train": result,
@@ -74,6 +81,10 @@ def run(recipe: Recipe, overwrite: bool = False) -> Path:
             logging.getLogger("peftkit").removeHandler(handler)
             handler.close()
     return recipe.output_dir
+
+
+def _eval_loader(split, collate, recipe: Recipe, accelerator):
+    return accelerator.prepare(train.make_loader(split, collate, recipe.eval.batch_size, False, True, recipe.train.seed))
 
 
 def method_context(recipe: Recipe, task, model, total_steps: int = 1000) -> Context:

@@ -149,7 +149,7 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
                 if score > best_score:
                     best_score, best_epoch = score, epoch
                     best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-                log.info("epoch %d: %s", epoch, _short(entry["validation"]))
+                log.info("epoch %d: %s", epoch, short(entry["validation"]))
             history.append(entry)
             if step >= total:
                 break
@@ -196,7 +196,7 @@ def _check_finite(loss: float, step: int) -> None:
         )
 
 
-def _short(metrics: dict) -> str:
+def short(metrics: dict) -> str:
     return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
 
 

@@ -14,10 +14,11 @@ A task module defines, with heavy imports kept inside its functions:
 Adding a task = one new file + one line here.
 """
 
-from peftkit.tasks import classification, question_answering, token_classification
+from peftkit.tasks import causal_lm, classification, question_answering, token_classification
 
 TASKS = {
     "classification": classification,
     "token_classification": token_classification,
     "question_answering": question_answering,
+    "causal_lm": causal_lm,
 }

@@ -53,7 +53,8 @@ def run(recipe: Recipe, overwrite: bool = False) -> Path:
                                                    task, labels, accelerator, recipe.task)  # fmt: skip
                     log.info("before training, %s: %s", split, train.short(before[split]))
             after_step = getattr(method, "after_optimizer_step", None)
-            result = train.fit(model, encoded, collate, task, recipe, accelerator, labels, after_step)
+            result = train.fit(model, encoded, collate, task, recipe, accelerator, labels, after_step,
+                               restore_best=getattr(method, "RESTORE_BEST_EPOCH", True))  # fmt: skip
 
             final = {}
             for split in recipe.eval.splits:

@@ -72,9 +72,10 @@ def total_steps(train_rows: int, cfg) -> int:
     return cfg.max_steps or cfg.epochs * math.ceil(math.ceil(train_rows / cfg.batch_size) / cfg.grad_accum)
 
 
-def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=None) -> dict:
+def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=None, restore_best=True) -> dict:
     """Train `model` (already wrapped by its method) in place; returns the history and throughput.
-    `after_step(model, step)` runs after each optimizer step, before gradients are cleared (AdaLoRA)."""
+    `after_step(model, step)` runs after each optimizer step, before gradients are cleared (AdaLoRA);
+    `restore_best`: end with the best validation epoch's trainable weights (else the last epoch's)."""
     import torch
     from transformers import get_scheduler
 
@@ -146,7 +147,7 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
             if val_loader is not None:
                 entry["validation"] = evaluate(model, val_loader, task, labels, accelerator, recipe.task)
                 score = sign * entry["validation"][best_name]
-                if score > best_score:
+                if score > best_score and restore_best:
                     best_score, best_epoch = score, epoch
                     best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
                 log.info("epoch %d: %s", epoch, short(entry["validation"]))

@@ -201,6 +201,40 @@ def test_prefix_tuning_generates_with_a_kv_cache():
     assert torch.equal(cached, uncached)
 
 
+def test_prefix_tuning_generates_with_a_static_cache():
+    model, _ = adapted("prefix_tuning", "llama", "lm")
+    train_steps(model, batch("lm"), 5, lr=3e-2, method="prefix_tuning")
+    prompt = torch.randint(3, VOCAB, (1, 5), generator=torch.Generator().manual_seed(2))
+    static = model.generate(prompt, max_new_tokens=6, do_sample=False, cache_implementation="static", pad_token_id=PAD)
+    uncached = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=PAD)
+    assert torch.equal(static, uncached)
+
+
+def test_prefix_tuning_numbers_attention_layers_without_layer_idx():
+    """DistilBERT's attention modules carry no layer_idx: each layer must still get its own prefix."""
+    from transformers import AutoModelForSequenceClassification, DistilBertConfig
+
+    torch.manual_seed(0)
+    config = DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64,
+                              pad_token_id=PAD, dropout=0.0, attention_dropout=0.0)  # fmt: skip
+    model = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa").eval()
+    method = METHODS["prefix_tuning"]
+    model = method.apply(model, method.Config(name="prefix_tuning", num_virtual_tokens=4), context(model, "cls"))
+    assert [m.layer_idx for m in model.modules() if type(m).__name__.endswith("Attention")] == [0, 1]
+    losses = train_steps(model, batch("cls"), 10, lr=3e-2, method="prefix_tuning")
+    assert sum(losses[-3:]) / 3 < losses[0]
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
+@pytest.mark.parametrize("task_type", ["TOKEN_CLS", "QUESTION_ANS"])
+def test_prompt_methods_refuse_per_token_tasks(method, task_type):
+    from peftkit.errors import UserError
+
+    model = tiny("bert", "cls")
+    with pytest.raises(UserError, match="virtual tokens"):
+        METHODS[method].apply(model, METHODS[method].Config(name=method), Context(peft_task_type=task_type))
+
+
 def test_bottleneck_pfeiffer_adapts_only_the_feed_forward():
     model, _ = adapted("bottleneck", "bert", "cls", style="pfeiffer")
     adapted_layers = {n.rsplit(".peftkit_adapter", 1)[0] for n, _ in model.named_parameters() if "peftkit_adapter" in n}

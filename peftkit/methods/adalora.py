@@ -16,6 +16,9 @@ from peftkit.config import Section
 from peftkit.methods.base import Context, peft_targets, peft_wrap
 
 MERGEABLE = True
+# The saved adapter is cut to the final rank pattern; an earlier epoch's weights predate the pruning and would
+# not be what is saved, so the run keeps the last epoch's adapter instead of the best one.
+RESTORE_BEST_EPOCH = False
 
 
 class Config(Section):

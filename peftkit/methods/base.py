@@ -35,6 +35,19 @@ def pad_left_if_last_token_pooled(model, context: Context) -> None:
         model.peftkit_padding_side = "left"
 
 
+def refuse_per_token_tasks(method: str, context: Context) -> None:
+    """peft's prompt methods prepend virtual tokens but leave per-token labels and outputs unshifted: token
+    classification then fails on mismatched lengths, and QA's answer positions are off by the prompt length."""
+    if context.peft_task_type in ("TOKEN_CLS", "QUESTION_ANS"):
+        from peftkit.errors import UserError
+
+        raise UserError(
+            f"method {method} adds virtual tokens in front of the input, which peft does not remove from "
+            "per-token outputs, so it cannot tag tokens or point at answer spans; use prefix_tuning (it adds "
+            "keys and values, not tokens), lora, or another method"
+        )
+
+
 def format_of(model) -> str:
     from peft import PeftModel
 

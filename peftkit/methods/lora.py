@@ -81,7 +81,7 @@ def _keep_initial_adapter(model, init: str) -> None:
     """PiSSA / OLoRA subtract their initial B0 A0 from W0; remember B0 A0 (before any step) for the export."""
     from peft import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(model)
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)  # no Hub lookup
     model.peftkit_initial_lora = {k: v.detach().clone() for k, v in state.items() if ".lora_" in k}
 
 
@@ -100,7 +100,7 @@ def save_for_original_base(model, out: Path) -> None:
 
     initial = model.peftkit_initial_lora
     state = {}
-    for key, value in get_peft_model_state_dict(model).items():
+    for key, value in get_peft_model_state_dict(model, save_embedding_layers=False).items():
         if ".lora_A." in key:
             value = torch.cat([value, initial[key]], dim=0)
         elif ".lora_B." in key:

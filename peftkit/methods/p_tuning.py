@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field
 
 from peftkit.config import Section
-from peftkit.methods.base import Context, pad_left_if_last_token_pooled, peft_wrap
+from peftkit.methods.base import Context, pad_left_if_last_token_pooled, peft_wrap, refuse_per_token_tasks
 
 MERGEABLE = False
 NOT_MERGEABLE_BECAUSE = (
@@ -27,6 +27,7 @@ class Config(Section):
 
 
 def apply(model, config: Config, context: Context):
+    refuse_per_token_tasks(config.name, context)
     from peft import PromptEncoderConfig
 
     peft_config = PromptEncoderConfig(

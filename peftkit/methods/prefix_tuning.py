@@ -72,6 +72,7 @@ def apply(model, config: Config, context: Context):
             raw = self.mlp(self.embedding).view(self.shape) if config.reparameterize else self.prefix
             self.current = raw.permute(1, 2, 3, 0, 4)
 
+    _number_attention_layers(model, layers)
     prefix = Prefix().to(next(model.parameters()).device)
     model.add_module(ATTR, prefix)
     model.register_forward_pre_hook(prefix.refresh)
@@ -81,10 +82,11 @@ def apply(model, config: Config, context: Context):
         pk, pv = (p.to(key.dtype).unsqueeze(0).expand(batch, -1, -1, -1) for p in prefix.current[module.layer_idx])
         key, value = torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)
         if attention_mask is None:  # no padding: the mask builder left causality to the kernel's is_causal flag
+            causal = getattr(module, "is_causal", False) and q_len > 1
+            if causal and k_len > q_len:  # prefill of a static cache: keys past the queries are empty slots
+                key, value, k_len = key[:, :, : tokens + q_len], value[:, :, : tokens + q_len], q_len
             attention_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device)
-            if getattr(module, "is_causal", False) and q_len > 1:
-                attention_mask = attention_mask.tril(diagonal=k_len - q_len)  # bottom-right aligned (KV cache)
-            attention_mask = attention_mask[None, None]
+            attention_mask = (attention_mask.tril() if causal else attention_mask)[None, None]
         keep = torch.ones(*attention_mask.shape[:-1], tokens, device=query.device, dtype=attention_mask.dtype)
         if attention_mask.dtype != torch.bool:  # an additive float mask: 0 keeps a position
             keep = torch.zeros_like(keep)
@@ -99,3 +101,20 @@ def apply(model, config: Config, context: Context):
     model.set_attn_implementation(name)
     train_only(model, lambda n: n.startswith(ATTR + ".") or f".{ATTR}." in n, context)
     return model
+
+
+def _number_attention_layers(model, layers: int) -> None:
+    """The attention function finds a layer's prefix by `module.layer_idx`, which BERT, GPT-2 and Llama
+    attention modules carry; for models whose attention has none (e.g. DistilBERT), number them in order."""
+    from peftkit.errors import UserError
+
+    if any(hasattr(m, "layer_idx") for m in model.modules()):
+        return
+    attention = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
+    if len(attention) != layers:
+        raise UserError(
+            f"method prefix_tuning: cannot tell this model's ({model.config.model_type}) attention layers apart "
+            f"(found {len(attention)} modules named *Attention for {layers} layers); use another method"
+        )
+    for index, module in enumerate(attention):
+        module.layer_idx = index

@@ -21,7 +21,7 @@ from peftkit.recipe import load_recipe
 from peftkit.tasks import TASKS
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-METHOD_RECIPES = ["lora", "dora", "ia3", "adapter", "prefix", "prompt", "full"]
+METHOD_RECIPES = ["lora", "lora-all", "dora", "ia3", "adapter", "prefix", "prompt", "full"]
 
 
 def build(name: str):

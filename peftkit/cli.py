@@ -149,16 +149,33 @@ def merge(
     out: Annotated[Path, typer.Argument(help="Folder for the merged standalone model.")],
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     tolerance: Annotated[Optional[float], typer.Option(help="Max abs logit difference accepted.")] = None,
+    requantize: Annotated[
+        bool, typer.Option(help="Runs on an 8/4-bit base: store the merged model quantised again (lossy; reported).")
+    ] = False,
 ):
-    """Merge the adapter into the base weights and verify merged vs unmerged logits."""
+    """Merge the adapter into the base weights and verify merged vs unmerged logits. An 8/4-bit base is
+    dequantised and the merged model saved in full precision."""
     _quiet_libraries()
     from peftkit.export import merge as merge_run
 
-    report = merge_run(run_dir, out, overwrite=overwrite, tolerance=tolerance)
+    report = merge_run(run_dir, out, overwrite=overwrite, tolerance=tolerance, requantize=requantize)
     console.print(
         f"merged model: [bold]{report['output']}[/]  max abs logit difference {report['max_abs_diff']:.3g} "
         f"(tolerance {report['tolerance']:g})"
     )
+    if "vs_quantized_base" in report:
+        console.print(
+            f"merged in full precision; max abs logit difference vs the quantised base + adapter (what was "
+            f"trained): {report['vs_quantized_base']:.3g}, vs the original full-precision base + adapter: "
+            f"{report['vs_full_precision_base']:.3g}"
+        )
+    if "requantized_vs_quantized_base" in report:
+        console.print(
+            f"re-quantised: max abs logit difference vs the quantised base + adapter "
+            f"{report['requantized_vs_quantized_base']:.3g}"
+        )
+    elif "vs_quantized_base" in report:
+        console.print("(saved unquantised; --requantize stores it in 8/4-bit again, at a reported loss)")
 
 
 def _metrics_table(metrics: dict, splits: list[str]) -> None:

@@ -29,12 +29,18 @@ def adapter_bytes(adapter_dir: Path) -> int:
     return sum(f.stat().st_size for f in Path(adapter_dir).glob("*.safetensors"))
 
 
-def merge(run_dir: Path, out: Path, overwrite: bool = False, tolerance: float | None = None) -> dict:
+def merge(run_dir: Path, out: Path, overwrite: bool = False, tolerance: float | None = None,
+          requantize: bool = False) -> dict:
     """Fold the adapter into the base weights, save a standalone model (safetensors), reload it from disk and
     compare its logits with the unmerged model's on a fixed batch. Fails above the tolerance; the output
-    folder then never appears."""
+    folder then never appears.
+
+    A run trained on an 8/4-bit base merges in full precision: the base is dequantised, the adapter folded in,
+    and the merged model saved unquantised. (peft's own merge into a bitsandbytes layer re-quantises W0 + ΔW,
+    which silently loses part of ΔW.) The report then also gives how far the merged model is from what was
+    trained (quantised base + adapter) and from the adapter on the original full-precision base. Re-quantising
+    the merged model is lossy too; it happens only with `requantize`, and its error is reported."""
     import torch
-    from peft import PeftModel
 
     from peftkit.methods import METHODS
     from peftkit.run import load_trained
@@ -43,25 +49,68 @@ def merge(run_dir: Path, out: Path, overwrite: bool = False, tolerance: float | 
     method = METHODS[recipe.method.name]
     if not method.MERGEABLE:
         raise UserError(f"method '{recipe.method.name}' cannot be merged: {method.NOT_MERGEABLE_BECAUSE}")
+    if requantize and not recipe.quantization:
+        raise UserError("--requantize: this run trained on a full-precision base, so there is nothing to re-quantise")
     tolerance = tolerance or recipe.export.merge_tolerance
     batch = probe_batch(tokenizer)
-    with torch.no_grad():
-        unmerged = model(**batch).logits
-    assert isinstance(model, PeftModel)
+    report = {"tolerance": tolerance, "output": str(out)}
+    if recipe.quantization:
+        trained = _logits(model, batch)  # what was trained and evaluated: quantised base + adapter
+        del model
+        _, _, _, model, _ = load_trained(run_dir, torch.device("cpu"), dequantize=True)
+    unmerged = _logits(model, batch)
     merged = model.merge_and_unload()
     with atomic.building(out, overwrite) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         reloaded = type(merged).from_pretrained(tmp, dtype=torch.float32).eval()
-        with torch.no_grad():
-            diff = (reloaded(**batch).logits - unmerged).abs().max().item()
+        merged_logits = _logits(reloaded, batch)
+        report["max_abs_diff"] = diff = _max_diff(merged_logits, unmerged)
         log.info("merged vs unmerged logits: max abs difference %.3g (tolerance %.1g)", diff, tolerance)
         if not diff <= tolerance:
             raise UserError(
                 f"merge check failed: merged and unmerged logits differ by up to {diff:.3g} (tolerance "
                 f"{tolerance:g}); nothing was written. Raise export.merge_tolerance only if you accept that."
             )
-    return {"max_abs_diff": diff, "tolerance": tolerance, "output": str(out)}
+        if recipe.quantization:
+            report["vs_quantized_base"] = _max_diff(merged_logits, trained)
+            full_precision = recipe.model_copy(update={"quantization": None})
+            _, _, _, reference, _ = load_trained(run_dir, torch.device("cpu"), recipe=full_precision)
+            report["vs_full_precision_base"] = _max_diff(merged_logits, _logits(reference, batch))
+            del reference
+            log.info("merged (full precision) vs quantised base + adapter: %.3g; vs original base + adapter: %.3g",
+                     report["vs_quantized_base"], report["vs_full_precision_base"])  # fmt: skip
+            if requantize:
+                report["requantized_vs_quantized_base"] = _requantize(tmp, type(merged), recipe, task, batch, trained)
+    return report
+
+
+def _requantize(folder: Path, model_class, recipe, task, batch, trained) -> float:
+    """Replace the merged model in `folder` by its 8/4-bit copy (the recipe's quantization settings); returns its
+    max abs logit difference from the quantised base + adapter that was trained."""
+    import torch
+
+    from peftkit import quant
+
+    kwargs = quant.load_kwargs(recipe.quantization, list(task.HEAD_MODULES), torch.device("cpu"))
+    model = model_class.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
+    diff = _max_diff(_logits(model, batch), trained)
+    for old in folder.glob("model*.safetensors*"):
+        old.unlink()
+    model.save_pretrained(folder, safe_serialization=True)
+    log.info("re-quantised %d-bit merged model vs quantised base + adapter: %.3g", recipe.quantization.bits, diff)
+    return diff
+
+
+def _logits(model, batch):
+    import torch
+
+    with torch.no_grad():
+        return model(**batch).logits.float()
+
+
+def _max_diff(a, b) -> float:
+    return (a - b).abs().max().item()
 
 
 def probe_batch(tokenizer, batch: int = 8, length: int = 48, seed: int = 0) -> dict:

@@ -88,7 +88,10 @@ class QuantizationSection(Section):
     bits: Literal[4, 8] = Field(description="Load the frozen base in 8-bit (LLM.int8) or 4-bit through bitsandbytes.")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
     double_quant: bool = Field(True, description="4-bit: quantise the quantisation constants too.")
-    compute_dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="4-bit matmul dtype.")
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="4-bit: dtype the weights are dequantised to for each matmul. auto: the run's precision "
+        "(bf16 only where the machine computes it natively, else fp32)."
+    )
 
 
 class TrainSection(Section):
@@ -106,6 +109,10 @@ class TrainSection(Section):
     )
     group_by_length: bool = Field(
         True, description="Batch examples of similar length together (less padding); order is still shuffled."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass instead of keeping them: less memory for "
+        "longer sequences or bigger batches, about a third more compute."
     )
     seed: int = Field(42, description="Seed for initialisation, shuffling and dropout.")
     log_every: int = Field(10, gt=0, description="Write loss and throughput to the log every N steps.")

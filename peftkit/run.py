@@ -36,6 +36,10 @@ def run(recipe: Recipe, overwrite: bool = False) -> Path:
                 raise UserError(f"eval.splits: no {', '.join(missing)} split (the data has {', '.join(splits)})")
 
             tokenizer, model = load_base(recipe, task, labels, accelerator.device, train.precision_of(accelerator))
+            if recipe.train.gradient_checkpointing:
+                # Non-reentrant: the reentrant variant drops gradients when the checkpointed block's inputs do
+                # not require grad, which is the case with a frozen (e.g. quantised) base.
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             context = method_context(recipe, task, model, train.total_steps(len(splits["train"]), recipe.train))
             model = method.apply(model, recipe.method, context)
             tokenizer.padding_side = getattr(model, "peftkit_padding_side", tokenizer.padding_side)  # base.py
@@ -97,8 +101,9 @@ def method_context(recipe: Recipe, task, model, total_steps: int = 1000) -> Cont
     )
 
 
-def load_base(recipe: Recipe, task, labels, device, precision: str = "no"):
-    """(tokenizer, model) for the recipe's base model, quantised if the recipe asks, head freshly initialised."""
+def load_base(recipe: Recipe, task, labels, device, precision: str = "no", dequantize: bool = False):
+    """(tokenizer, model) for the recipe's base model, quantised if the recipe asks, head freshly initialised.
+    `dequantize`: load the quantised weights, then turn them back into full-precision layers (for merging)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -119,19 +124,21 @@ def load_base(recipe: Recipe, task, labels, device, precision: str = "no"):
         if recipe.quantization:
             from peftkit import quant
 
-            kwargs.update(quant.load_kwargs(recipe.quantization, list(task.HEAD_MODULES), device))
+            kwargs.update(quant.load_kwargs(recipe.quantization, list(task.HEAD_MODULES), device, precision))
         model = task.load_model(ref, labels, tokenizer, **kwargs)
     except OSError as err:
         raise assets.hub_error("model.name", recipe.model.name, err) from None
     if recipe.quantization:
         from peftkit import quant
 
-        model = quant.prepare(model)
+        model = quant.dequantize(model) if dequantize else quant.prepare(model)
     return tokenizer, model
 
 
-def load_trained(run_dir: Path, device=None):
-    """(recipe, task, tokenizer, model with its adapter, labels) of a finished run, ready for inference."""
+def load_trained(run_dir: Path, device=None, dequantize: bool = False, recipe: Recipe | None = None):
+    """(recipe, task, tokenizer, model with its adapter, labels) of a finished run, ready for inference.
+    `dequantize`: a quantised base is turned back into full precision first; `recipe` replaces the run's own
+    (e.g. without its quantization section, for the adapter on the original full-precision base)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -140,12 +147,12 @@ def load_trained(run_dir: Path, device=None):
     if not (adapter_dir / "peftkit.json").is_file():
         hint = " (an unfinished run: it has .partial in its name)" if run_dir.name.endswith(".partial") else ""
         raise UserError(f"{run_dir} is not a finished peftkit run folder: no adapter/peftkit.json{hint}")
-    recipe = load_recipe(run_dir / "recipe.yaml")
+    recipe = recipe or load_recipe(run_dir / "recipe.yaml")
     info = json.loads((adapter_dir / "peftkit.json").read_text())
     task, labels = TASKS[recipe.task.type], info["labels"]
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    _, model = load_base(recipe, task, labels, device)
+    _, model = load_base(recipe, task, labels, device, dequantize=dequantize)
     model = base.load(model, adapter_dir, method_context(recipe, task, model))
     return recipe, task, tokenizer, model.to(device).eval(), labels
 

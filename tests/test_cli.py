@@ -69,8 +69,10 @@ def test_predict_texts_and_file(finished_run, tmp_path):
 
 
 def test_merge_writes_a_verified_standalone_model(finished_run, tmp_path):
-    import torch
     from transformers import AutoModelForSequenceClassification
+
+    from peftkit.errors import UserError
+    from peftkit.export import merge
 
     _, run_dir, _ = finished_run
     out = tmp_path / "merged"
@@ -82,6 +84,10 @@ def test_merge_writes_a_verified_standalone_model(finished_run, tmp_path):
     assert model.config.id2label == {0: "neg", 1: "pos"} and not any("lora" in n for n, _ in model.named_parameters())
     again = peftkit("merge", run_dir, out)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+    with pytest.raises(UserError, match="nothing to re-quantise"):  # --requantize on a full-precision run
+        merge(run_dir, tmp_path / "requantized", requantize=True)
+    assert not (tmp_path / "requantized").exists()
     strict = peftkit("merge", run_dir, tmp_path / "strict", "--tolerance", "1e-30")
     if strict.returncode != 0:  # bit-exact merges happen; a non-zero difference must be refused cleanly
         assert strict.returncode == 2 and "merge check failed" in strict.stderr

@@ -254,12 +254,3 @@ def test_olora_refuses_conv1d_clearly():
 
     with pytest.raises(UserError, match="Conv1D"):
         adapted("lora", "gpt2", "cls", init="olora")
-
-
-def test_full_fine_tuning_refuses_a_quantized_base():
-    from peftkit.errors import UserError
-
-    model = tiny("bert", "cls")
-    model.is_quantized = True
-    with pytest.raises(UserError, match="cannot be trained"):
-        METHODS["full"].apply(model, METHODS["full"].Config(name="full"), context(model, "cls"))

@@ -27,6 +27,23 @@ class Context:
     model_path: str | None = None  # resolved local path or Hub id of the base (prompt tuning's text init)
 
 
+def quantized_bits(model) -> int | None:
+    """8 or 4 when the base was loaded through bitsandbytes (the recipe's quantization section), else None."""
+    config = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+    if config is None:
+        return None
+    return 8 if getattr(config, "load_in_8bit", False) else 4 if getattr(config, "load_in_4bit", False) else None
+
+
+def refuse_quantized(method: str, model, bits: tuple[int, ...], why: str) -> None:
+    """A clear error for a method that cannot work on a base quantised to one of `bits`."""
+    found = quantized_bits(model)
+    if found in bits:
+        from peftkit.errors import UserError
+
+        raise UserError(f"{method} cannot train on a {found}-bit base: {why}")
+
+
 def pad_left_if_last_token_pooled(model, context: Context) -> None:
     """A decoder classifier (head `score`) reads the last non-pad token, which it finds in input_ids; methods
     that feed inputs_embeds (prompt tuning, p-tuning) hide them, so it reads the last position instead: pad on

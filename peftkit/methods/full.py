@@ -8,8 +8,7 @@ lower than LoRA's (2e-5 .. 5e-5 is the usual range for BERT-sized models).
 from typing import Literal
 
 from peftkit.config import Section
-from peftkit.errors import UserError
-from peftkit.methods.base import Context
+from peftkit.methods.base import Context, refuse_quantized
 
 MERGEABLE = False
 NOT_MERGEABLE_BECAUSE = (
@@ -23,11 +22,8 @@ class Config(Section):
 
 
 def apply(model, config: Config, context: Context):
-    if getattr(model, "is_quantized", False):
-        raise UserError(
-            "method full trains every weight, and 8/4-bit weights cannot be trained: remove the quantization "
-            "section, or use a parameter-efficient method (e.g. lora) on the quantized base"
-        )
+    refuse_quantized("method full", model, (4, 8), "it trains every weight, and 8/4-bit weights cannot be "
+                     "trained; remove the quantization section, or use a parameter-efficient method such as lora")  # fmt: skip
     for param in model.parameters():
         param.requires_grad_(True)
     model.peftkit_full = True  # base.format_of: saved whole, with save_pretrained

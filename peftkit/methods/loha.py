@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import Field
 
 from peftkit.config import Section
-from peftkit.methods.base import Context, peft_targets, peft_wrap
+from peftkit.methods.base import Context, peft_targets, peft_wrap, refuse_quantized
 
 MERGEABLE = True
 
@@ -34,6 +34,9 @@ def apply(model, config: Config, context: Context):
 
     modules = peft_targets(model, config.target_modules, "TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING", context)
     targets.refuse_conv1d(model, modules, "loha")
+    # peft builds ΔW in the shape of the base weight, which a 4-bit layer stores packed: the forward pass fails.
+    refuse_quantized("method loha", model, (4,), "peft sizes its update from the base weight, which 4-bit "
+                     "layers store packed; use quantization.bits: 8, or lora")  # fmt: skip
     peft_config = LoHaConfig(
         r=config.r,
         alpha=config.alpha,

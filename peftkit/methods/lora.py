@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 from peftkit.config import Section
 from peftkit.errors import UserError
 from peftkit.methods import targets
-from peftkit.methods.base import Context, peft_targets, peft_wrap
+from peftkit.methods.base import Context, peft_targets, peft_wrap, refuse_quantized
 
 MERGEABLE = True
 
@@ -58,6 +58,14 @@ def apply(model, config: Config, context: Context):
             "method.init olora: peft's OLoRA initialisation does not handle GPT-2-style Conv1D layers (the adapted "
             "model fails with a shape error); use init: pissa, or the default, on this model"
         )
+    if config.init in ("pissa", "olora"):
+        refuse_quantized(f"method.init {config.init}", model, (4, 8), "it rewrites the base weights (W0 - B0 A0), "
+                         "which stay quantised; use the default init, or remove the quantization section")  # fmt: skip
+    if config.dora:
+        # Seen on bitsandbytes 0.50's CPU backend: after DoRA reads the 8-bit weight, the layer's own forward fails
+        # ("'NoneType' object has no attribute 'dtype'"). DoRA on a 4-bit base works.
+        refuse_quantized("method.dora", model, (8,), "peft's DoRA leaves the 8-bit layer unable to run its "
+                         "forward pass (bitsandbytes 0.50); use quantization.bits: 4, or dora: false")  # fmt: skip
     init = {"default": True, "gaussian": "gaussian"}.get(config.init, config.init)
     peft_config = LoraConfig(
         r=config.r,

@@ -9,20 +9,21 @@ from peftkit.errors import UserError
 
 
 @contextlib.contextmanager
-def building(target: Path, overwrite: bool, keep_failed: bool = False):
+def building(target: Path, overwrite: bool, keep_failed: bool = False, resume: bool = False):
     """Yield the folder to write into. On success it becomes `target` (replacing an old one if `overwrite`);
-    on failure it is deleted, or kept under its .partial name for inspection when `keep_failed`."""
+    on failure it is deleted, or kept under its .partial name (for inspection, or to `resume` into) when
+    `keep_failed`."""
     target = Path(target)
     partial = target.with_name(target.name + ".partial")
     if target.exists() and not overwrite:
         raise UserError(f"{target} already exists; pass --overwrite to replace it, or choose another output folder")
-    if partial.exists():
+    if partial.exists() and not resume:
         if not overwrite:
-            raise UserError(
-                f"{partial} holds an unfinished earlier run or export; pass --overwrite to start over"
-            )
+            fix = "--resume to continue it from its last checkpoint, or --overwrite to start over"
+            raise UserError(f"{partial} holds an unfinished earlier run or export; pass "
+                            + (fix if keep_failed else "--overwrite to start over"))  # fmt: skip
         shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    partial.mkdir(parents=True, exist_ok=resume)
     try:
         yield partial
     except BaseException:

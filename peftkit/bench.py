@@ -3,15 +3,27 @@
 import resource
 import sys
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 
 class Throughput:
-    """Samples and non-padding tokens per second over the steps it has seen."""
+    """Samples and non-padding tokens per second over the steps it has seen; time spent `paused()` (evaluation
+    between epochs) does not count."""
 
     def __init__(self):
         self.start = time.perf_counter()
+        self.excluded = 0.0
         self.samples = 0
         self.tokens = 0
+
+    @contextmanager
+    def paused(self):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - began
 
     def update(self, batch) -> None:
         self.samples += int(batch["input_ids"].shape[0])
@@ -20,7 +32,7 @@ class Throughput:
 
     @property
     def elapsed(self) -> float:
-        return time.perf_counter() - self.start
+        return time.perf_counter() - self.start - self.excluded
 
     def rates(self) -> dict:
         seconds = max(self.elapsed, 1e-9)
@@ -28,7 +40,8 @@ class Throughput:
 
 
 def peak_memory(device) -> dict:
-    """Peak memory in MiB: allocated/reserved on CUDA, resident set size of this process on CPU."""
+    """Peak memory in MiB since the start or the last `reset_peak_memory`: allocated/reserved on CUDA, resident
+    set size of this process on CPU."""
     import torch
 
     if device.type == "cuda":
@@ -36,8 +49,50 @@ def peak_memory(device) -> dict:
             "peak_allocated_mib": torch.cuda.max_memory_allocated(device) / 2**20,
             "peak_reserved_mib": torch.cuda.max_memory_reserved(device) / 2**20,
         }
+    hwm = _proc_status("VmHWM")  # Linux: resettable, unlike getrusage's lifetime maximum
+    if hwm is not None:
+        return {"peak_rss_mib": hwm}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return {"peak_rss_mib": rss / (2**20 if sys.platform == "darwin" else 2**10)}
+
+
+def reset_peak_memory(device) -> None:
+    """Start a new peak: training's own, apart from loading (which briefly holds weights twice)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
+        except OSError:
+            pass  # other systems: the peak stays the lifetime one
+
+
+def memory_now(device) -> dict:
+    """Memory in use right now (MiB): allocated on CUDA, resident set size on CPU (Linux)."""
+    import torch
+
+    if device.type == "cuda":
+        return {"allocated_mib": torch.cuda.memory_allocated(device) / 2**20}
+    rss = _proc_status("VmRSS")
+    return {"rss_mib": rss} if rss is not None else {}
+
+
+def model_mib(model) -> float:
+    """Size of the model's weights and buffers as loaded (an 8/4-bit base counts its packed bytes)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def _proc_status(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**10  # kB -> MiB
+    except OSError:
+        pass
+    return None
 
 
 def parameter_counts(model) -> dict:

@@ -30,6 +30,9 @@ def run(
     recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")],
     overrides: Overrides = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder of the same name.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue an interrupted run (its .partial folder) from its newest checkpoint.")
+    ] = False,
 ):
     """Train the recipe's method on its task and data, evaluate, and export the adapter."""
     from peftkit.recipe import load_recipe
@@ -38,7 +41,7 @@ def run(
     _quiet_libraries()
     from peftkit.run import run as run_recipe
 
-    out = run_recipe(parsed, overwrite=overwrite)
+    out = run_recipe(parsed, overwrite=overwrite, resume=resume)
     metrics = json.loads((out / "metrics.json").read_text())
     _metrics_table(metrics, parsed.eval.splits)
     console.print(f"run folder: [bold]{out}[/]  (adapter in {out / 'adapter'})")
@@ -195,6 +198,8 @@ def _quiet_libraries() -> None:
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    # bitsandbytes' 8-bit matmul logs "inputs will be cast ... to float16" on every call, as a warning
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def main() -> None:

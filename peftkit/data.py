@@ -37,7 +37,7 @@ def load(cfg: DataSection, task):
     labels = None
     if task.LABEL_ROLE:
         splits, labels = _encode_labels(splits, cfg, task.LABEL_ROLE, per_token)
-    _check_text(splits)
+    splits = _check_text(splits, cfg.empty_texts)
     splits = _make_splits(splits, cfg, stratify=None if per_token else task.LABEL_ROLE, group=task.SPLIT_BY)
     if cfg.max_samples:
         splits = splits.__class__({k: v.select(range(min(cfg.max_samples, len(v)))) for k, v in splits.items()})
@@ -178,19 +178,31 @@ def _select_columns(splits, cfg: DataSection, roles: dict[str, bool]):
     return splits.rename_columns({c: r for c, r in mapping.items() if c != r})
 
 
-def _check_text(splits):
+def _check_text(splits, empty_texts: str):
+    """Empty or missing texts fail with their row numbers, or are dropped and counted (data.empty_texts)."""
+    columns = [c for c in ("text", "text_pair", "question", "context", "prompt", "response")
+               if c in splits["train"].column_names]  # fmt: skip
+
+    def blank(value) -> bool:
+        return value is None or not str(value).strip()
+
     for name, split in splits.items():
         if "tokens" in split.column_names:
             _check_tokens(split)
-        for column in ("text", "text_pair", "question", "context", "prompt", "response"):
-            if column not in split.column_names:
-                continue
-            bad = [row for row, t in zip(split[ROW], split[column]) if t is None or not str(t).strip()]
-            if bad:
+        for column in columns:
+            bad = [row for row, t in zip(split[ROW], split[column]) if blank(t)]
+            if bad and empty_texts == "error":
                 raise UserError(
                     f"data: {len(bad)} row(s) have an empty '{column}' (source rows {_rows(bad)}, counted from 1 after "
-                    f"any header); remove or fill them"
+                    f"any header); remove or fill them, or set data.empty_texts: drop to leave them out"
                 )
+            if bad:
+                log.info("data: dropped %d row(s) of %s with an empty '%s' (source rows %s)", len(bad), name, column,
+                         _rows(bad))  # fmt: skip
+    if empty_texts == "drop":
+        splits = splits.filter(lambda b: [not any(blank(b[c][i]) for c in columns) for i in range(len(b[ROW]))],
+                               batched=True)  # fmt: skip
+    return splits
 
 
 def _check_tokens(split):

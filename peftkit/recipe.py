@@ -79,6 +79,10 @@ class DataSection(Section):
     unknown_labels: Literal["error", "drop"] = Field(
         "error", description="What to do with rows whose label is not in `labels`: fail, or drop and report."
     )
+    empty_texts: Literal["error", "drop"] = Field(
+        "error", description="What to do with rows whose text is empty or missing: fail naming them, or drop them "
+        "and report how many."
+    )
     splits: SplitSection = Field(default_factory=SplitSection)
     seed: int = Field(42, description="Seed of the split (independent of the training seed).")
     max_samples: int | None = Field(None, gt=0, description="Keep at most this many rows per split (quick runs).")
@@ -115,6 +119,12 @@ class TrainSection(Section):
         "longer sequences or bigger batches, about a third more compute."
     )
     seed: int = Field(42, description="Seed for initialisation, shuffling and dropout.")
+    checkpoint_every: int | None = Field(
+        None, gt=0, description="Also checkpoint every N optimizer steps (one is always written at each epoch "
+        "end). Checkpoints hold only what trains, plus optimizer and random states; `peftkit run --resume` "
+        "continues from the newest."
+    )
+    keep_checkpoints: int = Field(2, gt=0, description="How many of the newest checkpoints to keep.")
     log_every: int = Field(10, gt=0, description="Write loss and throughput to the log every N steps.")
 
 

@@ -17,16 +17,20 @@ from peftkit.tasks import TASKS
 log = logging.getLogger("peftkit")
 
 
-def run(recipe: Recipe, overwrite: bool = False) -> Path:
-    """Train and export; the run folder appears complete or not at all (`<folder>.partial` while running)."""
+def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path:
+    """Train and export; the run folder appears complete or not at all (`<folder>.partial` while running).
+    `resume`: continue an interrupted run from the newest checkpoint in its `.partial` folder."""
     from accelerate.utils import set_seed
+
+    from peftkit import checkpoint
 
     task, method = TASKS[recipe.task.type], METHODS[recipe.method.name]
     accelerator = train.make_accelerator(recipe.train.precision, recipe.train.grad_accum)
     set_seed(recipe.train.seed)
-    with atomic.building(recipe.output_dir, overwrite, keep_failed=True) as run_dir:
+    with atomic.building(recipe.output_dir, overwrite, keep_failed=True, resume=resume) as run_dir:
         handler = _log_to_file(run_dir / "train.log")
         try:
+            resume_from = _resume_point(run_dir, recipe) if resume else None
             (run_dir / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
             log.info("run %s -> %s (precision %s, device %s)", recipe.name, recipe.output_dir,
                      train.precision_of(accelerator), accelerator.device)  # fmt: skip
@@ -44,13 +48,16 @@ def run(recipe: Recipe, overwrite: bool = False) -> Path:
             model = method.apply(model, recipe.method, context)
             tokenizer.padding_side = getattr(model, "peftkit_padding_side", tokenizer.padding_side)  # base.py
             counts = bench.parameter_counts(model)
+            memory = {"model_mib": bench.model_mib(model), "load_peak": bench.peak_memory(accelerator.device),
+                      "after_load": bench.memory_now(accelerator.device)}  # fmt: skip
+            bench.reset_peak_memory(accelerator.device)
             log.info("trainable parameters: %s of %s (%.3f%%)", f"{counts['trainable_params']:,}",
                      f"{counts['total_params']:,}", 100 * counts["trainable_share"])  # fmt: skip
 
             encoded = task.preprocess(splits, tokenizer, recipe.task)
             collate = task.collator(tokenizer)
             before = {}
-            if recipe.eval.before_training:
+            if recipe.eval.before_training and resume_from is None:
                 model.to(accelerator.device)
                 for split in recipe.eval.splits:
                     before[split] = train.evaluate(model, _eval_loader(encoded[split], collate, recipe, accelerator),
@@ -58,7 +65,9 @@ def run(recipe: Recipe, overwrite: bool = False) -> Path:
                     log.info("before training, %s: %s", split, train.short(before[split]))
             after_step = getattr(method, "after_optimizer_step", None)
             result = train.fit(model, encoded, collate, task, recipe, accelerator, labels, after_step,
-                               restore_best=getattr(method, "RESTORE_BEST_EPOCH", True))  # fmt: skip
+                               restore_best=getattr(method, "RESTORE_BEST_EPOCH", True), run_dir=run_dir,
+                               resume=resume_from)  # fmt: skip
+            memory["train_peak"] = bench.peak_memory(accelerator.device)  # training and its validation passes
 
             final = {}
             for split in recipe.eval.splits:
@@ -76,9 +85,10 @@ def run(recipe: Recipe, overwrite: bool = False) -> Path:
                 "train": result,
                 "precision": train.precision_of(accelerator),
                 "device": str(accelerator.device),
-                **bench.peak_memory(accelerator.device),
+                "memory": memory,
             }
             atomic.write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+            checkpoint.remove(run_dir)  # finished: the adapter is what remains
         except BaseException as err:
             log.debug("run failed: %s: %s", type(err).__name__, err)  # debug: the log file only; the CLI prints it
             raise
@@ -86,6 +96,24 @@ def run(recipe: Recipe, overwrite: bool = False) -> Path:
             logging.getLogger("peftkit").removeHandler(handler)
             handler.close()
     return recipe.output_dir
+
+
+def _resume_point(run_dir: Path, recipe: Recipe) -> Path | None:
+    """The checkpoint to continue from; the recipe must be the interrupted run's, or the result would be neither
+    run's."""
+    from peftkit import checkpoint
+
+    found = checkpoint.latest(run_dir)
+    if found is None:
+        log.info("--resume: %s has no checkpoint yet; starting from the beginning", run_dir)
+        return None
+    saved = run_dir / "recipe.yaml"
+    if saved.is_file() and saved.read_text(encoding="utf-8") != recipe.to_yaml():
+        raise UserError(
+            f"--resume: the recipe differs from the one the interrupted run in {run_dir} used ({saved}); resume "
+            "with the same recipe and overrides, or pass --overwrite to start over"
+        )
+    return found
 
 
 def _eval_loader(split, collate, recipe: Recipe, accelerator):

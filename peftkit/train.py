@@ -6,6 +6,7 @@ The same loop runs on one CPU, one GPU, or several processes started by `acceler
 
 import logging
 import math
+from pathlib import Path
 
 from peftkit import bench
 from peftkit.errors import UserError
@@ -60,11 +61,15 @@ def make_loader(dataset, collate, batch_size: int, shuffle: bool, group_by_lengt
         from transformers.trainer_pt_utils import LengthGroupedSampler
 
         sampler = LengthGroupedSampler(batch_size, lengths=lengths, generator=generator)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate)
+        loader.peftkit_generator = generator  # checkpoints save its state (checkpoint.py)
+        return loader
     if group_by_length:  # evaluation: order does not matter, so sort outright
         order = sorted(range(len(lengths)), key=lengths.__getitem__)
         return DataLoader(dataset, batch_size=batch_size, sampler=order, collate_fn=collate)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate)
+    loader.peftkit_generator = generator
+    return loader
 
 
 def total_steps(train_rows: int, cfg) -> int:
@@ -72,15 +77,21 @@ def total_steps(train_rows: int, cfg) -> int:
     return cfg.max_steps or cfg.epochs * math.ceil(math.ceil(train_rows / cfg.batch_size) / cfg.grad_accum)
 
 
-def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=None, restore_best=True) -> dict:
+def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=None, restore_best=True,
+        run_dir: Path | None = None, resume: Path | None = None) -> dict:
     """Train `model` (already wrapped by its method) in place; returns the history and throughput.
     `after_step(model, step)` runs after each optimizer step, before gradients are cleared (AdaLoRA);
-    `restore_best`: end with the best validation epoch's trainable weights (else the last epoch's)."""
+    `restore_best`: end with the best validation epoch's trainable weights (else the last epoch's).
+    `run_dir`: where checkpoints go (train.checkpoint_every, and every epoch end); `resume`: a checkpoint to
+    continue from, so that the result is the one the uninterrupted run would have given."""
     import torch
     from transformers import get_scheduler
 
+    from peftkit import checkpoint
+
     cfg = recipe.train
     train_loader = make_loader(splits["train"], collate, cfg.batch_size, True, cfg.group_by_length, cfg.seed)
+    generator = train_loader.peftkit_generator  # the shuffle's: its state at an epoch's start is saved
     val_loader = (
         make_loader(splits["validation"], collate, recipe.eval.batch_size, False, True, cfg.seed)
         if "validation" in splits
@@ -107,15 +118,39 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
     best_name = recipe.eval.metric_for_best
     sign = -1 if best_name in _LOWER_IS_BETTER else 1
     best_score, best_state, best_epoch = -math.inf, None, None
-    history, meter, step = [], bench.Throughput(), 0
+    history, meter, step, first_epoch, skip, rng = [], bench.Throughput(), 0, 1, 0, None
+    if resume is not None:
+        done = checkpoint.load(resume, model, optimizer, scheduler, accelerator.scaler)
+        step, first_epoch, skip, history = done["step"], done["epoch"], done["batches"], done["history"]
+        best_score, best_epoch, best_state = done["best_score"], done["best_epoch"], done["best_state"]
+        generator.set_state(done["rng"]["data_generator"])
+        rng = done["rng"]
+        log.info("resumed from %s: step %d of %d, epoch %d", resume.name, step, total, first_epoch)
     log.info("training: %d epoch(s), %d optimizer steps, %d per epoch", epochs, total, steps_per_epoch)
 
+    def save_checkpoint(epoch: int, batches: int, epoch_generator_state) -> None:
+        progress = {"step": step, "epoch": epoch, "batches": batches, "history": history,
+                    "best_score": best_score, "best_epoch": best_epoch}  # fmt: skip
+        checkpoint.save(run_dir, cfg.keep_checkpoints, model, optimizer, scheduler, accelerator.scaler,
+                        epoch_generator_state, progress, best_state)  # fmt: skip
+
     with _progress(accelerator) as progress:
-        bar = progress.add_task("train", total=total, loss=float("nan"), rate="")
-        for epoch in range(1, epochs + 1):
+        bar = progress.add_task("train", total=total, completed=step, loss=float("nan"), rate="")
+        for epoch in range(first_epoch, epochs + 1):
+            if step >= total:
+                break
+            if rng is not None and skip == 0:  # resuming at an epoch boundary
+                checkpoint.restore_rng(rng)
+                rng = None
+            epoch_generator_state = generator.get_state()  # before this epoch's shuffle draws from it
             model.train()
             running, seen = torch.zeros((), device=accelerator.device), 0
-            for batch in train_loader:
+            for index, batch in enumerate(train_loader):
+                if index < skip:  # resuming mid-epoch: these batches were trained on before the interruption
+                    continue
+                if rng is not None:  # ... and the random state is the one the interrupted run had here
+                    checkpoint.restore_rng(rng)
+                    rng = None
                 with accelerator.accumulate(model):
                     loss = model(**model_inputs(batch)).loss
                     accelerator.backward(loss)
@@ -143,17 +178,23 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
                 progress.update(bar, advance=1)
                 if step >= total:
                     break
+                if run_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    with meter.paused():
+                        save_checkpoint(epoch, index + 1, epoch_generator_state)
+            skip = 0
             entry = {"epoch": epoch, "step": step}
             if val_loader is not None:
-                entry["validation"] = evaluate(model, val_loader, task, labels, accelerator, recipe.task)
+                with meter.paused():  # throughput is the training's own
+                    entry["validation"] = evaluate(model, val_loader, task, labels, accelerator, recipe.task)
                 score = sign * entry["validation"][best_name]
                 if score > best_score and restore_best:
                     best_score, best_epoch = score, epoch
                     best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
                 log.info("epoch %d: %s", epoch, short(entry["validation"]))
             history.append(entry)
-            if step >= total:
-                break
+            if run_dir is not None and step < total:
+                with meter.paused():
+                    save_checkpoint(epoch + 1, 0, generator.get_state())
 
     if best_state is not None:
         with torch.no_grad():

@@ -71,8 +71,11 @@ def test_missing_column_names_the_fix(sentiment_csv):
 def test_empty_text_names_the_source_row(tmp_path):
     rows = sentiment_rows(40)
     rows[12]["review"] = "  "
-    with pytest.raises(UserError, match=r"empty 'text' \(source rows 13,"):
+    with pytest.raises(UserError, match=r"empty 'text' \(source rows 13,.*data.empty_texts: drop"):
         load(source=str(write_csv(tmp_path / "gap.csv", rows)))
+    splits, _ = load(source=str(write_csv(tmp_path / "gap.csv", rows)), empty_texts="drop")
+    assert sum(len(split) for split in splits.values()) == 39
+    assert all(t.strip() for split in splits.values() for t in split["text"])
 
 
 @pytest.mark.parametrize("suffix", [".csv.gz", ".csv.bz2", ".jsonl", ".json.gz", ".parquet"])

@@ -1,0 +1,93 @@
+"""Kill-safe checkpoints: a run SIGKILLed at a random step and resumed with --resume ends with the very adapter
+an uninterrupted run gives (same seed, CPU), tensor for tensor."""
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .conftest import peftkit
+
+STEPS = 30  # 160 training rows / batch 16 = 10 steps per epoch, 3 epochs
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory, tiny_bert, sentiment_csv):
+    import yaml
+
+    folder = tmp_path_factory.mktemp("resume")
+    path = folder / "ck.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"name": str(tiny_bert)},
+        "data": {"source": str(sentiment_csv), "columns": {"text": "review", "label": "sentiment"}},
+        "task": {"type": "classification", "max_length": 32},
+        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},  # dropout: the RNG state must resume too
+        "train": {"epochs": 3, "batch_size": 16, "lr": 5e-3, "checkpoint_every": 3, "keep_checkpoints": 2},
+    }))  # fmt: skip
+    return path
+
+
+def start(recipe: Path, out: Path, *extra) -> subprocess.Popen:
+    command = [sys.executable, "-m", "peftkit", "run", str(recipe), f"export.output_dir={out}", *extra]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def kill_after_checkpoint(recipe: Path, out: Path, step: int) -> int:
+    """Start a run and SIGKILL it as soon as a checkpoint at or after `step` exists; returns that step."""
+    process = start(recipe, out)
+    checkpoints = out.with_name(out.name + ".partial") / "checkpoints"
+    while process.poll() is None:
+        done = [int(d.name.removeprefix("step-")) for d in checkpoints.glob("step-*")]
+        if done and max(done) >= step:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return max(done)
+        time.sleep(0.02)
+    pytest.fail(f"the run ended before step {step}: {process.stderr.read()[-2000:]}")
+
+
+def adapter(run_dir: Path) -> dict:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(recipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole") / "run"
+    result = peftkit("run", recipe, f"export.output_dir={out}")
+    assert result.returncode == 0, result.stderr
+    assert not (out / "checkpoints").exists()  # a finished run keeps its adapter, not its checkpoints
+    return adapter(out)
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_killed_and_resumed_run_gives_the_identical_adapter(recipe, uninterrupted, tmp_path, trial):
+    step = random.Random(trial).choice([3, 10, 12, 21, 24])  # 10: at an epoch end; the others mid-epoch
+    out = tmp_path / "run"
+    kill_after_checkpoint(recipe, out, step)
+    partial = out.with_name("run.partial")
+    assert not out.exists() and partial.exists()
+
+    if trial == 0:  # what a checkpoint holds, and the messages around an unfinished run
+        newest = sorted((partial / "checkpoints").glob("step-*"))[-1]
+        tensors = load_file(newest / "trainable.safetensors")
+        assert tensors and all("lora_" in n or "modules_to_save" in n for n in tensors)  # never the frozen base
+        state = torch.load(newest / "state.pt", weights_only=True)  # no pickled objects
+        assert {"optimizer", "scheduler", "torch_rng", "data_generator"} <= set(state)
+        assert len(list((partial / "checkpoints").glob("step-*"))) <= 2  # keep_checkpoints
+        again = peftkit("run", recipe, f"export.output_dir={out}")
+        assert again.returncode == 2 and "--resume" in again.stderr and "--overwrite" in again.stderr
+        changed = peftkit("run", recipe, f"export.output_dir={out}", "train.lr=0.001", "--resume")
+        assert changed.returncode == 2 and "recipe differs" in changed.stderr
+
+    resumed = peftkit("run", recipe, f"export.output_dir={out}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from step-" in (out / "train.log").read_text()
+    final = adapter(out)
+    assert final.keys() == uninterrupted.keys()
+    assert all(torch.equal(final[name], uninterrupted[name]) for name in final)

@@ -25,15 +25,16 @@ def save(run_dir: Path, keep: int, model, optimizer, scheduler, scaler, generato
     import torch
     from safetensors.torch import save_file
 
+    from peftkit.methods.base import trainable_tensors
+
     root = Path(run_dir) / DIR
     final = root / f"step-{progress['step']:06d}"
     tmp = root / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    trainable = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(trainable, tmp / "trainable.safetensors")
-    if best_state is not None:
-        save_file({n: t.contiguous().cpu() for n, t in best_state.items()}, tmp / "best.safetensors")
+    save_file(trainable_tensors(model), tmp / "trainable.safetensors")
+    if best_state is not None:  # already CPU copies (trainable_tensors)
+        save_file(best_state, tmp / "best.safetensors")
     state = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -65,14 +66,9 @@ def load(folder: Path, model, optimizer, scheduler, scaler) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    tensors = load_file(folder / "trainable.safetensors")
-    expected = {n for n, p in model.named_parameters() if p.requires_grad}
-    if set(tensors) != expected:
-        raise ValueError(f"{folder} does not fit this model (trainable tensors differ)")
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name in tensors:
-                param.copy_(tensors[name])
+    from peftkit.methods.base import load_trainable
+
+    load_trainable(model, load_file(folder / "trainable.safetensors"), folder)
     state = torch.load(folder / "state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

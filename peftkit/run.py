@@ -135,6 +135,8 @@ def load_base(recipe: Recipe, task, labels, device, precision: str = "no", dequa
     import torch
     from transformers import AutoTokenizer
 
+    from peftkit import quant  # light: bitsandbytes is imported only when a recipe quantises
+
     ref = assets.resolve_model(recipe.model.name)
     common = {"revision": recipe.model.revision, "trust_remote_code": recipe.model.trust_remote_code}
     if recipe.model.trust_remote_code:
@@ -150,15 +152,11 @@ def load_base(recipe: Recipe, task, labels, device, precision: str = "no", dequa
             tokenizer.pad_token = tokenizer.eos_token
         kwargs = {**common, "attn_implementation": attn, "dtype": torch.float32}
         if recipe.quantization:
-            from peftkit import quant
-
             kwargs.update(quant.load_kwargs(recipe.quantization, list(task.HEAD_MODULES), device, precision))
         model = task.load_model(ref, labels, tokenizer, **kwargs)
     except OSError as err:
         raise assets.hub_error("model.name", recipe.model.name, err) from None
     if recipe.quantization:
-        from peftkit import quant
-
         model = quant.dequantize(model) if dequantize else quant.prepare(model)
     return tokenizer, model
 

@@ -88,6 +88,7 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
     from transformers import get_scheduler
 
     from peftkit import checkpoint
+    from peftkit.methods.base import load_trainable, trainable_tensors
 
     cfg = recipe.train
     train_loader = make_loader(splits["train"], collate, cfg.batch_size, True, cfg.group_by_length, cfg.seed)
@@ -189,7 +190,7 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
                 score = sign * entry["validation"][best_name]
                 if score > best_score and restore_best:
                     best_score, best_epoch = score, epoch
-                    best_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                    best_state = trainable_tensors(model)
                 log.info("epoch %d: %s", epoch, short(entry["validation"]))
             history.append(entry)
             if run_dir is not None and step < total:
@@ -197,10 +198,7 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
                     save_checkpoint(epoch + 1, 0, generator.get_state())
 
     if best_state is not None:
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name in best_state:
-                    param.copy_(best_state[name])
+        load_trainable(model, best_state, f"the adapter of epoch {best_epoch}")
         log.info("kept the adapter of epoch %d (best validation %s)", best_epoch, best_name)
     return {"history": history, "best_epoch": best_epoch, "steps": step, **meter.rates(), "tokens": meter.tokens}
 

@@ -137,11 +137,27 @@ def train_only(model, is_method_param, context: Context) -> None:
         param.requires_grad_(head or is_method_param(name))
 
 
+def trainable_tensors(model) -> dict:
+    """A copy of every trainable tensor, on the CPU, by its name in the model: what peftkit-format adapters,
+    checkpoints and the kept best epoch hold."""
+    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model, tensors: dict, source) -> None:
+    """Put `tensors` (from trainable_tensors) back into `model`; the names must be exactly its trainable ones."""
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = expected - tensors.keys(), tensors.keys() - expected
+    if missing or unexpected:
+        raise ValueError(
+            f"{source} does not fit this model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    model.load_state_dict(tensors, strict=False)
+
+
 def save_own(model, out: Path, method_name: str, config) -> None:
     from safetensors.torch import save_file
 
-    tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(tensors, Path(out) / OWN_WEIGHTS, metadata={"format": "pt", "method": method_name})
+    save_file(trainable_tensors(model), Path(out) / OWN_WEIGHTS, metadata={"format": "pt", "method": method_name})
     info = {"method": method_name, "config": config.model_dump(mode="json")}
     (Path(out) / OWN_CONFIG).write_text(json.dumps(info, indent=2), encoding="utf-8")
 
@@ -155,14 +171,6 @@ def load_own(base, adapter_dir: Path, context: Context):
     info = json.loads((Path(adapter_dir) / OWN_CONFIG).read_text())
     method = METHODS[info["method"]]
     model = method.apply(base, method.Config.model_validate(info["config"]), context)
-    tensors = load_file(Path(adapter_dir) / OWN_WEIGHTS)
-    expected = {n for n, p in model.named_parameters() if p.requires_grad}
-    missing, unexpected = expected - tensors.keys(), tensors.keys() - expected
-    if missing or unexpected:
-        raise ValueError(
-            f"{adapter_dir} does not fit this base model: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}"
-        )
-    model.load_state_dict(tensors, strict=False)
+    load_trainable(model, load_file(Path(adapter_dir) / OWN_WEIGHTS), adapter_dir)
     return model
 

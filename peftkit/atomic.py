@@ -16,7 +16,7 @@ def building(target: Path, overwrite: bool, keep_failed: bool = False, resume: b
     target = Path(target)
     partial = target.with_name(target.name + ".partial")
     if target.exists() and not overwrite:
-        raise UserError(f"{target} already exists; pass --overwrite to replace it, or choose another output folder")
+        raise UserError(f"{target} already exists; pass --overwrite (or --force) to replace it, or choose another output folder")
     if partial.exists() and not resume:
         if not overwrite:
             fix = "--resume to continue it from its last checkpoint, or --overwrite to start over"

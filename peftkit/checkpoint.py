@@ -4,8 +4,8 @@ scaler, random states and the position in the data — never the frozen base.
     <run>.partial/checkpoints/step-000120/
         trainable.safetensors   every trainable tensor, by name
         best.safetensors        the best validation epoch's trainable tensors so far (when there is one)
-        state.pt                optimizer, scheduler, scaler and RNG states (tensors and plain values only:
-                                read back with torch.load(weights_only=True), no pickled objects)
+        state.safetensors       the tensors of the optimizer, scheduler, scaler and RNG states ...
+        state.json              ... and the rest of those states, with a reference to each tensor: no pickle
         progress.json           step, epoch, batches done in the epoch, history, best score
 
 A checkpoint is written under a temporary name and renamed when complete, so a folder named step-N is whole;
@@ -44,7 +44,9 @@ def save(run_dir: Path, keep: int, model, optimizer, scheduler, scaler, generato
         "python_rng": random.getstate(),
         "data_generator": generator_state,  # the shuffle generator at the start of progress["epoch"]
     }
-    torch.save(state, tmp / "state.pt")
+    tensors: dict = {}
+    (tmp / "state.json").write_text(json.dumps(_to_json(state, tensors)), encoding="utf-8")
+    save_file(tensors, tmp / "state.safetensors")
     (tmp / "progress.json").write_text(json.dumps(progress, indent=2), encoding="utf-8")
     if final.exists():
         shutil.rmtree(final)
@@ -63,13 +65,12 @@ def latest(run_dir: Path) -> Path | None:
 def load(folder: Path, model, optimizer, scheduler, scaler) -> dict:
     """Put the checkpoint's weights and optimizer/scheduler/scaler states in place; returns progress.json plus
     the states the loop restores itself (RNG, data generator, best tensors)."""
-    import torch
     from safetensors.torch import load_file
 
     from peftkit.methods.base import load_trainable
 
     load_trainable(model, load_file(folder / "trainable.safetensors"), folder)
-    state = torch.load(folder / "state.pt", weights_only=True)
+    state = _from_json(json.loads((folder / "state.json").read_text()), load_file(folder / "state.safetensors"))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state["scaler"] is not None:
@@ -81,14 +82,43 @@ def load(folder: Path, model, optimizer, scheduler, scaler) -> dict:
     return progress
 
 
+def _to_json(value, tensors: dict):
+    """A state (nested dicts with int keys, lists, tuples, tensors, numbers) as JSON, its tensors moved to
+    `tensors` by number. Written here because torch.save would pickle, and these states are not flat."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        name = str(len(tensors))
+        tensors[name] = value.detach().cpu().contiguous()
+        return {"tensor": name}
+    if isinstance(value, dict):
+        return {"dict": [[_to_json(k, tensors), _to_json(v, tensors)] for k, v in value.items()]}
+    if isinstance(value, (list, tuple)):
+        return {type(value).__name__: [_to_json(v, tensors) for v in value]}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return {"value": value}
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
+
+
+def _from_json(value, tensors: dict):
+    (kind, content), = value.items()
+    if kind == "tensor":
+        return tensors[content]
+    if kind == "dict":
+        return {_from_json(k, tensors): _from_json(v, tensors) for k, v in content}
+    if kind in ("list", "tuple"):
+        items = [_from_json(v, tensors) for v in content]
+        return tuple(items) if kind == "tuple" else items
+    return content
+
+
 def restore_rng(state: dict) -> None:
     import torch
 
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    version, internal, gauss = state["python_rng"]
-    random.setstate((version, tuple(internal), gauss))
+    random.setstate(state["python_rng"])
 
 
 def remove(run_dir: Path) -> None:

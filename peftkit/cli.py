@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from peftkit.errors import UserError
+from peftkit.errors import UserError, is_out_of_memory
 
 app = typer.Typer(
     help="Parameter-efficient fine-tuning from a YAML recipe.", no_args_is_help=True, pretty_exceptions_enable=False
@@ -29,7 +29,9 @@ RunDir = Annotated[Path, typer.Argument(help="A finished run folder (what `peftk
 def run(
     recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")],
     overrides: Overrides = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder of the same name.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", "--force", help="Replace an existing run folder of the same name.")
+    ] = False,
     resume: Annotated[
         bool, typer.Option(help="Continue an interrupted run (its .partial folder) from its newest checkpoint.")
     ] = False,
@@ -150,7 +152,7 @@ def _cell(value) -> str:
 def merge(
     run_dir: RunDir,
     out: Annotated[Path, typer.Argument(help="Folder for the merged standalone model.")],
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", "--force", help="Replace an existing output folder.")] = False,
     tolerance: Annotated[Optional[float], typer.Option(help="Max abs logit difference accepted.")] = None,
     requantize: Annotated[
         bool, typer.Option(help="Runs on an 8/4-bit base: store the merged model quantised again (lossy; reported).")
@@ -214,6 +216,12 @@ def main() -> None:
         app()
     except UserError as err:
         errors.print(f"error: {err}", markup=False, style="red")
+        sys.exit(2)
+    except Exception as err:
+        if not is_out_of_memory(err):
+            raise
+        errors.print(f"error: out of memory ({err}). Lower eval.batch_size (eval, predict) or use a machine with "
+                     "more memory (merge holds the base in full precision)", markup=False, style="red")  # fmt: skip
         sys.exit(2)
     except KeyboardInterrupt:
         errors.print("interrupted: nothing was exported (an unfinished run keeps its .partial folder)")

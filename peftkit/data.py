@@ -38,6 +38,10 @@ def load(cfg: DataSection, task):
     if task.LABEL_ROLE:
         splits, labels = _encode_labels(splits, cfg, task.LABEL_ROLE, per_token)
     splits = _check_text(splits, cfg.empty_texts)
+    for name, split in splits.items():
+        if len(split) == 0:
+            raise UserError(f"data: no rows of the source's {name} split are left after leaving out the rows logged "
+                            "above (empty texts, unknown labels); check data.columns and data.labels")  # fmt: skip
     splits = _make_splits(splits, cfg, stratify=None if per_token else task.LABEL_ROLE, group=task.SPLIT_BY)
     if cfg.max_samples:
         splits = splits.__class__({k: v.select(range(min(cfg.max_samples, len(v)))) for k, v in splits.items()})
@@ -59,6 +63,8 @@ def _read(cfg: DataSection):
             raise assets.hub_error("data.source", cfg.source, err) from None
         return DatasetDict({_SPLIT_ALIASES.get(k, k): v for k, v in loaded.items()})
     fmt = cfg.format if cfg.format != "auto" else _format_of(path)
+    if fmt != "parquet":
+        _check_encoding(path, fmt, cfg.encoding)
     if fmt == "conll":
         return DatasetDict({"train": _read_conll(path, cfg)})
     if fmt == "squad" or (fmt == "json" and cfg.format == "auto" and path.suffix == ".json"):
@@ -75,42 +81,82 @@ def _read(cfg: DataSection):
         cause = err
         while cause.__cause__ is not None or cause.__context__ is not None:
             cause = cause.__cause__ or cause.__context__
-        hint = " Set data.encoding (e.g. latin-1)." if isinstance(cause, UnicodeDecodeError) else ""
-        raise UserError(f"data.source: could not read {path} as {fmt}: {cause}.{hint}") from None
+        if _is_blank(path, header=builder == "csv"):
+            raise UserError(f"data.source: {path} holds no data rows") from None
+        raise UserError(f"data.source: could not read {path} as {fmt}: {cause}") from None
+
+
+def _open_binary(path):
+    """The file's bytes, decompressed; None for a compression fsspec cannot read (datasets still may)."""
+    import fsspec
+    from fsspec.utils import infer_compression
+
+    compression = infer_compression(str(path))
+    if compression is None and path.suffix in _COMPRESSION:
+        return None
+    return fsspec.open(str(path), "rb", compression=compression)
+
+
+def _check_encoding(path, fmt: str, encoding: str) -> None:
+    """Name the first line that is not valid text. Written here because the readers do not: pyarrow's json
+    reader keeps undecodable bytes and fails much later on first access, and its csv error names no line."""
+    import codecs
+
+    if fmt in ("json", "squad"):  # pyarrow reads JSON as UTF-8 only (as the JSON standard says)
+        encoding, fix = "utf-8", "JSON must be UTF-8: convert the file (e.g. iconv -f latin1 -t utf-8)"
+    else:
+        fix = "set data.encoding to the file's encoding (e.g. latin-1, cp1252), or convert the file"
+    opened = _open_binary(path)
+    if opened is None:
+        return
+    decoder = codecs.getincrementaldecoder(encoding)()
+    with opened as f:
+        for number, line in enumerate(f, 1):
+            try:
+                decoder.decode(line)
+            except UnicodeDecodeError as err:
+                raise UserError(
+                    f"data.source: line {number} of {path.name} is not valid {encoding} (byte {err.object[err.start]:#04x}"
+                    f" at position {err.start + 1}); {fix}"
+                ) from None
+
+
+def _is_blank(path, header: bool) -> bool:
+    """True when the file has no data rows (nothing, or a csv header only)."""
+    opened = _open_binary(path)
+    if opened is None:
+        return False
+    with opened as f:
+        lines = [line for _, line in zip(range(3), (line for line in f if line.strip()))]
+    return len(lines) <= int(header)
 
 
 def _read_conll(path, cfg: DataSection):
     """CoNLL-style text: `token ... tag` per line (tab or spaces), a blank line between sentences."""
-    import bz2
-    import gzip
-    import lzma
-
+    import fsspec
     from datasets import Dataset
 
-    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix, open)
     sentences, tokens, tags = [], [], []
-    try:
-        with opener(path, "rt", encoding=cfg.encoding) as lines:
-            for number, line in enumerate(lines, 1):
-                fields = line.split()
-                if not fields or fields[0] == "-DOCSTART-":  # blank (or whitespace-only) line: sentence ends
-                    if tokens:
-                        sentences.append({"tokens": tokens, "tags": tags})
-                    tokens, tags = [], []
-                    continue
-                try:
-                    tag = fields[cfg.conll_tag_column]
-                except IndexError:
-                    raise UserError(
-                        f"data.source: line {number} of {path.name} has {len(fields)} column(s), so "
-                        f"data.conll_tag_column {cfg.conll_tag_column} does not exist: {line.strip()!r}"
-                    ) from None
-                if len(fields) < 2:
-                    raise UserError(f"data.source: line {number} of {path.name} has a token but no tag: {line.strip()!r}")
-                tokens.append(fields[0])
-                tags.append(tag)
-    except UnicodeDecodeError as err:
-        raise UserError(f"data.source: could not read {path} as {cfg.encoding} text ({err}); set data.encoding") from None
+    # decodable: _check_encoding read it first
+    with fsspec.open(str(path), "rt", compression="infer", encoding=cfg.encoding) as lines:
+        for number, line in enumerate(lines, 1):
+            fields = line.split()
+            if not fields or fields[0] == "-DOCSTART-":  # blank (or whitespace-only) line: sentence ends
+                if tokens:
+                    sentences.append({"tokens": tokens, "tags": tags})
+                tokens, tags = [], []
+                continue
+            try:
+                tag = fields[cfg.conll_tag_column]
+            except IndexError:
+                raise UserError(
+                    f"data.source: line {number} of {path.name} has {len(fields)} column(s), so "
+                    f"data.conll_tag_column {cfg.conll_tag_column} does not exist: {line.strip()!r}"
+                ) from None
+            if len(fields) < 2:
+                raise UserError(f"data.source: line {number} of {path.name} has a token but no tag: {line.strip()!r}")
+            tokens.append(fields[0])
+            tags.append(tag)
     if tokens:
         sentences.append({"tokens": tokens, "tags": tags})
     if not sentences:
@@ -254,7 +300,7 @@ def _encode_labels(splits, cfg: DataSection, role: str, per_token: bool = False)
     unknown, bad_rows = Counter(), []
     for split in splits.values():
         for row, value in zip(split[ROW], split[role]):
-            missing = [str(x) for x in items(value) if str(x) not in to_name]
+            missing = ["(none)" if x is None else str(x) for x in items(value) if str(x) not in to_name]
             if missing:
                 unknown.update(missing)
                 bad_rows.append(row)

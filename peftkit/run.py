@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from peftkit import assets, atomic, bench, data, export, train
-from peftkit.errors import UserError
+from peftkit.errors import UserError, is_out_of_memory, out_of_memory
 from peftkit.methods import METHODS, base
 from peftkit.methods.base import Context
 from peftkit.recipe import Recipe, load_recipe
@@ -31,6 +31,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path:
         handler = _log_to_file(run_dir / "train.log")
         try:
             resume_from = _resume_point(run_dir, recipe) if resume else None
+            if resume_from is not None and getattr(method, "RESUME_NOTE", None):
+                log.warning("--resume: %s", method.RESUME_NOTE)
             (run_dir / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
             log.info("run %s -> %s (precision %s, device %s)", recipe.name, recipe.output_dir,
                      train.precision_of(accelerator), accelerator.device)  # fmt: skip
@@ -55,6 +57,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path:
                      f"{counts['total_params']:,}", 100 * counts["trainable_share"])  # fmt: skip
 
             encoded = task.preprocess(splits, tokenizer, recipe.task)
+            _check_encoded(encoded, recipe)
             collate = task.collator(tokenizer)
             before = {}
             if recipe.eval.before_training and resume_from is None:
@@ -71,8 +74,10 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path:
 
             final = {}
             for split in recipe.eval.splits:
-                loader = _eval_loader(encoded[split], collate, recipe, accelerator)
-                final[split] = train.evaluate(model, loader, task, labels, accelerator, recipe.task)
+                final[split] = _scored_in_training(result, split)
+                if final[split] is None:
+                    loader = _eval_loader(encoded[split], collate, recipe, accelerator)
+                    final[split] = train.evaluate(model, loader, task, labels, accelerator, recipe.task)
                 log.info("%s: %s", split, train.short(final[split]))
 
             adapter_dir = run_dir / "adapter"
@@ -91,6 +96,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path:
             checkpoint.remove(run_dir)  # finished: the adapter is what remains
         except BaseException as err:
             log.debug("run failed: %s: %s", type(err).__name__, err)  # debug: the log file only; the CLI prints it
+            if is_out_of_memory(err):
+                raise out_of_memory(accelerator.device, _memory_knobs(recipe)) from err
             raise
         finally:
             logging.getLogger("peftkit").removeHandler(handler)
@@ -114,6 +121,43 @@ def _resume_point(run_dir: Path, recipe: Recipe) -> Path | None:
             "with the same recipe and overrides, or pass --overwrite to start over"
         )
     return found
+
+
+def _memory_knobs(recipe: Recipe) -> str:
+    """What lowers peak memory, with this recipe's current values."""
+    cfg = recipe.train
+    knobs = [f"lower train.batch_size ({cfg.batch_size}; raise train.grad_accum to keep the effective batch of "
+             f"{cfg.batch_size * cfg.grad_accum})", f"lower task.max_length ({recipe.task.max_length})"]  # fmt: skip
+    if not cfg.gradient_checkpointing:
+        knobs.append("set train.gradient_checkpointing: true")
+    if recipe.quantization is None and recipe.method.name != "full":
+        knobs.append("load the frozen base in 8 or 4 bits (quantization.bits)")
+    if cfg.precision in ("auto", "fp32"):
+        knobs.append("train.precision: bf16 where the machine supports it")
+    if recipe.method.name == "full":
+        knobs.append("a parameter-efficient method instead of full fine-tuning (method.name: lora)")
+    knobs.append(f"lower eval.batch_size ({recipe.eval.batch_size}) if it ran out while evaluating")
+    return "; ".join(knobs)
+
+
+def _check_encoded(encoded, recipe: Recipe) -> None:
+    """Nothing to learn from, or less than one batch: said before any time is spent."""
+    for name, split in encoded.items():
+        if len(split) == 0:
+            raise UserError(f"data: the {name} split has no examples left after the {recipe.task.type} task's "
+                            "preprocessing (see the log for the rows it left out)")  # fmt: skip
+    rows, batch = len(encoded["train"]), recipe.train.batch_size
+    if rows < batch:
+        log.warning("data: train has %d example(s), fewer than train.batch_size %d: each step trains on all of them",
+                    rows, batch)  # fmt: skip
+
+
+def _scored_in_training(result: dict, split: str) -> dict | None:
+    """The metrics of `split` from the epoch-end pass over the weights the model ends with (the best epoch's, or
+    the last one's), so that pass is not run twice."""
+    history = result["history"]
+    kept = result["best_epoch"] or (history[-1]["epoch"] if history else None)
+    return next((entry.get(split) for entry in history if entry["epoch"] == kept), None)
 
 
 def _eval_loader(split, collate, recipe: Recipe, accelerator):

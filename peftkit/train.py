@@ -130,6 +130,11 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
     log.info("training: %d epoch(s), %d optimizer steps, %d per epoch", epochs, total, steps_per_epoch)
 
     def save_checkpoint(epoch: int, batches: int, epoch_generator_state) -> None:
+        # a checkpoint is only ever written of a healthy run: the losses since the last log, and the weights
+        params = [p for p in model.parameters() if p.requires_grad]
+        finite = torch.stack([p.detach().isfinite().all() for p in params]).all().item()
+        loss = running.item() / seen if seen else 0.0
+        _check_finite(loss if finite else math.nan, step, run_dir, cfg, precision_of(accelerator))
         progress = {"step": step, "epoch": epoch, "batches": batches, "history": history,
                     "best_score": best_score, "best_epoch": best_epoch}  # fmt: skip
         checkpoint.save(run_dir, cfg.keep_checkpoints, model, optimizer, scheduler, accelerator.scaler,
@@ -170,9 +175,9 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
                 step += 1
                 if step % cfg.log_every == 0 or step == total:
                     mean_loss = running.item() / seen  # the only host sync: once per log interval
-                    _check_finite(mean_loss, step)
+                    _check_finite(mean_loss, step, run_dir, cfg, precision_of(accelerator))
                     rates = meter.rates()
-                    rate = f"{rates['samples_per_s']:.0f} samples/s, {rates['tokens_per_s']:.0f} tok/s"
+                    rate = f"{rates['samples_per_s']:.3g} samples/s, {rates['tokens_per_s']:.4g} tok/s"
                     progress.update(bar, loss=mean_loss, rate=rate)
                     log.debug("step %d  loss %.4f  lr %.2e  %s", step, mean_loss, scheduler.get_last_lr()[0], rate)
                     running, seen = torch.zeros((), device=accelerator.device), 0
@@ -228,12 +233,26 @@ def model_inputs(batch) -> dict:
     return {k: v for k, v in batch.items() if not k.startswith("meta_")}
 
 
-def _check_finite(loss: float, step: int) -> None:
-    if not math.isfinite(loss):
-        raise UserError(
-            f"the training loss became {loss} at step {step}; lower train.lr, or set train.precision: fp32 "
-            "(fp16 overflows easily)"
-        )
+def _check_finite(loss: float, step: int, run_dir: Path | None, cfg, precision: str) -> None:
+    """Stop a diverged run, naming the likely causes and the last good checkpoint (the run folder is kept)."""
+    if math.isfinite(loss):
+        return
+    from peftkit import checkpoint
+
+    causes = [f"a learning rate too high for this method (train.lr {cfg.lr:g}: try 3-10x lower, or a longer "
+              f"train.warmup_ratio than {cfg.warmup_ratio:g})"]  # fmt: skip
+    if precision == "fp16":
+        causes.append("fp16 overflow (train.precision: bf16 or fp32)")
+    if not cfg.max_grad_norm:
+        causes.append("no gradient clipping (set train.max_grad_norm, e.g. 1.0)")
+    causes.append("extreme values in the data")
+    kept = checkpoint.latest(run_dir) if run_dir is not None else None
+    where = (f"the last good checkpoint, {kept}, is kept (its weights are finite)" if kept is not None
+             else "no checkpoint was written before it")  # fmt: skip
+    raise UserError(
+        f"the training loss (or the trained weights) became {loss} at step {step}; the run stopped and {where}. "
+        f"Likely causes: {'; '.join(causes)}."
+    )
 
 
 def short(metrics: dict) -> str:

@@ -83,7 +83,10 @@ def test_merge_writes_a_verified_standalone_model(finished_run, tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.id2label == {0: "neg", 1: "pos"} and not any("lora" in n for n, _ in model.named_parameters())
     again = peftkit("merge", run_dir, out)
-    assert again.returncode == 2 and "already exists" in again.stderr
+    assert again.returncode == 2 and "already exists; pass --overwrite (or --force)" in again.stderr
+    forced = peftkit("merge", run_dir, out, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert sorted(p.name for p in out.parent.iterdir()) == ["merged"]  # replaced whole: no .partial / .old left
 
     with pytest.raises(UserError, match="nothing to re-quantise"):  # --requantize on a full-precision run
         merge(run_dir, tmp_path / "requantized", requantize=True)

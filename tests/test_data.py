@@ -118,3 +118,42 @@ def test_too_small_for_splits(tmp_path):
     path = write_csv(tmp_path / "tiny.csv", sentiment_rows(4))
     with pytest.raises(UserError, match="too few rows"):
         load(source=str(path))
+
+
+def test_undecodable_bytes_name_the_line_and_the_fix(tmp_path):
+    rows = sentiment_rows(30)
+    plain = write_csv(tmp_path / "reviews.csv", rows).read_bytes()
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(plain.replace(rows[4]["review"].encode(), rows[4]["review"].encode() + b" caf\xe9"))
+    with pytest.raises(UserError, match=r"line 6 of latin.csv is not valid utf-8 \(byte 0xe9.*data.encoding"):
+        load(source=str(latin))
+    splits, _ = load(source=str(latin), encoding="latin-1")
+    assert any("café" in t for split in splits.values() for t in split["text"])
+
+    jsonl = tmp_path / "reviews.jsonl.gz"  # compressed: checked after decompression
+    with gzip.open(jsonl, "wb") as f:
+        f.write(b"".join(json.dumps(r).encode() + b"\n" for r in rows).replace(b"movie", b"movi\xe9", 1))
+    with pytest.raises(UserError, match=r"line \d+ of reviews.jsonl.gz is not valid utf-8.*JSON must be UTF-8"):
+        load(source=str(jsonl))
+
+
+def test_files_without_rows_and_missing_labels(tmp_path):
+    for name, text in (("empty.csv", ""), ("header.csv", "review,sentiment\n")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(UserError, match="holds no data rows"):
+            load(source=str(tmp_path / name))
+    rows = sentiment_rows(30)
+    rows[7]["sentiment"] = None
+    path = tmp_path / "unlabelled.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(UserError, match=r"labels not in data.labels: '\(none\)' \(1\) \(source rows 8\)"):
+        load(source=str(path))
+
+
+def test_nothing_left_after_filtering_is_an_error_not_an_empty_split(tmp_path):
+    rows = [dict(r, review=" ") for r in sentiment_rows(30)]
+    path = write_csv(tmp_path / "blank.csv", rows)
+    with pytest.raises(UserError, match="no rows of the source's train split are left"):
+        load(source=str(path), empty_texts="drop")
+    with pytest.raises(UserError, match="no rows of the source's train split are left"):
+        load(source=str(write_csv(tmp_path / "r.csv", sentiment_rows(30))), labels=["x"], unknown_labels="drop")

@@ -19,6 +19,9 @@ MERGEABLE = True
 # The saved adapter is cut to the final rank pattern; an earlier epoch's weights predate the pruning and would
 # not be what is saved, so the run keeps the last epoch's adapter instead of the best one.
 RESTORE_BEST_EPOCH = False
+# peft's rank allocator keeps running importance scores outside the optimizer; checkpoints do not hold them, so a
+# resumed run re-estimates them and prunes slightly differently from an uninterrupted one.
+RESUME_NOTE = "AdaLoRA's importance scores are re-estimated after a resume, so its pruning may differ slightly"
 
 
 class Config(Section):

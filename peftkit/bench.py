@@ -99,3 +99,54 @@ def parameter_counts(model) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return {"trainable_params": trainable, "total_params": total, "trainable_share": trainable / total}
+
+
+def training_flops_per_token(model) -> float:
+    """Model FLOPs of one training token: 2 per weight of every matmul layer forward, 2 more backward for the
+    input gradients, and 2 more for the weight gradients of trainable matmul weights only (a frozen base needs
+    none): 4N + 2T, which is the usual 6N for full fine-tuning. Embedding lookups cost none; attention-score
+    FLOPs are left out, as in most MFU figures (small at these sequence lengths)."""
+    import torch
+
+    total = trainable = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, torch.nn.Linear):  # bitsandbytes' 8/4-bit layers are Linear subclasses
+            size = module.in_features * module.out_features  # a 4-bit weight's numel is its packed size
+        elif type(module).__name__ == "Conv1D" and weight is not None:  # GPT-2's transposed linear
+            size = weight.numel()
+        else:
+            continue
+        total += size
+        trainable += size if weight is not None and weight.requires_grad else 0
+    return 4.0 * total + 2.0 * trainable
+
+
+def matmul_peak_tflops(precision: str, device, repeat: int = 5) -> float:
+    """The machine's measured matmul rate (TFLOP/s) in the given precision: the denominator of model FLOPs
+    utilisation. The matrix grows until one product takes 50 ms (up to 2048 on CPU, 8192 on GPU), so a precision
+    the hardware only emulates (bf16 on CPUs without AMX: ~400x slower) is measured in seconds, not minutes; the
+    best of `repeat` timed products is kept."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    largest = 8192 if device.type == "cuda" else 2048
+
+    def seconds(a, b) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    n = 256
+    while True:
+        a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+        seconds(a, b)  # warm-up
+        if n >= largest or seconds(a, b) > 0.05:
+            break
+        n *= 2
+    best = min(seconds(a, b) for _ in range(repeat))
+    return 2 * n**3 / best / 1e12

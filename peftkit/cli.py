@@ -183,6 +183,53 @@ def merge(
         console.print("(saved unquantised; --requantize stores it in 8/4-bit again, at a reported loss)")
 
 
+@app.command()
+def bench(
+    recipes: Annotated[list[Path], typer.Argument(help="Recipe files to measure.")],
+    method: Annotated[
+        Optional[list[str]], typer.Option(help="Run each recipe with this method instead of its own (repeat).")
+    ] = None,
+    bits: Annotated[
+        Optional[list[int]], typer.Option(help="Base precision: 0 (full), 8 or 4 (repeat); default: the recipe's.")
+    ] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps per variant.")] = 20,
+    out: Annotated[Path, typer.Option(help="Report folder.")] = Path("runs/bench"),
+    set_: Annotated[
+        Optional[list[str]], typer.Option("--set", help="A section.key=value override for every variant (repeat).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", "--force", help="Replace an existing report.")] = False,
+):
+    """Measure recipes (x methods x 8/4-bit) for a fixed number of steps: throughput, memory, trainable share,
+    adapter size, metric and model FLOPs utilisation, into report.json, report.md and PNG plots."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from peftkit import atomic, benchmark
+
+    variants = benchmark.matrix(recipes, method or [], bits or [], set_ or [])
+    with atomic.building(out, overwrite) as report:
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=errors) as progress:
+            task = progress.add_task("measuring the matmul peak", total=len(variants))
+            peaks, about = benchmark.measure_peaks(), benchmark.machine()
+            rows = []
+            for variant in variants:
+                progress.update(task, description=variant.name)
+                rows.append(benchmark.run_variant(variant, steps, report, peaks))
+                progress.advance(task)
+        benchmark.write_report(report, rows, about, peaks, steps)
+    table = Table("variant", "samples/s", "tokens/s", "peak MiB", "trainable", "metric", "MFU")
+    for r in rows:
+        if "error" in r:
+            table.add_row(r["variant"], f"failed: {r['error']}")
+            continue
+        table.add_row(r["variant"], f"{r['samples_per_s']:.1f}", f"{r['tokens_per_s']:.0f}",
+                      f"{r['peak_memory_mib']:,.0f}", f"{100 * r['trainable_share']:.2f}%",
+                      f"{r['metric']['value']:.4f}", f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-")  # fmt: skip
+    console.print(table)
+    console.print(f"report: [bold]{out}[/] (report.json, report.md, memory.png, throughput.png, "
+                  "metric_vs_trainable.png; each variant's run folder under runs/)")  # fmt: skip
+
+
 def _metrics_table(metrics: dict, splits: list[str]) -> None:
     table = Table("split", *[k for k, v in metrics[splits[0]].items() if isinstance(v, float)])
     for split in splits:

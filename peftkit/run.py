@@ -49,7 +49,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path:
             context = method_context(recipe, task, model, train.total_steps(len(splits["train"]), recipe.train))
             model = method.apply(model, recipe.method, context)
             tokenizer.padding_side = getattr(model, "peftkit_padding_side", tokenizer.padding_side)  # base.py
-            counts = bench.parameter_counts(model)
+            counts = {**bench.parameter_counts(model), "flops_per_token": bench.training_flops_per_token(model)}
             memory = {"model_mib": bench.model_mib(model), "load_peak": bench.peak_memory(accelerator.device),
                       "after_load": bench.memory_now(accelerator.device)}  # fmt: skip
             bench.reset_peak_memory(accelerator.device)

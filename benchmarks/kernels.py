@@ -3,9 +3,9 @@ and `model.attn_implementation: auto`.
 
     .venv/bin/python benchmarks/kernels.py          # prints a Markdown table; ~2 minutes on 2 CPU cores
 
-Measures (1) a 2048x2048 matmul in fp32 and bf16, (2) LoRA training and inference throughput of the real
-all-MiniLM-L6-v2 (batch 32 x 30 tokens) with eager vs SDPA attention, in fp32 and, where the CPU computes bf16
-natively, under bf16 autocast.
+Measures (1) the matmul rate in fp32 and bf16 (the peak `peftkit bench` computes MFU against), (2) LoRA
+training and inference throughput of the real all-MiniLM-L6-v2 (batch 32 x 30 tokens) with eager vs SDPA
+attention, in fp32 and, where the CPU computes bf16 natively, under bf16 autocast.
 """
 
 import platform
@@ -13,16 +13,7 @@ import time
 
 import torch
 
-from peftkit import assets, train
-
-
-def matmul_tflops(dtype, n=2048, repeat=5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeat):
-        a @ b
-    return 2 * n**3 * repeat / (time.perf_counter() - start) / 1e12
+from peftkit import assets, bench, train
 
 
 def lora_model(attn: str):
@@ -61,7 +52,8 @@ def main():
     cpu = torch.device("cpu")
     native_bf16 = train.resolve_precision("auto", cpu) == "bf16"
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"matmul 2048^2: fp32 {matmul_tflops(torch.float32):.3f} TFLOP/s, bf16 {matmul_tflops(torch.bfloat16):.4f} "
+    peak = {p: bench.matmul_peak_tflops(p, cpu) for p in ("fp32", "bf16")}  # what `peftkit bench` divides by
+    print(f"matmul: fp32 {peak['fp32']:.3f} TFLOP/s, bf16 {peak['bf16']:.4f} "
           f"TFLOP/s (native bf16: {native_bf16})\n")  # fmt: skip
     models = {attn: lora_model(attn) for attn in ("eager", "sdpa")}
     print("| precision | attention | train samples/s (min / median / max) | inference samples/s |\n|---|---|---|---|")

@@ -1,0 +1,120 @@
+"""peftkit against what a user would otherwise write: a plain peft + transformers `Trainer` script as the peft
+documentation shows it, on the same model (MiniLM), data (the Rotten Tomatoes rows peftkit trains on), LoRA
+settings (r 8, alpha 16, dropout 0.1), batch size (32) and number of steps.
+
+    .venv/bin/python benchmarks/peer.py [--steps 30] [--rounds 3]      # ~10 minutes on 2 CPU cores
+
+Variants: peftkit LoRA (`peftkit run recipes/sentiment-lora.yaml`), peftkit full fine-tuning, the peer at its
+defaults, and the peer tuned (length-grouped batches; bf16 only where the machine computes it natively — on a
+CPU without AMX bf16 is emulated and ~50x slower, benchmarks/kernels.py). Every measurement is a fresh process
+(its memory peak is its own); rounds alternate the variants (A B C D A B C D ...) so machine drift hits all
+alike. Training samples/s: peftkit's metrics.json (training steps only), the peer's Trainer metrics
+(train_samples_per_second). Peak memory: resident set size during training (VmHWM reset when training starts).
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes" / "sentiment-lora.yaml"
+DATA = ["data.max_samples=1200"]  # both sides train on these rows; enough for 30 steps of 32 without repeating
+VARIANTS = ["peftkit-lora", "peer-default", "peer-tuned", "peftkit-full"]
+
+
+def peftkit(steps: int, full: bool) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        method = ["method={name: full}", "train.lr=5e-5"] if full else []
+        command = [sys.executable, "-m", "peftkit", "run", str(RECIPE), *DATA, *method, f"train.max_steps={steps}",
+                   "eval.splits=[validation]", f"export.output_dir={tmp}/run"]  # fmt: skip
+        subprocess.run(command, check=True, capture_output=True)
+        metrics = json.loads((Path(tmp) / "run" / "metrics.json").read_text())
+    return {"samples_per_s": metrics["train"]["samples_per_s"],
+            "peak_mib": metrics["memory"]["train_peak"]["peak_rss_mib"]}  # fmt: skip
+
+
+def peer(steps: int, tuned: bool) -> dict:
+    """The peft documentation's recipe: get_peft_model + Trainer, nothing else changed unless `tuned`."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
+                              TrainerCallback, TrainingArguments)  # fmt: skip
+
+    from peftkit import assets, bench, data
+    from peftkit.recipe import load_recipe
+    from peftkit.tasks import TASKS
+
+    recipe = load_recipe(RECIPE, DATA)
+    splits, _ = data.load(recipe.data, TASKS["classification"])  # the very rows peftkit trains on
+    path = assets.resolve_model(recipe.model.name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    train = splits["train"].map(lambda b: tokenizer(b["text"], truncation=True, max_length=128), batched=True,
+                                remove_columns=["text", data.ROW]).rename_column("label", "labels")  # fmt: skip
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1))
+    native_bf16 = bench.matmul_peak_tflops("bf16", torch.device("cpu")) > bench.matmul_peak_tflops(
+        "fp32", torch.device("cpu"))
+
+    class PeakFromHere(TrainerCallback):  # training's peak, apart from loading
+        def on_train_begin(self, *args, **kwargs):
+            bench.reset_peak_memory(torch.device("cpu"))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=32, learning_rate=1e-3, warmup_steps=0.06, max_steps=steps,
+            seed=42, save_strategy="no", logging_strategy="no", report_to="none", use_cpu=True,
+            **({"train_sampling_strategy": "group_by_length", "bf16": native_bf16} if tuned else {}),
+        )  # fmt: skip
+        trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer),
+                          callbacks=[PeakFromHere()])  # fmt: skip
+        result = trainer.train()
+    return {"samples_per_s": result.metrics["train_samples_per_second"],
+            "peak_mib": bench.peak_memory(torch.device("cpu"))["peak_rss_mib"], "bf16": tuned and native_bf16}  # fmt: skip
+
+
+def measure(variant: str, steps: int) -> dict:
+    """One measurement in a fresh process."""
+    result = subprocess.run([sys.executable, __file__, "--worker", variant, "--steps", str(steps)],
+                            capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    if result.returncode != 0:
+        raise SystemExit(f"{variant} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker = {"peftkit-lora": lambda: peftkit(args.steps, False), "peftkit-full": lambda: peftkit(args.steps, True),
+                  "peer-default": lambda: peer(args.steps, False), "peer-tuned": lambda: peer(args.steps, True)}  # fmt: skip
+        print(json.dumps(worker[args.worker]()))
+        return
+    results = {v: [] for v in VARIANTS}
+    for round_ in range(args.rounds):
+        for variant in VARIANTS:
+            results[variant].append(measure(variant, args.steps))
+            print(f"round {round_ + 1} {variant}: {results[variant][-1]}", file=sys.stderr, flush=True)
+
+    def spread(values) -> str:
+        return f"{min(values):.2f} / {statistics.median(values):.2f} / {max(values):.2f}"
+
+    ours = results["peftkit-lora"]
+    print(f"\n{args.rounds} rounds x {args.steps} steps, batch 32; min / median / max\n")
+    print("| variant | samples/s | peak RSS (MiB) | peftkit LoRA's samples/s ÷ this | this peak ÷ peftkit LoRA's |")
+    print("|---|---|---|---|---|")
+    for variant, runs in results.items():
+        speed = [o["samples_per_s"] / r["samples_per_s"] for o, r in zip(ours, runs)]  # paired within a round
+        memory = [r["peak_mib"] / o["peak_mib"] for o, r in zip(ours, runs)]
+        print(f"| {variant} | {spread([r['samples_per_s'] for r in runs])} | {spread([r['peak_mib'] for r in runs])} "
+              f"| {spread(speed)} | {spread(memory)} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

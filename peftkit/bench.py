@@ -1,5 +1,6 @@
 """The one place where throughput and memory are measured, so every number peftkit reports agrees."""
 
+import math
 import resource
 import sys
 import time
@@ -96,8 +97,14 @@ def _proc_status(field: str) -> float | None:
 
 
 def parameter_counts(model) -> dict:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """Trainable and total parameters; a 4-bit weight counts as the matrix it stands for, not its packed bytes."""
+
+    def count(p) -> int:
+        state = getattr(p, "quant_state", None)  # bitsandbytes Params4bit: numel() is the packed uint8 size
+        return math.prod(state.shape) if state is not None else p.numel()
+
+    trainable = sum(count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(count(p) for p in model.parameters())
     return {"trainable_params": trainable, "total_params": total, "trainable_share": trainable / total}
 
 

@@ -251,7 +251,8 @@ def _quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The `peftkit` entry point (`argv`: the arguments, for running it inside another program or a test)."""
     from rich.logging import RichHandler
 
     handler = RichHandler(console=errors, show_path=False, show_time=False, markup=False)
@@ -260,7 +261,7 @@ def main() -> None:
     logger.setLevel(logging.DEBUG)
     logger.addHandler(handler)
     try:
-        app()
+        app(args=argv, prog_name="peftkit")
     except UserError as err:
         errors.print(f"error: {err}", markup=False, style="red")
         sys.exit(2)
@@ -273,3 +274,5 @@ def main() -> None:
     except KeyboardInterrupt:
         errors.print("interrupted: nothing was exported (an unfinished run keeps its .partial folder)")
         sys.exit(130)
+    finally:
+        logger.removeHandler(handler)

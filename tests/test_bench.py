@@ -1,4 +1,4 @@
-"""`peftkit bench` end to end on the tiny model: a recipe x method x bits matrix, one refused variant reported
+"""`peftkit bench` end to end on the tiny model: a method x bits matrix with one refused variant reported
 without stopping the others, and the report's JSON, Markdown and plots."""
 
 import json
@@ -7,29 +7,37 @@ from .conftest import peftkit
 
 
 def test_bench_matrix_writes_the_report(recipe_file, tmp_path):
-    recipe = recipe_file()
     out = tmp_path / "report"
-    result = peftkit("bench", recipe, "--method", "lora", "--method", "full", "--bits", "0", "--bits", "4",
-                     "--steps", "2", "--out", out, "--set", "train.batch_size=8")  # fmt: skip
+    result = peftkit("bench", recipe_file(), "--method", "lora", "--method", "full", "--bits", "4", "--steps", "2",
+                     "--out", out, "--set", "train.batch_size=8")  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
     rows = {r["variant"]: r for r in report["variants"]}
-    assert set(rows) == {"recipe-lora-fp", "recipe-lora-4bit", "recipe-full-fp", "recipe-full-4bit"}
+    assert set(rows) == {"recipe-lora-4bit", "recipe-full-4bit"}
     assert rows["recipe-full-4bit"]["error"].startswith("method full cannot train on a 4-bit base")  # the rest ran
-    for name in ("recipe-lora-fp", "recipe-lora-4bit", "recipe-full-fp"):
-        row = rows[name]
-        assert row["steps"] == 2 and row["samples_per_s"] > 0 and row["tokens_per_s"] > 0
-        assert row["peak_memory_mib"] > 0 and row["adapter_bytes"] > 0 and 0 < row["mfu"] < 1
-        assert row["metric"]["name"] == "validation accuracy" and 0 <= row["metric"]["value"] <= 1
-    assert rows["recipe-lora-4bit"]["bits"] == 4 and rows["recipe-lora-fp"]["bits"] == 0
-    assert rows["recipe-full-fp"]["trainable_share"] == 1.0 > rows["recipe-lora-fp"]["trainable_share"]
+    row = rows["recipe-lora-4bit"]
+    assert row["steps"] == 2 and row["bits"] == 4 and row["samples_per_s"] > 0 and row["tokens_per_s"] > 0
+    assert row["peak_memory_mib"] > 0 and row["adapter_bytes"] > 0 and 0 < row["mfu"] < 1
+    assert 0 < row["trainable_share"] < 1 and row["metric"]["name"] == "validation accuracy"
     machine = report["machine"]
     assert machine["versions"]["torch"] and machine["cpu_cores"] >= 1 and report["matmul_peak_tflops"]["fp32"] > 0
-    assert "| recipe-lora-fp | lora |" in (out / "report.md").read_text()
+    assert "| recipe-lora-4bit | lora | 4 |" in (out / "report.md").read_text()
     for plot in ("memory.png", "throughput.png", "metric_vs_trainable.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_bench_checks_every_variant_before_running(recipe_file, tmp_path):
-    result = peftkit("bench", recipe_file(), "--method", "loar", "--out", tmp_path / "r")
-    assert result.returncode == 2 and "method" in result.stderr and not (tmp_path / "r").exists()
+def test_matrix_variants_and_their_checks(recipe_file, tmp_path):
+    import pytest
+
+    from peftkit import benchmark
+    from peftkit.errors import UserError
+    from peftkit.recipe import load_recipe
+
+    quantized = recipe_file(quantization={"bits": 8})
+    variants = benchmark.matrix([quantized], ["lora", "ia3"], [0, 4], ["train.lr=1e-3"])
+    assert [v.name for v in variants] == ["recipe-lora-fp", "recipe-lora-4bit", "recipe-ia3-fp", "recipe-ia3-4bit"]
+    full_precision = load_recipe(quantized, variants[2].recipe_overrides())
+    assert full_precision.quantization is None and full_precision.method.name == "ia3" and full_precision.train.lr == 1e-3
+    assert load_recipe(quantized, variants[1].recipe_overrides()).quantization.bits == 4
+    with pytest.raises(UserError, match="method"):  # every variant is checked before anything runs
+        benchmark.matrix([quantized], ["loar"], [], [])

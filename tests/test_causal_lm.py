@@ -9,7 +9,7 @@ import torch
 
 from peftkit.tasks import causal_lm
 
-from .conftest import FILLER, NEGATIVE, POSITIVE, SPECIAL, peftkit
+from .conftest import FILLER, NEGATIVE, POSITIVE, SPECIAL, peftkit_here
 
 # like real templates: the generation prompt ("[CLS] the", standing for "<|im_start|>assistant") is where the
 # assistant's turn starts
@@ -104,12 +104,12 @@ def test_lm_run_reports_perplexity_before_and_after_and_generates(tmp_path, tiny
         "export": {"output_dir": str(tmp_path / "runs" / "{name}")},
     }
     (tmp_path / "lm.yaml").write_text(yaml.safe_dump(recipe))
-    result = peftkit("run", tmp_path / "lm.yaml")
+    result = peftkit_here("run", tmp_path / "lm.yaml")
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "runs" / "lm"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert "metric_for_best: perplexity" in (run_dir / "recipe.yaml").read_text()
     assert metrics["test"]["perplexity"] < metrics["before_training"]["test"]["perplexity"]
-    result = peftkit("predict", run_dir, "was the movie superb")
+    result = peftkit_here("predict", run_dir, "was the movie superb")
     assert result.returncode == 0, result.stderr
     assert "generated" in result.stdout

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from .conftest import peftkit
+from .conftest import peftkit, peftkit_here
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +44,14 @@ def test_run_leaves_a_complete_run_folder(finished_run):
 
 def test_existing_run_folder_is_refused(finished_run):
     path, run_dir, _ = finished_run
-    result = peftkit("run", path, "train.max_steps=1")
+    result = peftkit_here("run", path, "train.max_steps=1")
     assert result.returncode == 2 and "already exists; pass --overwrite" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_eval_reproduces_the_run_metrics(finished_run):
     _, run_dir, _ = finished_run
-    result = peftkit("eval", run_dir, "--split", "test")
+    result = peftkit_here("eval", run_dir, "--split", "test")
     assert result.returncode == 0, result.stderr
     expected = json.loads((run_dir / "metrics.json").read_text())["test"]["accuracy"]
     assert f"{expected:.4f}" in result.stdout
@@ -61,7 +61,7 @@ def test_predict_texts_and_file(finished_run, tmp_path):
     _, run_dir, _ = finished_run
     texts = tmp_path / "texts.txt"
     texts.write_text("a lovely film\n\nthe plot was dull\n")
-    result = peftkit("predict", run_dir, "good movie", "--file", texts)
+    result = peftkit_here("predict", run_dir, "good movie", "--file", texts)
     assert result.returncode == 0, result.stderr
     for text in ("good movie", "a lovely film", "the plot was dull"):
         assert text in result.stdout
@@ -82,16 +82,16 @@ def test_merge_writes_a_verified_standalone_model(finished_run, tmp_path):
     assert (out / "model.safetensors").is_file()
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.id2label == {0: "neg", 1: "pos"} and not any("lora" in n for n, _ in model.named_parameters())
-    again = peftkit("merge", run_dir, out)
+    again = peftkit_here("merge", run_dir, out)
     assert again.returncode == 2 and "already exists; pass --overwrite (or --force)" in again.stderr
-    forced = peftkit("merge", run_dir, out, "--force")
+    forced = peftkit_here("merge", run_dir, out, "--force")
     assert forced.returncode == 0, forced.stderr
     assert sorted(p.name for p in out.parent.iterdir()) == ["merged"]  # replaced whole: no .partial / .old left
 
     with pytest.raises(UserError, match="nothing to re-quantise"):  # --requantize on a full-precision run
         merge(run_dir, tmp_path / "requantized", requantize=True)
     assert not (tmp_path / "requantized").exists()
-    strict = peftkit("merge", run_dir, tmp_path / "strict", "--tolerance", "1e-30")
+    strict = peftkit_here("merge", run_dir, tmp_path / "strict", "--tolerance", "1e-30")
     if strict.returncode != 0:  # bit-exact merges happen; a non-zero difference must be refused cleanly
         assert strict.returncode == 2 and "merge check failed" in strict.stderr
         assert not (tmp_path / "strict").exists() and not (tmp_path / "strict.partial").exists()
@@ -114,12 +114,12 @@ def test_user_errors_exit_2_with_the_fix(recipe_file, tmp_path):
 def test_failed_run_leaves_only_a_partial_folder(recipe_file, tmp_path, sentiment_csv):
     path = recipe_file(data={"source": str(sentiment_csv), "columns": {"text": "review", "label": "sentiment"},
                              "labels": ["neg"]})  # fmt: skip
-    result = peftkit("run", path)
+    result = peftkit_here("run", path)
     assert result.returncode == 2 and "labels not in data.labels" in result.stderr
     runs = tmp_path / "runs"
     assert [p.name for p in runs.iterdir()] == ["recipe.partial"]
     assert "labels not in data.labels" in (runs / "recipe.partial" / "train.log").read_text()
-    again = peftkit("run", path)
+    again = peftkit_here("run", path)
     assert again.returncode == 2 and "unfinished earlier run" in again.stderr
 
 
@@ -140,17 +140,17 @@ def test_unreachable_hub_model_is_a_clear_error(recipe_file):
 def test_methods_without_a_peft_format_run_eval_predict_and_refuse_merge(method, recipe_file, tmp_path):
     """peftkit's own format (bottleneck) and full fine-tuning (a whole model) through the same commands."""
     path = recipe_file(method=method)
-    result = peftkit("run", path, "train.max_steps=3")
+    result = peftkit_here("run", path, "train.max_steps=3")
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "runs" / "recipe"
     adapter = {p.name for p in (run_dir / "adapter").iterdir()}
     assert ("peftkit_adapter.safetensors" in adapter) if method["name"] == "bottleneck" else ("model.safetensors" in adapter)
-    result = peftkit("eval", run_dir, "--split", "test")
+    result = peftkit_here("eval", run_dir, "--split", "test")
     assert result.returncode == 0, result.stderr
     expected = json.loads((run_dir / "metrics.json").read_text())["test"]["accuracy"]
     assert f"{expected:.4f}" in result.stdout  # the reloaded adapter reproduces the run's predictions
-    assert peftkit("predict", run_dir, "a lovely film").returncode == 0
-    result = peftkit("merge", run_dir, tmp_path / "merged")
+    assert peftkit_here("predict", run_dir, "a lovely film").returncode == 0
+    result = peftkit_here("merge", run_dir, tmp_path / "merged")
     assert result.returncode == 2 and "cannot be merged" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "merged").exists()
 
@@ -158,10 +158,10 @@ def test_methods_without_a_peft_format_run_eval_predict_and_refuse_merge(method,
 def test_adalora_prunes_ranks_through_the_training_loop(recipe_file, tmp_path):
     """The loop calls AdaLoRA's after_optimizer_step: its final rank pattern is saved with the adapter."""
     path = recipe_file(method={"name": "adalora", "init_r": 4, "target_r": 2, "delta_t": 1, "tinit": 0.0})
-    result = peftkit("run", path, "train.max_steps=8")
+    result = peftkit_here("run", path, "train.max_steps=8")
     assert result.returncode == 0, result.stderr
     config = json.loads((tmp_path / "runs" / "recipe" / "adapter" / "adapter_config.json").read_text())
     assert config["rank_pattern"], "AdaLoRA never allocated ranks: after_optimizer_step was not called"
     assert config["total_step"] == 8
-    result = peftkit("merge", tmp_path / "runs" / "recipe", tmp_path / "merged")
+    result = peftkit_here("merge", tmp_path / "runs" / "recipe", tmp_path / "merged")
     assert result.returncode == 0, result.stderr

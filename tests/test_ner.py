@@ -10,7 +10,7 @@ from peftkit.errors import UserError
 from peftkit.recipe import DataSection
 from peftkit.tasks import token_classification as ner
 
-from .conftest import FILLER, NEGATIVE, POSITIVE, peftkit
+from .conftest import FILLER, NEGATIVE, POSITIVE, peftkit_here
 
 
 def ner_sentences(n: int, seed: int = 0) -> list[tuple[list[str], list[str]]]:
@@ -126,14 +126,14 @@ def test_ner_run_eval_predict_through_the_cli(tmp_path, tiny_bert):
         "export": {"output_dir": str(tmp_path / "runs" / "{name}")},
     }
     (tmp_path / "ner.yaml").write_text(yaml.safe_dump(recipe))
-    result = peftkit("run", tmp_path / "ner.yaml")
+    result = peftkit_here("run", tmp_path / "ner.yaml")
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "runs" / "ner"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert {"f1", "precision", "recall", "per_type"} <= set(metrics["test"])
     assert "metric_for_best: f1" in (run_dir / "recipe.yaml").read_text()
-    result = peftkit("eval", run_dir, "--split", "test")
+    result = peftkit_here("eval", run_dir, "--split", "test")
     assert result.returncode == 0 and f"{metrics['test']['f1']:.4f}" in result.stdout
-    result = peftkit("predict", run_dir, "the movie was good and lovely")
+    result = peftkit_here("predict", run_dir, "the movie was good and lovely")
     assert result.returncode == 0, result.stderr
     assert "entities" in result.stdout

@@ -9,7 +9,7 @@ from peftkit.errors import UserError
 from peftkit.recipe import DataSection
 from peftkit.tasks import question_answering as qa
 
-from .conftest import FILLER, NEGATIVE, POSITIVE, peftkit
+from .conftest import FILLER, NEGATIVE, POSITIVE, peftkit_here
 
 QUESTION = "what was the plot"  # every word is in the tiny BERT's vocabulary
 
@@ -118,15 +118,16 @@ def test_qa_run_eval_predict_through_the_cli(tmp_path, tiny_bert):
         "export": {"output_dir": str(tmp_path / "runs" / "{name}")},
     }
     (tmp_path / "qa.yaml").write_text(yaml.safe_dump(recipe))
-    result = peftkit("run", tmp_path / "qa.yaml")
+    result = peftkit_here("run", tmp_path / "qa.yaml")
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "runs" / "qa"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["test"]) >= {"f1", "exact_match"} and 0 <= metrics["test"]["f1"] <= 100
-    result = peftkit("eval", run_dir, "--split", "test")
+    result = peftkit_here("eval", run_dir, "--split", "test")
     assert result.returncode == 0 and f"{metrics['test']['f1']:.4f}" in result.stdout
-    result = peftkit("predict", run_dir, QUESTION, "--context", "the movie plot was superb and the film was long")
+    passage = "the movie plot was superb and the film was long"
+    result = peftkit_here("predict", run_dir, QUESTION, "--context", passage)
     assert result.returncode == 0, result.stderr
     assert "answer" in result.stdout
-    result = peftkit("predict", run_dir, QUESTION)
+    result = peftkit_here("predict", run_dir, QUESTION)
     assert result.returncode == 2 and "needs a context" in result.stderr

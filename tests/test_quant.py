@@ -52,6 +52,13 @@ def test_lora_trains_on_a_quantized_base_and_round_trips(saved, tmp_path, arch, 
     assert quantized, "nothing was quantised"
     head = getattr(model, "classifier", None) or getattr(model, "score", None) or model.lm_head
     assert type(head) is torch.nn.Linear and head.weight.dtype == torch.float32  # kept out of quantisation
+    from transformers import AutoModel
+
+    from peftkit import bench
+
+    full = sum(p.numel() for p in AutoModel.from_pretrained(saved(arch, task)).parameters())
+    heads = sum(p.numel() for p in head.parameters()) if head is not getattr(model, "lm_head", None) else 0
+    assert bench.parameter_counts(model)["total_params"] == full + heads  # 4-bit weights count unpacked
 
     method = METHODS["lora"]
     model = method.apply(model, method.Config(name="lora", **OPTIONS["lora"]), context(model, task))

@@ -65,7 +65,7 @@ def matrix(recipes: list[Path], methods: list[str], bits: list[int], overrides: 
     return variants
 
 
-def run_variant(variant: Variant, steps: int, report: Path, peak_tflops: dict) -> dict:
+def run_variant(variant: Variant, steps: int, report: Path) -> dict:
     out = report / "runs" / variant.name
     result = subprocess.run(variant.command(steps, out), capture_output=True, text=True)
     row = {"variant": variant.name, "recipe": str(variant.recipe), "method": variant.method, "bits": variant.bits}
@@ -77,8 +77,6 @@ def run_variant(variant: Variant, steps: int, report: Path, peak_tflops: dict) -
     train, memory = metrics["train"], metrics["memory"]
     split = recipe["eval"]["splits"][0]
     metric_name = recipe["eval"]["metric_for_best"]
-    peak = peak_tflops.get(metrics["precision"])
-    achieved = metrics["flops_per_token"] * train["tokens_per_s"] / 1e12
     return {
         **row,
         "method": recipe["method"]["name"],
@@ -94,9 +92,16 @@ def run_variant(variant: Variant, steps: int, report: Path, peak_tflops: dict) -
         "trainable_share": metrics["trainable_share"],
         "adapter_bytes": metrics["adapter_bytes"],
         "metric": {"name": f"{split} {metric_name}", "value": metrics[split][metric_name]},
-        "model_tflops": achieved,
-        "mfu": achieved / peak if peak else None,
+        "model_tflops": metrics["flops_per_token"] * train["tokens_per_s"] / 1e12,
     }
+
+
+def add_mfu(rows: list[dict], peak_tflops: dict) -> None:
+    """Model FLOPs utilisation: achieved model FLOP/s over the measured matmul peak of the run's precision."""
+    for row in rows:
+        if "error" not in row:
+            peak = peak_tflops.get(row["precision"])
+            row["mfu"] = row["model_tflops"] / peak if peak else None
 
 
 def _yaml(path: Path) -> dict:
@@ -141,7 +146,8 @@ def machine() -> dict:
 
 
 def measure_peaks() -> dict:
-    """Matmul TFLOP/s of this machine's accelerator (else CPU) in fp32 and bf16: MFU's denominators."""
+    """Matmul TFLOP/s of this machine's accelerator (else CPU) in fp32 and bf16: MFU's denominators. The bench
+    measures before and after its runs and keeps the higher: one reading right after start-up came out 40% low."""
     import torch
 
     from peftkit import bench

@@ -214,8 +214,12 @@ def bench(
             rows = []
             for variant in variants:
                 progress.update(task, description=variant.name)
-                rows.append(benchmark.run_variant(variant, steps, report, peaks))
+                rows.append(benchmark.run_variant(variant, steps, report))
                 progress.advance(task)
+            progress.update(task, description="measuring the matmul peak again")
+            again = benchmark.measure_peaks()
+            peaks = {p: max(rate, again[p]) for p, rate in peaks.items()}
+        benchmark.add_mfu(rows, peaks)
         benchmark.write_report(report, rows, about, peaks, steps)
     table = Table("variant", "samples/s", "tokens/s", "peak MiB", "trainable", "metric", "MFU")
     for r in rows:

@@ -49,10 +49,8 @@ class Variant:
             extra.append(f"quantization.bits={self.bits}")
         return [*extra, *self.overrides]
 
-    def command(self, steps: int, out: Path) -> list[str]:
-        return [sys.executable, "-m", "peftkit", "run", str(self.recipe), *self.recipe_overrides(),
-                f"train.max_steps={steps}", "eval.before_training=false", f"export.output_dir={out}",
-                "--overwrite"]  # fmt: skip
+    def capped(self, steps: int) -> list[str]:
+        return [*self.recipe_overrides(), f"train.max_steps={steps}", "eval.before_training=false"]
 
 
 def matrix(recipes: list[Path], methods: list[str], bits: list[int], overrides: list[str]) -> list[Variant]:
@@ -65,15 +63,24 @@ def matrix(recipes: list[Path], methods: list[str], bits: list[int], overrides: 
     return variants
 
 
-def run_variant(variant: Variant, steps: int, report: Path) -> dict:
-    out = report / "runs" / variant.name
-    result = subprocess.run(variant.command(steps, out), capture_output=True, text=True)
-    row = {"variant": variant.name, "recipe": str(variant.recipe), "method": variant.method, "bits": variant.bits}
+def run_apart(recipe: Path, overrides: list[str], out: Path) -> tuple[dict, dict] | str:
+    """`peftkit run` in its own process, so that its memory peak is its own: (metrics.json, the resolved
+    recipe), or the error it printed."""
+    command = [sys.executable, "-m", "peftkit", "run", str(recipe), *overrides, f"export.output_dir={out}",
+               "--overwrite"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-        return {**row, "error": lines[-1].removeprefix("error: ") if lines else f"exit code {result.returncode}"}
-    metrics = json.loads((out / "metrics.json").read_text())
-    recipe = _yaml(out / "recipe.yaml")
+        return lines[-1].removeprefix("error: ") if lines else f"exit code {result.returncode}"
+    return json.loads((out / "metrics.json").read_text()), _yaml(out / "recipe.yaml")
+
+
+def run_variant(variant: Variant, steps: int, report: Path) -> dict:
+    row = {"variant": variant.name, "recipe": str(variant.recipe), "method": variant.method, "bits": variant.bits}
+    outcome = run_apart(variant.recipe, variant.capped(steps), report / "runs" / variant.name)
+    if isinstance(outcome, str):
+        return {**row, "error": outcome}
+    metrics, recipe = outcome
     train, memory = metrics["train"], metrics["memory"]
     split = recipe["eval"]["splits"][0]
     metric_name = recipe["eval"]["metric_for_best"]
@@ -86,7 +93,7 @@ def run_variant(variant: Variant, steps: int, report: Path) -> dict:
         "samples_per_s": train["samples_per_s"],
         "tokens_per_s": train["tokens_per_s"],
         "step_s": train["seconds"] / max(train["steps"], 1),
-        "peak_memory_mib": _peak(memory["train_peak"]),
+        "peak_memory_mib": peak_mib(memory["train_peak"]),
         "memory": memory,
         "trainable_params": metrics["trainable_params"],
         "trainable_share": metrics["trainable_share"],
@@ -110,7 +117,7 @@ def _yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
-def _peak(memory: dict) -> float:
+def peak_mib(memory: dict) -> float:
     """The training peak in MiB: reserved on CUDA (what the process holds), resident set size on CPU."""
     return memory.get("peak_reserved_mib", memory.get("peak_rss_mib", 0.0))
 

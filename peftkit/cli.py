@@ -234,6 +234,46 @@ def bench(
                   "metric_vs_trainable.png; each variant's run folder under runs/)")  # fmt: skip
 
 
+@app.command()
+def sweep(
+    recipe: Annotated[Path, typer.Argument(help="The recipe to vary.")],
+    grid: Annotated[list[str], typer.Argument(help="key=value1,value2,... to vary, e.g. method.r=4,8 train.lr=1e-4,3e-4")],
+    out: Annotated[Optional[Path], typer.Option(help="Sweep folder (default: runs/sweep-RECIPE).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", "--force", help="Replace an existing sweep folder.")] = False,
+):
+    """Run every combination of the values given (full runs), then table metric, time, memory and trainable
+    share, and write the best run's recipe (chosen on validation) as best.yaml."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from peftkit import atomic
+    from peftkit import sweep as sweeps
+
+    runs = sweeps.combinations(recipe, sweeps.parse_grid(grid))
+    out = out or Path("runs") / f"sweep-{recipe.stem}"
+    with atomic.building(out, overwrite) as folder:
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=errors) as progress:
+            task = progress.add_task("sweep", total=len(runs))
+            rows = sweeps.run_all(recipe, runs, folder,
+                                  on_start=lambda name: progress.update(task, description=name, advance=0))  # fmt: skip
+            progress.update(task, completed=len(runs))
+        winner = sweeps.best(rows)
+        sweeps.write(folder, rows, winner)
+    table = Table("run", "validation", "test", "train s", "peak MiB", "trainable")
+    for r in rows:
+        if "error" in r:
+            table.add_row(" ".join(r["overrides"]), f"failed: {r['error']}")
+            continue
+        name = " ".join(r["overrides"]) + (" (best)" if r is winner else "")
+        table.add_row(name, f"{r['selection']:.4f}", "-" if r["test"] is None else f"{r['test']:.4f}",
+                      f"{r['train_seconds']:.0f}", f"{r['peak_memory_mib']:,.0f}", f"{100 * r['trainable_share']:.2f}%")  # fmt: skip
+    console.print(table)
+    if winner is None:
+        raise UserError(f"sweep: every run failed (see {out / 'results.md'})")
+    console.print(f"best on validation {winner['metric']}: {' '.join(winner['overrides'])}; its recipe: "
+                  f"[bold]{out / 'best.yaml'}[/] (results.json, results.md, runs/ beside it)")  # fmt: skip
+
+
 def _metrics_table(metrics: dict, splits: list[str]) -> None:
     table = Table("split", *[k for k, v in metrics[splits[0]].items() if isinstance(v, float)])
     for split in splits:

@@ -13,7 +13,7 @@ from peftkit.errors import UserError
 
 log = logging.getLogger("peftkit")
 
-_LOWER_IS_BETTER = {"loss", "perplexity"}
+LOWER_IS_BETTER = {"loss", "perplexity"}
 
 
 def resolve_precision(choice: str, device) -> str:
@@ -117,7 +117,7 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
     scheduler = accelerator.prepare(scheduler)
 
     best_name = recipe.eval.metric_for_best
-    sign = -1 if best_name in _LOWER_IS_BETTER else 1
+    sign = -1 if best_name in LOWER_IS_BETTER else 1
     best_score, best_state, best_epoch = -math.inf, None, None
     history, meter, step, first_epoch, skip, rng = [], bench.Throughput(), 0, 1, 0, None
     if resume is not None:

@@ -1,0 +1,120 @@
+"""`peftkit sweep RECIPE method.r=4,8,16 train.lr=1e-4,3e-4`: run every combination of the values given, then
+table the results (metric, time, memory, trainable share) and write the best run's recipe.
+
+    grid -> one full `peftkit run` per combination, each in its own process (benchmark.run_apart)
+         -> results.json, results.md, best.yaml (the winner's fully resolved recipe) in the sweep folder
+
+The best run is chosen on validation (eval.metric_for_best), never on test: test stays the held-out estimate.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+from peftkit.errors import UserError
+from peftkit.train import LOWER_IS_BETTER  # the same direction as the best-epoch choice
+
+
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    """{'method.r': ['4', '8']} from ['method.r=4,8']; commas inside [...] or {...} stay in their value."""
+    grid = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise UserError(f"sweep: '{item}' is not key=value1,value2,... (e.g. method.r=4,8,16)")
+        if key in grid:
+            raise UserError(f"sweep: {key} is given twice; list all its values once: {key}=a,b,c")
+        grid[key] = _split_values(values)
+    if not grid:
+        raise UserError("sweep: give at least one key=value1,value2,... to vary (e.g. train.lr=1e-4,3e-4)")
+    return grid
+
+
+def _split_values(text: str) -> list[str]:
+    values, depth, current = [], 0, ""
+    for char in text:
+        depth += char in "[{"
+        depth -= char in "]}"
+        if char == "," and depth == 0:
+            values.append(current)
+            current = ""
+        else:
+            current += char
+    return [v.strip() for v in [*values, current] if v.strip()]
+
+
+def combinations(recipe: Path, grid: dict[str, list[str]]) -> list[list[str]]:
+    """Every combination as override lists, each checked against the recipe schema before anything runs."""
+    from peftkit.recipe import load_recipe
+
+    runs = [[f"{k}={v}" for k, v in zip(grid, values)] for values in itertools.product(*grid.values())]
+    for overrides in runs:
+        load_recipe(recipe, overrides)
+    return runs
+
+
+def name_of(overrides: list[str]) -> str:
+    """A folder name for a combination: 'method.r=8_train.lr=3e-4' with anything unsafe replaced."""
+    return "_".join(overrides).translate(str.maketrans({c: "-" for c in "/\\ :[]{}'\",*?<>|"}))
+
+
+def run_all(recipe: Path, runs: list[list[str]], folder: Path, on_start=None) -> list[dict]:
+    from peftkit import benchmark
+
+    rows = []
+    for overrides in runs:
+        name = name_of(overrides)
+        if on_start:
+            on_start(name)
+        outcome = benchmark.run_apart(recipe, overrides, folder / "runs" / name)
+        if isinstance(outcome, str):
+            rows.append({"run": name, "overrides": overrides, "error": outcome})
+            continue
+        metrics, resolved = outcome
+        chosen = "validation" if "validation" in resolved["eval"]["splits"] else resolved["eval"]["splits"][0]
+        rows.append({
+            "run": name,
+            "overrides": overrides,
+            "metric": resolved["eval"]["metric_for_best"],
+            "selection_split": chosen,
+            "selection": metrics[chosen][resolved["eval"]["metric_for_best"]],
+            "test": metrics.get("test", {}).get(resolved["eval"]["metric_for_best"]),
+            "train_seconds": metrics["train"]["seconds"],
+            "peak_memory_mib": benchmark.peak_mib(metrics["memory"]["train_peak"]),
+            "trainable_share": metrics["trainable_share"],
+        })  # fmt: skip
+    return rows
+
+
+def best(rows: list[dict]) -> dict | None:
+    done = [r for r in rows if "error" not in r]
+    if not done:
+        return None
+    sign = -1 if done[0]["metric"] in LOWER_IS_BETTER else 1
+    return max(done, key=lambda r: sign * r["selection"])
+
+
+def write(folder: Path, rows: list[dict], winner: dict | None) -> None:
+    (folder / "results.json").write_text(json.dumps({"best": winner and winner["run"], "runs": rows}, indent=2))
+    (folder / "results.md").write_text(markdown(rows, winner))
+    if winner is not None:
+        shutil.copy(folder / "runs" / winner["run"] / "recipe.yaml", folder / "best.yaml")
+
+
+def markdown(rows: list[dict], winner: dict | None) -> str:
+    done = [r for r in rows if "error" not in r]
+    metric = done[0]["metric"] if done else "metric"
+    lines = [f"| run | validation {metric} | test {metric} | training (s) | peak memory (MiB) | trainable |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {' '.join(r['overrides'])} | failed: {r['error']} | | | | |")
+            continue
+        mark = " **(best)**" if winner is r else ""
+        test = f"{r['test']:.4f}" if r["test"] is not None else "-"
+        lines.append(f"| {' '.join(r['overrides'])}{mark} | {r['selection']:.4f} | {test} | {r['train_seconds']:.0f} "
+                     f"| {r['peak_memory_mib']:,.0f} | {100 * r['trainable_share']:.2f}% |")  # fmt: skip
+    return "\n".join(lines) + "\n"

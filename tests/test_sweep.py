@@ -1,0 +1,40 @@
+"""`peftkit sweep`: a grid of overrides, each a full run; the table, and the best recipe chosen on validation."""
+
+import json
+
+import pytest
+
+from peftkit import sweep
+from peftkit.errors import UserError
+from peftkit.recipe import load_recipe
+
+from .conftest import peftkit
+
+
+def test_grid_parsing_and_checks(recipe_file):
+    grid = sweep.parse_grid(["method.r=2,4", "eval.splits=[validation,test],[test]", "train.lr=1e-3"])
+    assert grid == {"method.r": ["2", "4"], "eval.splits": ["[validation,test]", "[test]"], "train.lr": ["1e-3"]}
+    runs = sweep.combinations(recipe_file(), grid)
+    assert len(runs) == 4 and runs[0] == ["method.r=2", "eval.splits=[validation,test]", "train.lr=1e-3"]
+    assert sweep.name_of(runs[1]) == "method.r=2_eval.splits=-test-_train.lr=1e-3"
+    for bad, message in ((["method.r"], "not key=value1"), (["method.r=2", "method.r=4"], "given twice"),
+                         ([], "at least one")):  # fmt: skip
+        with pytest.raises(UserError, match=message):
+            sweep.parse_grid(bad)
+    with pytest.raises(UserError, match="method.rr"):  # every combination is checked before anything runs
+        sweep.combinations(recipe_file(), {"method.rr": ["2"]})
+
+
+def test_sweep_runs_the_grid_and_writes_the_best_recipe(recipe_file, tmp_path):
+    out = tmp_path / "sweep"
+    result = peftkit("sweep", recipe_file(), "method.r=2,4", "train.max_steps=3", "--out", out)
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "results.json").read_text())
+    rows = results["runs"]
+    assert [r["overrides"][0] for r in rows] == ["method.r=2", "method.r=4"]
+    assert all(r["selection_split"] == "validation" and 0 <= r["selection"] <= 1 for r in rows)
+    winner = max(rows, key=lambda r: r["selection"])
+    assert results["best"] == winner["run"]
+    best = load_recipe(out / "best.yaml")
+    assert f"method.r={best.method.r}" == winner["overrides"][0] and best.train.max_steps == 3
+    assert "(best)" in (out / "results.md").read_text() and "best on validation accuracy" in result.stdout

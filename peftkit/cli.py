@@ -248,7 +248,9 @@ def sweep(
     from peftkit import atomic
     from peftkit import sweep as sweeps
 
-    runs = sweeps.combinations(recipe, sweeps.parse_grid(grid))
+    values = sweeps.parse_grid(grid)
+    runs = sweeps.combinations(recipe, values)
+    varied = {k for k, v in values.items() if len(v) > 1} or set(values)  # what tells the rows apart
     out = out or Path("runs") / f"sweep-{recipe.stem}"
     with atomic.building(out, overwrite) as folder:
         columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -264,7 +266,7 @@ def sweep(
         if "error" in r:
             table.add_row(" ".join(r["overrides"]), f"failed: {r['error']}")
             continue
-        name = " ".join(r["overrides"]) + (" (best)" if r is winner else "")
+        name = " ".join(o for o in r["overrides"] if o.split("=")[0] in varied) + (" (best)" if r is winner else "")
         table.add_row(name, f"{r['selection']:.4f}", "-" if r["test"] is None else f"{r['test']:.4f}",
                       f"{r['train_seconds']:.0f}", f"{r['peak_memory_mib']:,.0f}", f"{100 * r['trainable_share']:.2f}%")  # fmt: skip
     console.print(table)

@@ -126,6 +126,10 @@ class TrainSection(Section):
     )
     keep_checkpoints: int = Field(2, gt=0, description="How many of the newest checkpoints to keep.")
     log_every: int = Field(10, gt=0, description="Write loss and throughput to the log every N steps.")
+    tensorboard: bool = Field(
+        True, description="Also write loss, learning rate, throughput and validation metrics as TensorBoard "
+        "scalars to <run>/tensorboard (needs the tensorboard package: pip install 'peftkit[tensorboard]')."
+    )
 
 
 class EvalSection(Section):

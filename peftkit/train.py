@@ -140,7 +140,8 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
         checkpoint.save(run_dir, cfg.keep_checkpoints, model, optimizer, scheduler, accelerator.scaler,
                         epoch_generator_state, progress, best_state)  # fmt: skip
 
-    with _progress(accelerator) as progress:
+    scalars = _scalar_writer(run_dir, cfg.tensorboard and accelerator.is_main_process)
+    with _progress(accelerator) as progress, scalars:
         bar = progress.add_task("train", total=total, completed=step, loss=float("nan"), rate="")
         for epoch in range(first_epoch, epochs + 1):
             if step >= total:
@@ -180,6 +181,9 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
                     rate = f"{rates['samples_per_s']:.3g} samples/s, {rates['tokens_per_s']:.4g} tok/s"
                     progress.update(bar, loss=mean_loss, rate=rate)
                     log.debug("step %d  loss %.4f  lr %.2e  %s", step, mean_loss, scheduler.get_last_lr()[0], rate)
+                    scalars.add(step, {"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0],
+                                       "train/samples_per_s": rates["samples_per_s"],
+                                       "train/tokens_per_s": rates["tokens_per_s"]})  # fmt: skip
                     running, seen = torch.zeros((), device=accelerator.device), 0
                 progress.update(bar, advance=1)
                 if step >= total:
@@ -197,6 +201,7 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
                     best_score, best_epoch = score, epoch
                     best_state = trainable_tensors(model)
                 log.info("epoch %d: %s", epoch, short(entry["validation"]))
+                scalars.add(step, {f"validation/{k}": v for k, v in entry["validation"].items()})
             history.append(entry)
             if run_dir is not None and step < total:
                 with meter.paused():
@@ -206,6 +211,38 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
         load_trainable(model, best_state, f"the adapter of epoch {best_epoch}")
         log.info("kept the adapter of epoch %d (best validation %s)", best_epoch, best_name)
     return {"history": history, "best_epoch": best_epoch, "steps": step, **meter.rates(), "tokens": meter.tokens}
+
+
+class _Scalars:
+    """TensorBoard scalars in <run>/tensorboard, or nothing (turned off, no run folder, package missing)."""
+
+    def __init__(self, writer=None):
+        self.writer = writer
+
+    def add(self, step: int, values: dict) -> None:
+        if self.writer is not None:
+            for tag, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(tag, value, step)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _scalar_writer(run_dir: Path | None, wanted: bool) -> _Scalars:
+    if not wanted or run_dir is None:
+        return _Scalars()
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch's writer needs the tensorboard package
+        log.info("TensorBoard scalars skipped: the tensorboard package is not installed "
+                 "(pip install 'peftkit[tensorboard]', or set train.tensorboard: false)")  # fmt: skip
+        return _Scalars()
+    return _Scalars(SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard")))
 
 
 def evaluate(model, loader, task, labels, accelerator, config) -> dict:

@@ -29,7 +29,8 @@ def finished_run(tmp_path_factory, tiny_bert, sentiment_csv):
 
 def test_run_leaves_a_complete_run_folder(finished_run):
     _, run_dir, result = finished_run
-    assert sorted(p.name for p in run_dir.iterdir()) == ["adapter", "metrics.json", "recipe.yaml", "train.log"]
+    folder = sorted(p.name for p in run_dir.iterdir())
+    assert folder == ["adapter", "metrics.json", "recipe.yaml", "tensorboard", "train.log"]
     assert not run_dir.with_name("tiny.partial").exists()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["test"]) >= {"accuracy", "macro_f1", "f1_per_class"}
@@ -40,6 +41,17 @@ def test_run_leaves_a_complete_run_folder(finished_run):
     assert "test" in result.stdout and "accuracy" in result.stdout
     adapter = {p.name for p in (run_dir / "adapter").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "peftkit.json"} <= adapter
+
+
+def test_run_writes_tensorboard_scalars(finished_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run_dir, _ = finished_run
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/samples_per_s", "validation/accuracy"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]  # log_every 1, 2 steps
 
 
 def test_existing_run_folder_is_refused(finished_run):

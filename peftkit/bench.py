@@ -132,7 +132,7 @@ def training_flops_per_token(model) -> float:
 def matmul_peak_tflops(precision: str, device, repeat: int = 5) -> float:
     """The machine's measured matmul rate (TFLOP/s) in the given precision: the denominator of model FLOPs
     utilisation. The matrix grows until one product takes 50 ms (up to 2048 on CPU, 8192 on GPU), so a precision
-    the hardware only emulates (bf16 on CPUs without AMX: ~400x slower) is measured in seconds, not minutes; the
+    the hardware only emulates (bf16 on CPUs without AMX: 90-400x slower here) is measured in seconds, not minutes; the
     best of `repeat` timed products is kept."""
     import torch
 

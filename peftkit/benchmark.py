@@ -140,15 +140,18 @@ def machine() -> dict:
                    if line.startswith("model name"))  # fmt: skip
     except (OSError, StopIteration):
         pass
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent)  # fmt: skip
+    try:  # the commit of a source checkout; none for an installed package, or without git
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
+    except OSError:
+        commit = ""
     return {
         "versions": versions,
         "python": platform.python_version(),
         "cpu": cpu,
         "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "commit": commit.stdout.strip() or None,
+        "commit": commit or None,
     }
 
 

@@ -201,14 +201,11 @@ def bench(
 ):
     """Measure recipes (x methods x 8/4-bit) for a fixed number of steps: throughput, memory, trainable share,
     adapter size, metric and model FLOPs utilisation, into report.json, report.md and PNG plots."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from peftkit import atomic, benchmark
 
     variants = benchmark.matrix(recipes, method or [], bits or [], set_ or [])
     with atomic.building(out, overwrite) as report:
-        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=errors) as progress:
+        with _runs_progress() as progress:
             task = progress.add_task("measuring the matmul peak", total=len(variants))
             peaks, about = benchmark.measure_peaks(), benchmark.machine()
             rows = []
@@ -243,8 +240,6 @@ def sweep(
 ):
     """Run every combination of the values given (full runs), then table metric, time, memory and trainable
     share, and write the best run's recipe (chosen on validation) as best.yaml."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from peftkit import atomic
     from peftkit import sweep as sweeps
 
@@ -253,8 +248,7 @@ def sweep(
     varied = {k for k, v in values.items() if len(v) > 1} or set(values)  # what tells the rows apart
     out = out or Path("runs") / f"sweep-{recipe.stem}"
     with atomic.building(out, overwrite) as folder:
-        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=errors) as progress:
+        with _runs_progress() as progress:
             task = progress.add_task("sweep", total=len(runs))
             rows = sweeps.run_all(recipe, runs, folder,
                                   on_start=lambda name: progress.update(task, description=name, advance=0))  # fmt: skip
@@ -274,6 +268,14 @@ def sweep(
         raise UserError(f"sweep: every run failed (see {out / 'results.md'})")
     console.print(f"best on validation {winner['metric']}: {' '.join(winner['overrides'])}; its recipe: "
                   f"[bold]{out / 'best.yaml'}[/] (results.json, results.md, runs/ beside it)")  # fmt: skip
+
+
+def _runs_progress():
+    """bench and sweep: one bar over their runs, on stderr, with the run in progress named."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=errors)
 
 
 def _metrics_table(metrics: dict, splits: list[str]) -> None:

@@ -14,14 +14,9 @@ def building(target: Path, overwrite: bool, keep_failed: bool = False, resume: b
     on failure it is deleted, or kept under its .partial name (for inspection, or to `resume` into) when
     `keep_failed`."""
     target = Path(target)
-    partial = target.with_name(target.name + ".partial")
-    if target.exists() and not overwrite:
-        raise UserError(f"{target} already exists; pass --overwrite (or --force) to replace it, or choose another output folder")
+    partial = partial_of(target)
+    check(target, overwrite, keep_failed, resume)
     if partial.exists() and not resume:
-        if not overwrite:
-            fix = "--resume to continue it from its last checkpoint, or --overwrite to start over"
-            raise UserError(f"{partial} holds an unfinished earlier run or export; pass "
-                            + (fix if keep_failed else "--overwrite to start over"))  # fmt: skip
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=resume)
     try:
@@ -35,6 +30,21 @@ def building(target: Path, overwrite: bool, keep_failed: bool = False, resume: b
         target.rename(old)
     partial.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def partial_of(target: Path) -> Path:
+    return Path(target).with_name(Path(target).name + ".partial")
+
+
+def check(target: Path, overwrite: bool, keep_failed: bool = False, resume: bool = False) -> None:
+    """Refuse, with the fix, to replace a finished folder or an unfinished one without being told to."""
+    target, partial = Path(target), partial_of(target)
+    if target.exists() and not overwrite:
+        raise UserError(f"{target} already exists; pass --overwrite (or --force) to replace it, or choose another output folder")
+    if partial.exists() and not resume and not overwrite:
+        fix = "--resume to continue it from its last checkpoint, or --overwrite to start over"
+        raise UserError(f"{partial} holds an unfinished earlier run or export; pass "
+                        + (fix if keep_failed else "--overwrite to start over"))  # fmt: skip
 
 
 def write_text(path: Path, text: str) -> None:

@@ -35,9 +35,18 @@ class Throughput:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start - self.excluded
 
-    def rates(self) -> dict:
-        seconds = max(self.elapsed, 1e-9)
-        return {"samples_per_s": self.samples / seconds, "tokens_per_s": self.tokens / seconds, "seconds": seconds}
+    def rates(self, accelerator=None) -> dict:
+        """Rates of the whole job: with several processes, their samples and tokens are summed (a collective
+        call: every process must make it) over the slowest one's time."""
+        samples, tokens, seconds = self.samples, self.tokens, max(self.elapsed, 1e-9)
+        if accelerator is not None and accelerator.num_processes > 1:
+            import torch
+
+            summed = accelerator.reduce(torch.tensor([samples, tokens], device=accelerator.device), "sum")
+            samples, tokens = (int(v) for v in summed.tolist())
+            seconds = accelerator.reduce(torch.tensor(seconds, device=accelerator.device), "max").item()
+        return {"samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds, "seconds": seconds,
+                "tokens": tokens}  # fmt: skip
 
 
 def peak_memory(device) -> dict:

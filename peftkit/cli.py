@@ -22,7 +22,10 @@ console = Console(soft_wrap=True)  # long paths and messages stay whole (and gre
 errors = Console(stderr=True, soft_wrap=True)
 
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="section.key=value overrides, e.g. train.epochs=1")]
-RunDir = Annotated[Path, typer.Argument(help="A finished run folder (what `peftkit run` printed).")]
+RunDir = Annotated[Path, typer.Argument(help="A finished run folder (what `peftkit run` printed), or a pushed adapter: "
+                                         "user/name[@revision] from --hub-dir or the Hugging Face Hub.")]  # fmt: skip
+HubDir = Annotated[Optional[Path], typer.Option(help="Local directory hub to pull user/name from (default: "
+                                                "$PEFTKIT_HUB_DIR), before the Hugging Face Hub.")]  # fmt: skip
 
 
 @app.command()
@@ -35,15 +38,30 @@ def run(
     resume: Annotated[
         bool, typer.Option(help="Continue an interrupted run (its .partial folder) from its newest checkpoint.")
     ] = False,
+    processes: Annotated[
+        int, typer.Option(min=1, help="Data parallelism: train in N processes (N GPUs, or N CPU processes), "
+                          "started with torchrun. train.batch_size is per process.")  # fmt: skip
+    ] = 1,
 ):
     """Train the recipe's method on its task and data, evaluate, and export the adapter."""
     from peftkit.recipe import load_recipe
 
     parsed = load_recipe(recipe, overrides or [])
+    if processes > 1 and "WORLD_SIZE" not in os.environ:  # not yet inside a launched process
+        from peftkit.launch import launch
+
+        flags = ["--overwrite"] * overwrite + ["--resume"] * resume
+        raise typer.Exit(launch(processes, ["run", str(recipe), *(overrides or []), *flags]))
+    if "WORLD_SIZE" in os.environ:
+        from peftkit.launch import die_with_launcher
+
+        die_with_launcher()
     _quiet_libraries()
     from peftkit.run import run as run_recipe
 
     out = run_recipe(parsed, overwrite=overwrite, resume=resume)
+    if out is None:  # another process than the main one of a distributed run: the main one reports
+        return
     metrics = json.loads((out / "metrics.json").read_text())
     _metrics_table(metrics, parsed.eval.splits)
     console.print(f"run folder: [bold]{out}[/]  (adapter in {out / 'adapter'})")
@@ -82,13 +100,16 @@ def schema(output: Annotated[Optional[Path], typer.Option(help="Write to this fi
 def evaluate(
     run_dir: RunDir,
     split: Annotated[str, typer.Option(help="train, validation or test.")] = "test",
+    hub_dir: HubDir = None,
 ):
     """Evaluate a finished run's adapter on one split of its recipe's data."""
     _quiet_libraries()
     from peftkit import data, train
     from peftkit.run import load_trained
 
-    recipe, task, tokenizer, model, labels = load_trained(run_dir)
+    from peftkit.hub import resolve_run
+
+    recipe, task, tokenizer, model, labels = load_trained(resolve_run(run_dir, hub_dir))
     splits, _ = data.load(recipe.data, task)
     if split not in splits:
         raise UserError(f"--split {split}: the data has only {', '.join(splits)}")
@@ -108,8 +129,15 @@ def predict(
     context: Annotated[
         Optional[str], typer.Option(help="Question answering: the passage to answer from (text, or a file).")
     ] = None,
+    hub_dir: HubDir = None,
+    adapter: Annotated[
+        Optional[list[str]], typer.Option(help="Another finished run of the same base model, quantization and task: "
+                                          "its adapter goes onto the same loaded base, one column group per run "
+                                          "(repeat).")  # fmt: skip
+    ] = None,
 ):
-    """Run a finished run's adapter on texts given inline or in a file."""
+    """Run a finished run's adapter on texts given inline or in a file; with --adapter, several runs' adapters on
+    one base, switched without reloading it."""
     items = list(texts or [])
     if file:
         if not file.is_file():
@@ -118,15 +146,24 @@ def predict(
     if not items:
         raise UserError("nothing to predict: give texts as arguments or --file FILE")
     _quiet_libraries()
+    from peftkit import adapters
+    from peftkit.hub import resolve_run
     from peftkit.run import load_trained
 
-    recipe, task, tokenizer, model, _ = load_trained(run_dir)
+    if adapter:
+        loaded = adapters.load([run_dir, *adapter], hub_dir)
+        recipe = loaded.recipe
+    else:
+        recipe, task, tokenizer, model, _ = load_trained(resolve_run(run_dir, hub_dir))
     options = {}
     if context is not None:
         if recipe.task.type != "question_answering":
             raise UserError(f"--context is for question answering; this run's task is {recipe.task.type}")
         options["context"] = Path(context).read_text(encoding="utf-8") if _is_file(context) else context
-    rows = task.predict(model, tokenizer, items, recipe.task, **options)
+    if adapter:
+        rows = adapters.predict(loaded, items, **options)
+    else:
+        rows = task.predict(model, tokenizer, items, recipe.task, **options)
     table = Table(*rows[0])
     for row in rows:
         table.add_row(*map(_cell, row.values()))
@@ -157,13 +194,17 @@ def merge(
     requantize: Annotated[
         bool, typer.Option(help="Runs on an 8/4-bit base: store the merged model quantised again (lossy; reported).")
     ] = False,
+    hub_dir: HubDir = None,
 ):
     """Merge the adapter into the base weights and verify merged vs unmerged logits. An 8/4-bit base is
     dequantised and the merged model saved in full precision."""
     _quiet_libraries()
     from peftkit.export import merge as merge_run
 
-    report = merge_run(run_dir, out, overwrite=overwrite, tolerance=tolerance, requantize=requantize)
+    from peftkit.hub import resolve_run
+
+    report = merge_run(resolve_run(run_dir, hub_dir), out, overwrite=overwrite, tolerance=tolerance,
+                       requantize=requantize)  # fmt: skip
     console.print(
         f"merged model: [bold]{report['output']}[/]  max abs logit difference {report['max_abs_diff']:.3g} "
         f"(tolerance {report['tolerance']:g})"
@@ -268,6 +309,119 @@ def sweep(
         raise UserError(f"sweep: every run failed (see {out / 'results.md'})")
     console.print(f"best on validation {winner['metric']}: {' '.join(winner['overrides'])}; its recipe: "
                   f"[bold]{out / 'best.yaml'}[/] (results.json, results.md, runs/ beside it)")  # fmt: skip
+
+
+@app.command()
+def push(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
+    repo: Annotated[str, typer.Option(help="Target repo, user/name (your user or organisation first).")],
+    private: Annotated[bool, typer.Option(help="Create the Hub repo private (an existing repo keeps its visibility).")] = False,
+    revision: Annotated[Optional[str], typer.Option(help="Branch to push to (created if missing); default main.")] = None,
+    hub_dir: Annotated[
+        Optional[Path], typer.Option(help="Push to this local directory hub (DIR/user/name/revision) instead of the Hub.")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="List the files and sizes that would be uploaded, and where; upload nothing.")] = False,
+    message: Annotated[Optional[str], typer.Option(help="Commit message.")] = None,
+):
+    """Upload a run's adapter with a generated model card (metadata, recipe, results, training curve) to the Hugging
+    Face Hub (token: HF_TOKEN or `hf auth login`) or to a local directory hub."""
+    from peftkit import hub
+
+    report = hub.push(run_dir, repo, private=private, revision=revision, hub_dir=hub_dir, dry_run=dry_run,
+                      message=message)  # fmt: skip
+    for note in report["notes"]:
+        errors.print(f"note: {note}", markup=False)
+    table = Table("file", "bytes")
+    for name, size in report["files"]:
+        table.add_row(name, f"{size:,}")
+    console.print(table)
+    total = sum(size for _, size in report["files"])
+    verb = "would upload" if dry_run else "pushed"
+    console.print(f"{verb} {len(report['files'])} files ({total:,} bytes) to [bold]{report['destination']}[/]")
+
+
+@app.command()
+def init(
+    data: Annotated[str, typer.Argument(help="A csv/tsv/json/jsonl/parquet/CoNLL file, or pkg://PACKAGE/PATH.")],
+    model: Annotated[str, typer.Option(help="The model: a local folder, a Hub id, or pkg://PACKAGE/PATH.")],
+    task: Annotated[
+        Optional[str], typer.Option(help="classification, token_classification, question_answering or causal_lm; "
+                                    "default: told from the data.")  # fmt: skip
+    ] = None,
+    out: Annotated[Path, typer.Option(help="The recipe file to write.")] = Path("recipe.yaml"),
+    force: Annotated[bool, typer.Option("--force", "--overwrite", help="Replace an existing recipe file.")] = False,
+    text_column: Annotated[Optional[str], typer.Option(help="The column holding the text.")] = None,
+    label_column: Annotated[Optional[str], typer.Option(help="The column holding the label (or the tags).")] = None,
+    column: Annotated[
+        Optional[list[str]], typer.Option(help="ROLE=COLUMN for any other role, e.g. text_pair=hypothesis (repeat).")
+    ] = None,
+    encoding: Annotated[str, typer.Option(help="Text encoding of a csv/tsv file (e.g. latin-1).")] = "utf-8",
+):
+    """Design a commented recipe from a data file and a model: task, columns and labels from the data, max_length
+    from its length distribution, target layers from the model, method and batch for its size and this machine."""
+    from peftkit import designer
+    from peftkit.tasks import TASKS
+
+    roles = {}
+    for item in column or []:
+        role, sep, name = item.partition("=")
+        if not sep or not role or not name:
+            raise UserError(f"--column {item}: expected ROLE=COLUMN, e.g. --column text_pair=hypothesis")
+        roles[role] = name
+    if text_column:
+        roles["text"] = text_column
+    if label_column:  # the tags, for token classification
+        roles[(TASKS[task].LABEL_ROLE if task in TASKS else None) or "label"] = label_column
+    if out.exists() and not force:  # said before minutes of reading and tokenizing, and again when writing
+        raise UserError(f"{out} already exists; pass --force to replace it, or choose another file with --out")
+    _quiet_libraries()
+    plan = designer.design(data, model, task, roles, encoding)
+    written = designer.write(plan, out, force)
+    for line in plan.summary:
+        console.print(f"  {line}", markup=False, highlight=False)
+    for warning in plan.warnings:
+        errors.print(f"warning: {warning}", markup=False, style="yellow")
+    console.print(f"wrote [bold]{written}[/]; next: [bold]peftkit run {written}[/]")
+
+
+@app.command()
+def combine(
+    runs: Annotated[list[str], typer.Argument(help="Finished LoRA runs of the same base model, quantization, task "
+                                              "and labels.")],  # fmt: skip
+    weights: Annotated[str, typer.Option(help="One weight per run, comma-separated, e.g. 0.7,0.3.")],
+    how: Annotated[str, typer.Option(help="peft's combination: linear, cat, svd, ties, ties_svd, dare_linear, "
+                                     "dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd.")],
+    density: Annotated[
+        Optional[float], typer.Option(help="ties, dare_* and magnitude_prune*: fraction of each update kept, in (0, 1].")
+    ] = None,
+    svd_rank: Annotated[
+        Optional[int], typer.Option(help="*svd: rank of the result (default: the largest rank combined).")
+    ] = None,
+    out: Annotated[Optional[Path], typer.Option(help="The new run folder (default: RUN_A+RUN_B-HOW next to RUN_A).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", "--force", help="Replace an existing output folder.")] = False,
+    hub_dir: HubDir = None,
+):
+    """Combine LoRA adapters with peft's add_weighted_adapter into a new run folder that predict, eval and merge
+    take like any other; task heads are averaged with the weights (README: Several adapters on one base)."""
+    from peftkit import adapters
+
+    parsed = []
+    for item in weights.split(","):
+        try:
+            parsed.append(float(item))
+        except ValueError:
+            raise UserError(f"--weights {weights}: '{item}' is not a number; give one per run, e.g. 0.7,0.3") from None
+    adapters.check_combination(how, parsed, len(runs), density, svd_rank)  # before any model is loaded
+    _quiet_libraries()
+    report = adapters.combine(runs, parsed, how, out, density=density, svd_rank=svd_rank, overwrite=overwrite,
+                              hub_dir=hub_dir)  # fmt: skip
+    table = Table("run", "weight", *[f"{split} {k}" for split, m in report["sources"][0]["metrics"].items() for k in m])
+    for source in report["sources"]:
+        table.add_row(Path(source["run"]).name, f"{source['weight']:g}",
+                      *[f"{v:.4f}" for m in source["metrics"].values() for v in m.values()])  # fmt: skip
+    console.print(table)
+    console.print(f"combined ({report['how']}, rank {report['rank']}; heads: {report['heads']}): "
+                  f"[bold]{report['output']}[/]  (`peftkit eval {report['output']}` scores it)")  # fmt: skip
 
 
 def _runs_progress():

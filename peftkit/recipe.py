@@ -34,6 +34,11 @@ class ModelSection(Section):
         "see benchmarks/RESULTS.md), sdpa elsewhere.",
     )
     trust_remote_code: bool = Field(False, description="Run model code from the Hub. Off unless you trust it.")
+    adapter: str | None = Field(
+        None, description="Start training from this trained adapter: a run folder, or user/name[@revision] from the "
+        "local hub (PEFTKIT_HUB_DIR) or the Hugging Face Hub (`peftkit push` publishes one). Its base model, task, "
+        "labels and method section must match this recipe's."
+    )
 
 
 class SplitSection(Section):

@@ -3,6 +3,7 @@
     recipe -> data (splits, labels) -> base model (+ 8/4-bit) -> method -> train -> evaluate -> export
 """
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -17,9 +18,13 @@ from peftkit.tasks import TASKS
 log = logging.getLogger("peftkit")
 
 
-def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path:
+def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path | None:
     """Train and export; the run folder appears complete or not at all (`<folder>.partial` while running).
-    `resume`: continue an interrupted run from the newest checkpoint in its `.partial` folder."""
+    `resume`: continue an interrupted run from the newest checkpoint in its `.partial` folder.
+
+    Started by torchrun / `accelerate launch` (or `peftkit run --processes N`), every process runs this, each on
+    its share of every batch of batches; only the main process writes (and returns the folder; the others
+    return None)."""
     from accelerate.utils import set_seed
 
     from peftkit import checkpoint
@@ -27,15 +32,18 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path:
     task, method = TASKS[recipe.task.type], METHODS[recipe.method.name]
     accelerator = train.make_accelerator(recipe.train.precision, recipe.train.grad_accum)
     set_seed(recipe.train.seed)
-    with atomic.building(recipe.output_dir, overwrite, keep_failed=True, resume=resume) as run_dir:
-        handler = _log_to_file(run_dir / "train.log")
+    main = accelerator.is_main_process
+    with _run_folder(recipe, accelerator, overwrite, resume) as run_dir:
+        handler = _log_to_file(run_dir / "train.log") if main else logging.NullHandler()
         try:
             resume_from = _resume_point(run_dir, recipe) if resume else None
             if resume_from is not None and getattr(method, "RESUME_NOTE", None):
                 log.warning("--resume: %s", method.RESUME_NOTE)
-            (run_dir / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-            log.info("run %s -> %s (precision %s, device %s)", recipe.name, recipe.output_dir,
-                     train.precision_of(accelerator), accelerator.device)  # fmt: skip
+            if main:
+                (run_dir / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+            log.info("run %s -> %s (precision %s, device %s%s)", recipe.name, recipe.output_dir,
+                     train.precision_of(accelerator), accelerator.device,
+                     f", {accelerator.num_processes} processes" if accelerator.num_processes > 1 else "")  # fmt: skip
             splits, labels = data.load(recipe.data, task)
             missing = [s for s in recipe.eval.splits if s not in splits]
             if missing:
@@ -46,8 +54,13 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path:
                 # Non-reentrant: the reentrant variant drops gradients when the checkpointed block's inputs do
                 # not require grad, which is the case with a frozen (e.g. quantised) base.
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            context = method_context(recipe, task, model, train.total_steps(len(splits["train"]), recipe.train))
+            steps = train.total_steps(len(splits["train"]), recipe.train, accelerator.num_processes)
+            context = method_context(recipe, task, model, steps)
             model = method.apply(model, recipe.method, context)
+            if recipe.model.adapter:  # continue from a published adapter (hub.py checks that it fits)
+                from peftkit import hub
+
+                hub.start_from(model, recipe, labels)
             tokenizer.padding_side = getattr(model, "peftkit_padding_side", tokenizer.padding_side)  # base.py
             counts = {**bench.parameter_counts(model), "flops_per_token": bench.training_flops_per_token(model)}
             memory = {"model_mib": bench.model_mib(model), "load_peak": bench.peak_memory(accelerator.device),
@@ -80,6 +93,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path:
                     final[split] = train.evaluate(model, loader, task, labels, accelerator, recipe.task)
                 log.info("%s: %s", split, train.short(final[split]))
 
+            if not main:
+                return None
             adapter_dir = run_dir / "adapter"
             export.save_adapter(accelerator.unwrap_model(model), tokenizer, adapter_dir, recipe, labels)
             metrics = {
@@ -103,6 +118,27 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path:
             logging.getLogger("peftkit").removeHandler(handler)
             handler.close()
     return recipe.output_dir
+
+
+@contextlib.contextmanager
+def _run_folder(recipe: Recipe, accelerator, overwrite: bool, resume: bool):
+    """atomic.building, for one process or several: every process checks the folder (so a refusal comes from
+    all of them at once), then the main process alone creates it, and renames (or removes) it once every
+    process is done with it. The others log only errors: the main process logs the same things."""
+    atomic.check(recipe.output_dir, overwrite, keep_failed=True, resume=resume)
+    accelerator.wait_for_everyone()  # before the folder is created or replaced
+    if accelerator.is_main_process:
+        with atomic.building(recipe.output_dir, overwrite, keep_failed=True, resume=resume) as run_dir:
+            yield run_dir
+            accelerator.wait_for_everyone()
+        return
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield atomic.partial_of(recipe.output_dir)
+        accelerator.wait_for_everyone()
+    finally:
+        log.setLevel(level)
 
 
 def _resume_point(run_dir: Path, recipe: Recipe) -> Path | None:
@@ -205,6 +241,19 @@ def load_base(recipe: Recipe, task, labels, device, precision: str = "no", dequa
     return tokenizer, model
 
 
+def finished_adapter(run_dir: Path) -> tuple[Path, Recipe]:
+    """(adapter folder, recipe) of a finished run or a pushed adapter repo; a clear error for anything else."""
+    from peftkit.hub import adapter_folder
+
+    run_dir = Path(run_dir)
+    adapter_dir = adapter_folder(run_dir)  # adapter/ in a run folder; the root of a pushed or pulled repo
+    if adapter_dir is None:
+        hint = " (an unfinished run: it has .partial in its name)" if run_dir.name.endswith(".partial") else ""
+        raise UserError(f"{run_dir} is not a finished peftkit run folder (adapter/peftkit.json and recipe.yaml) "
+                        f"or a pushed adapter repo (peftkit.json and recipe.yaml){hint}")  # fmt: skip
+    return adapter_dir, load_recipe(run_dir / "recipe.yaml")
+
+
 def load_trained(run_dir: Path, device=None, dequantize: bool = False, recipe: Recipe | None = None):
     """(recipe, task, tokenizer, model with its adapter, labels) of a finished run, ready for inference.
     `dequantize`: a quantised base is turned back into full precision first; `recipe` replaces the run's own
@@ -212,12 +261,8 @@ def load_trained(run_dir: Path, device=None, dequantize: bool = False, recipe: R
     import torch
     from transformers import AutoTokenizer
 
-    run_dir = Path(run_dir)
-    adapter_dir = run_dir / "adapter"
-    if not (adapter_dir / "peftkit.json").is_file():
-        hint = " (an unfinished run: it has .partial in its name)" if run_dir.name.endswith(".partial") else ""
-        raise UserError(f"{run_dir} is not a finished peftkit run folder: no adapter/peftkit.json{hint}")
-    recipe = recipe or load_recipe(run_dir / "recipe.yaml")
+    adapter_dir, own_recipe = finished_adapter(run_dir)
+    recipe = recipe or own_recipe
     info = json.loads((adapter_dir / "peftkit.json").read_text())
     task, labels = TASKS[recipe.task.type], info["labels"]
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -45,7 +45,10 @@ def make_accelerator(precision_choice: str, grad_accum: int, cpu: bool = False):
     device = torch.device("cuda") if torch.cuda.is_available() and not cpu else torch.device("cpu")
     precision = resolve_precision(precision_choice, device)
     mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision]
-    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=grad_accum, cpu=device.type == "cpu")
+    # The scheduler is stepped once per optimizer step, whatever the number of processes (accelerate's default
+    # steps it once per process, for schedules planned in single-process steps); fit() plans in per-process steps.
+    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=grad_accum, cpu=device.type == "cpu",
+                       step_scheduler_with_optimizer=False)  # fmt: skip
 
 
 def make_loader(dataset, collate, batch_size: int, shuffle: bool, group_by_length: bool, seed: int):
@@ -72,9 +75,11 @@ def make_loader(dataset, collate, batch_size: int, shuffle: bool, group_by_lengt
     return loader
 
 
-def total_steps(train_rows: int, cfg) -> int:
-    """Optimizer steps of a run (one process): what the scheduler, and AdaLoRA's rank budget, plan over."""
-    return cfg.max_steps or cfg.epochs * math.ceil(math.ceil(train_rows / cfg.batch_size) / cfg.grad_accum)
+def total_steps(train_rows: int, cfg, processes: int = 1) -> int:
+    """Optimizer steps of a run: what the scheduler, and AdaLoRA's rank budget, plan over. With several
+    processes each takes its own train.batch_size per step, so an epoch has `processes` times fewer steps."""
+    batches = math.ceil(train_rows / (cfg.batch_size * processes))
+    return cfg.max_steps or cfg.epochs * math.ceil(batches / cfg.grad_accum)
 
 
 def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=None, restore_best=True,
@@ -110,7 +115,7 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
         val_loader = accelerator.prepare(val_loader)
 
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
-    total = total_steps(len(splits["train"]), cfg)
+    total = total_steps(len(splits["train"]), cfg, accelerator.num_processes)
     epochs = math.ceil(total / steps_per_epoch)
     scheduler_name = {"constant": "constant_with_warmup"}.get(cfg.scheduler, cfg.scheduler)
     scheduler = get_scheduler(scheduler_name, optimizer, int(cfg.warmup_ratio * total), total)
@@ -120,8 +125,9 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
     sign = -1 if best_name in LOWER_IS_BETTER else 1
     best_score, best_state, best_epoch = -math.inf, None, None
     history, meter, step, first_epoch, skip, rng = [], bench.Throughput(), 0, 1, 0, None
+    inner = accelerator.unwrap_model(model)  # parameter names without DDP's "module." prefix
     if resume is not None:
-        done = checkpoint.load(resume, model, optimizer, scheduler, accelerator.scaler)
+        done = checkpoint.load(resume, inner, optimizer, scheduler, accelerator.scaler)
         step, first_epoch, skip, history = done["step"], done["epoch"], done["batches"], done["history"]
         best_score, best_epoch, best_state = done["best_score"], done["best_epoch"], done["best_state"]
         generator.set_state(done["rng"]["data_generator"])
@@ -133,12 +139,17 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
         # a checkpoint is only ever written of a healthy run: the losses since the last log, and the weights
         params = [p for p in model.parameters() if p.requires_grad]
         finite = torch.stack([p.detach().isfinite().all() for p in params]).all().item()
-        loss = running.item() / seen if seen else 0.0
-        _check_finite(loss if finite else math.nan, step, run_dir, cfg, precision_of(accelerator))
+        _check_finite(mean_loss(running, seen) if finite else math.nan, step, run_dir, cfg, precision_of(accelerator))
         progress = {"step": step, "epoch": epoch, "batches": batches, "history": history,
                     "best_score": best_score, "best_epoch": best_epoch}  # fmt: skip
-        checkpoint.save(run_dir, cfg.keep_checkpoints, model, optimizer, scheduler, accelerator.scaler,
-                        epoch_generator_state, progress, best_state)  # fmt: skip
+        if accelerator.is_main_process:  # the weights are the same in every process (gradients are averaged)
+            checkpoint.save(run_dir, cfg.keep_checkpoints, inner, optimizer, scheduler, accelerator.scaler,
+                            epoch_generator_state, progress, best_state)  # fmt: skip
+        accelerator.wait_for_everyone()
+
+    def mean_loss(running, seen: int) -> float:
+        # the mean over every process (one all-reduce), so that each process takes the same NaN decision
+        return accelerator.reduce(running, "mean").item() / seen if seen else 0.0
 
     scalars = _scalar_writer(run_dir, cfg.tensorboard and accelerator.is_main_process)
     with _progress(accelerator) as progress, scalars:
@@ -164,9 +175,10 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
                     if accelerator.sync_gradients and cfg.max_grad_norm:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                     optimizer.step()
-                    scheduler.step()
-                    if after_step is not None and accelerator.sync_gradients:
-                        after_step(accelerator.unwrap_model(model), step + 1)
+                    if accelerator.sync_gradients:
+                        scheduler.step()
+                        if after_step is not None:
+                            after_step(inner, step + 1)
                     optimizer.zero_grad(set_to_none=True)
                 running += loss.detach()
                 seen += 1
@@ -175,13 +187,13 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
                     continue
                 step += 1
                 if step % cfg.log_every == 0 or step == total:
-                    mean_loss = running.item() / seen  # the only host sync: once per log interval
-                    _check_finite(mean_loss, step, run_dir, cfg, precision_of(accelerator))
-                    rates = meter.rates()
+                    loss_now = mean_loss(running, seen)  # the only host sync: once per log interval
+                    _check_finite(loss_now, step, run_dir, cfg, precision_of(accelerator))
+                    rates = meter.rates(accelerator)
                     rate = f"{rates['samples_per_s']:.3g} samples/s, {rates['tokens_per_s']:.4g} tok/s"
-                    progress.update(bar, loss=mean_loss, rate=rate)
-                    log.debug("step %d  loss %.4f  lr %.2e  %s", step, mean_loss, scheduler.get_last_lr()[0], rate)
-                    scalars.add(step, {"train/loss": mean_loss, "train/lr": scheduler.get_last_lr()[0],
+                    progress.update(bar, loss=loss_now, rate=rate)
+                    log.debug("step %d  loss %.4f  lr %.2e  %s", step, loss_now, scheduler.get_last_lr()[0], rate)
+                    scalars.add(step, {"train/loss": loss_now, "train/lr": scheduler.get_last_lr()[0],
                                        "train/samples_per_s": rates["samples_per_s"],
                                        "train/tokens_per_s": rates["tokens_per_s"]})  # fmt: skip
                     running, seen = torch.zeros((), device=accelerator.device), 0
@@ -199,7 +211,7 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
                 score = sign * entry["validation"][best_name]
                 if score > best_score and restore_best:
                     best_score, best_epoch = score, epoch
-                    best_state = trainable_tensors(model)
+                    best_state = trainable_tensors(inner)
                 log.info("epoch %d: %s", epoch, short(entry["validation"]))
                 scalars.add(step, {f"validation/{k}": v for k, v in entry["validation"].items()})
             history.append(entry)
@@ -208,9 +220,10 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
                     save_checkpoint(epoch + 1, 0, generator.get_state())
 
     if best_state is not None:
-        load_trainable(model, best_state, f"the adapter of epoch {best_epoch}")
+        load_trainable(inner, best_state, f"the adapter of epoch {best_epoch}")
         log.info("kept the adapter of epoch %d (best validation %s)", best_epoch, best_name)
-    return {"history": history, "best_epoch": best_epoch, "steps": step, **meter.rates(), "tokens": meter.tokens}
+    rates = meter.rates(accelerator)
+    return {"history": history, "best_epoch": best_epoch, "steps": step, **rates, "processes": accelerator.num_processes}
 
 
 class _Scalars:
@@ -262,7 +275,8 @@ def evaluate(model, loader, task, labels, accelerator, config) -> dict:
             predictions.extend(preds.cpu().tolist())
             references.extend(refs.cpu().tolist())
     model.train()
-    return task.compute_metrics(predictions, references, labels, config, loader.dataset)
+    # rows: how many encoded rows were scored (QA: windows) — the split's size, whatever the process count
+    return {**task.compute_metrics(predictions, references, labels, config, loader.dataset), "rows": len(predictions)}
 
 
 def model_inputs(batch) -> dict:

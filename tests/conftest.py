@@ -62,6 +62,18 @@ def sentiment_csv(tmp_path_factory) -> Path:
     return write_csv(tmp_path_factory.mktemp("data") / "reviews.csv", sentiment_rows(200))
 
 
+def small_recipe(model: Path, data: Path, runs: Path) -> dict:
+    """The recipe `recipe_file` writes, as a dict (for fixtures that outlive one test)."""
+    return {
+        "model": {"name": str(model)},
+        "data": {"source": str(data), "columns": {"text": "review", "label": "sentiment"}, "labels": ["neg", "pos"]},
+        "task": {"type": "classification", "max_length": 32},
+        "method": {"name": "lora", "r": 4, "alpha": 8},
+        "train": {"epochs": 1, "batch_size": 16, "lr": 5e-3},
+        "export": {"output_dir": str(runs / "{name}")},
+    }
+
+
 @pytest.fixture
 def recipe_file(tmp_path, tiny_bert, sentiment_csv):
     """Write a small recipe for the tiny model and data; keyword arguments replace whole sections."""
@@ -69,15 +81,7 @@ def recipe_file(tmp_path, tiny_bert, sentiment_csv):
     def write(**sections) -> Path:
         import yaml
 
-        recipe = {
-            "model": {"name": str(tiny_bert)},
-            "data": {"source": str(sentiment_csv), "columns": {"text": "review", "label": "sentiment"},
-                     "labels": ["neg", "pos"]},  # fmt: skip
-            "task": {"type": "classification", "max_length": 32},
-            "method": {"name": "lora", "r": 4, "alpha": 8},
-            "train": {"epochs": 1, "batch_size": 16, "lr": 5e-3},
-            "export": {"output_dir": str(tmp_path / "runs" / "{name}")},
-        }
+        recipe = small_recipe(tiny_bert, sentiment_csv, tmp_path / "runs")
         recipe.update(sections)
         path = tmp_path / "recipe.yaml"
         path.write_text(yaml.safe_dump(recipe))
@@ -86,10 +90,11 @@ def recipe_file(tmp_path, tiny_bert, sentiment_csv):
     return write
 
 
-def peftkit(*args, cwd=None) -> subprocess.CompletedProcess:
-    """Run the real command line, as a user would."""
+def peftkit(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
+    """Run the real command line, as a user would (`env`: its environment, e.g. HF_ENDPOINT; default: ours)."""
     return subprocess.run(
-        [sys.executable, "-m", "peftkit", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600
+        [sys.executable, "-m", "peftkit", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env,
+        timeout=600,
     )
 
 

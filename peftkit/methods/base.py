@@ -108,6 +108,30 @@ def load(base_model, adapter_dir: Path, context: Context):
     return type(base_model).from_pretrained(adapter_dir, dtype=torch.float32)  # full fine-tuning: a whole model
 
 
+def load_weights(model, adapter_dir: Path) -> None:
+    """Copy the trained tensors saved in `adapter_dir` into `model`, to which the same method with the same options
+    was just applied (a run starting from a published adapter). Raises ValueError when they do not fit."""
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if (adapter_dir / "adapter_config.json").is_file():
+        # peft saves names without the adapter name ("...lora_A.weight"); this puts them back under "default"
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        result = set_peft_model_state_dict(model, load_peft_weights(str(adapter_dir), device="cpu"))
+        missing, unexpected = trainable & set(result.missing_keys), result.unexpected_keys
+    elif (adapter_dir / OWN_CONFIG).is_file():
+        return load_trainable(model, load_file(adapter_dir / OWN_WEIGHTS), adapter_dir)
+    else:  # full fine-tuning: the whole model (tied weights are stored once, so only unexpected names count)
+        tensors = {k: v for f in sorted(adapter_dir.glob("*.safetensors")) for k, v in load_file(f).items()}
+        result = model.load_state_dict(tensors, strict=False)
+        missing, unexpected = set(), result.unexpected_keys
+    if missing or unexpected:
+        raise ValueError(f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+
+
 # --- peft -----------------------------------------------------------------------------------------------------
 
 

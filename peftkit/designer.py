@@ -1,0 +1,653 @@
+"""`peftkit init`: design a commented recipe from a data file and a model.
+
+    read the data (data.py's readers) -> column roles and task -> label set and counts
+    -> the model's config, built on the meta device (no weights): size, layers, positions
+    -> tokenize a sample: length distribution -> max_length
+    -> method, precision, batch, learning rate for the model's size and this machine
+    -> YAML text with a comment on every decision -> checked with load_recipe -> written atomically
+
+The recipe sets only what was decided from the data, the model or the hardware; everything else is left to the
+schema's defaults (recipe.py), which the comments name where they matter.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import tempfile
+import textwrap
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peftkit import assets
+from peftkit.errors import UserError, did_you_mean
+
+log = logging.getLogger("peftkit")
+
+SAMPLE_ROWS = 2000  # rows tokenized to measure lengths: enough for a stable 99th percentile, a few seconds
+PERCENTILE = 99  # max_length covers this share of the sampled rows (1 in 100 is truncated)
+LABEL_NAMES = ("label", "labels", "category", "class", "sentiment", "target", "intent", "topic", "emotion", "stance")
+MAX_CLASSES = 100  # a column with more distinct values is not taken for a label
+IMBALANCE = 5  # largest / smallest class count from which macro-F1, not accuracy, picks the kept epoch
+BIG_MODEL = 1e9  # parameters from which the base is quantised to 4 bits (QLoRA) on a GPU
+TARGET_STEPS = 600  # optimizer steps the epoch count aims at (e.g. recipes/sentiment-lora.yaml: 2 x ~350)
+AUTO_CLASSES = {  # the head each task puts on the model (tasks/*.py load_model)
+    "classification": "AutoModelForSequenceClassification",
+    "token_classification": "AutoModelForTokenClassification",
+    "question_answering": "AutoModelForQuestionAnswering",
+    "causal_lm": "AutoModelForCausalLM",
+}
+
+
+@dataclass
+class Column:
+    """What a data column holds, from a sample of its rows."""
+
+    name: str
+    kind: str  # text, number, list, dict, empty
+    distinct: int
+    mean_chars: float = 0.0
+
+    def describe(self) -> str:
+        if self.kind == "text":
+            return f"{self.name} (text, {self.distinct:,} distinct, mean {self.mean_chars:.0f} characters)"
+        return f"{self.name} ({self.kind}, {self.distinct:,} distinct)"
+
+
+@dataclass
+class Design:
+    """Every decision, with the facts behind it; `spec` is the recipe as a mapping, `notes` the comments."""
+
+    spec: dict = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)  # (section, key[, "before"]) -> comment; (section,) -> lines atop
+    summary: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def set(self, section: str, key: str, value, why: str | None = None, before: tuple[str, ...] = ()) -> None:
+        """`why`: the comment on the key's line (or above it, when long); `before`: comment lines above it."""
+        self.spec.setdefault(section, {})[key] = value
+        if why:
+            self.notes[(section, key)] = why
+        if before:
+            self.notes[(section, key, "before")] = list(before)
+
+    def explain(self, section: str, *lines: str) -> None:
+        self.notes.setdefault((section,), []).extend(lines)
+
+
+# --- data -----------------------------------------------------------------------------------------------------
+
+
+def read_data(source: str, encoding: str):
+    """(the source's splits, data.format to write or None): through data.py's readers, so init reads a file
+    exactly as `peftkit run` will. A text file of `token tag` lines with an extension data.py does not know
+    (e.g. WNUT's ner.txt) is recognised as CoNLL."""
+    from peftkit import data
+    from peftkit.recipe import DataSection
+
+    path = assets.resolve_file(source)
+    fmt = None
+    if path is not None:
+        if path.is_dir():
+            raise UserError(f"{source} is a folder; give a data file (csv, tsv, json, jsonl, parquet, conll)")
+        try:
+            data._format_of(path)
+        except UserError:
+            if not _looks_like_conll(path):
+                raise
+            fmt = "conll"
+    try:
+        splits = data._read(DataSection(source=source, encoding=encoding, format=fmt or "auto"))
+    except UserError as err:
+        if "data.encoding" in str(err):  # the recipe key; on this command line it is an option
+            raise UserError(f"{err} (here: peftkit init --encoding ENCODING)") from None
+        raise
+    if all(len(split) == 0 for split in splits.values()):
+        raise UserError(f"{source} holds no data rows")
+    return splits, fmt
+
+
+def _looks_like_conll(path: Path) -> bool:
+    """Most non-blank lines of the first few hundred have 2+ whitespace-separated fields, and blank lines
+    separate sentences."""
+    from peftkit import data
+
+    opened = data._open_binary(path)
+    if opened is None:
+        return False
+    lines = []
+    with opened as f:
+        for _, raw in zip(range(400), f):
+            lines.append(raw.decode("utf-8", errors="replace").split())
+    filled = [fields for fields in lines if fields]
+    return bool(filled) and len(filled) < len(lines) and sum(len(f) >= 2 for f in filled) >= 0.95 * len(filled)
+
+
+def profile(split) -> dict[str, Column]:
+    """Each column's kind and number of distinct values, from up to 5,000 rows."""
+    rows = split.select(range(min(len(split), 5000)))
+    columns = {}
+    for name in rows.column_names:
+        values = [v for v in rows[name] if v is not None]
+        if not values:
+            columns[name] = Column(name, "empty", 0)
+        elif all(isinstance(v, str) for v in values):
+            columns[name] = Column(name, "text", len(set(values)), sum(map(len, values)) / len(values))
+        elif all(isinstance(v, (bool, int, float)) for v in values):
+            columns[name] = Column(name, "number", len(set(values)))
+        elif all(isinstance(v, list) for v in values):
+            columns[name] = Column(name, "list", len({x for v in values for x in v if isinstance(x, (str, int))}))
+        else:
+            columns[name] = Column(name, "dict", 0)
+    return columns
+
+
+def _label_like(column: Column, rows: int, values: list) -> bool:
+    """Few distinct values, each short, and not fractional numbers: could be a class label."""
+    if column.kind == "text":
+        return 2 <= column.distinct <= min(MAX_CLASSES, max(2, rows // 10)) and column.mean_chars <= 40
+    if column.kind == "number":
+        whole = all(isinstance(v, (bool, int)) or float(v).is_integer() for v in values if v is not None)
+        return whole and 2 <= column.distinct <= min(MAX_CLASSES, max(2, rows // 10))
+    return False
+
+
+def _label_candidates(columns: dict[str, Column], values, given: dict[str, str]) -> list[Column]:
+    rows = len(values(next(iter(columns))))
+    return [c for c in columns.values() if c.name not in given.values() and _label_like(c, rows, values(c.name))]
+
+
+def _check_columns(given: dict[str, str], available: list[str]) -> None:
+    for role, name in given.items():
+        if name not in available:
+            raise UserError(f"column '{name}' (for {role}) is not in the data{did_you_mean(name, available)}; the "
+                            f"data has columns: {', '.join(available)}")  # fmt: skip
+
+
+def assign_roles(columns: dict[str, Column], values, task: str | None, given: dict[str, str]):
+    """(task, role -> column, why) from the columns' names and contents; `given` (the column options) wins.
+    `values(name)` returns a column's sampled values."""
+    from peftkit.tasks import TASKS
+
+    _check_columns(given, list(columns))
+    if task is not None and task not in TASKS:
+        raise UserError(f"--task {task}: unknown task{did_you_mean(task, TASKS)}; choose one of: {', '.join(TASKS)}")
+    all_roles = {role for t in TASKS.values() for role in t.COLUMNS}
+    unknown = [role for role in given if role not in all_roles]
+    if unknown:
+        raise UserError(f"--column {unknown[0]}=...: no task reads a role '{unknown[0]}'"
+                        f"{did_you_mean(unknown[0], all_roles)}; roles: {', '.join(sorted(all_roles))}")  # fmt: skip
+    named = {role: given.get(role, role) for role in all_roles if given.get(role, role) in columns}
+    why = {role: "given" for role in given}
+    if task is None:
+        task = _infer_task(columns, values, named, given)
+    if task == "token_classification":
+        roles = _list_roles(columns, named, given)
+    elif task == "question_answering":
+        roles = {r: named[r] for r in ("question", "context", "answers", "id") if r in named}
+        missing = [r for r in ("question", "context", "answers") if r not in roles]
+        if missing:
+            raise UserError(f"question answering needs question, context and answers columns; {', '.join(missing)} "
+                            f"not found. Map them with --column ROLE=COLUMN; the data has columns: "
+                            f"{', '.join(columns)}")  # fmt: skip
+    elif task == "causal_lm" and "prompt" in named and "response" in named:
+        roles = {"prompt": named["prompt"], "response": named["response"]}
+    else:
+        roles = {}
+        if task == "classification":
+            roles["label"], why["label"] = _label_column(columns, values, given)
+            if "text_pair" in named:
+                roles["text_pair"] = named["text_pair"]
+        text, why["text"] = _text_column(columns, values, given, set(roles.values()))
+        roles = {"text": text, **roles}
+    bad = [r for r in given if r not in TASKS[task].COLUMNS]
+    if bad:
+        raise UserError(f"a column was given for the role '{bad[0]}', which task {task} does not read; it reads: "
+                        f"{', '.join(TASKS[task].COLUMNS)}")  # fmt: skip
+    return task, roles, why
+
+
+def _infer_task(columns, values, named, given) -> str:
+    lists = [c for c in columns.values() if c.kind == "list"]
+    if "tokens" in named and "tags" in named or len(lists) == 2 and not given:
+        return "token_classification"
+    if all(r in named for r in ("question", "context", "answers")):
+        return "question_answering"
+    if "prompt" in named and "response" in named:
+        return "causal_lm"
+    if "label" in given:
+        return "classification"
+    candidates = _label_candidates(columns, values, given)
+    if not candidates:
+        return "causal_lm"  # text and nothing to classify it by: learn to continue the text
+    if len(candidates) > 1 and not any(c.name.lower() in LABEL_NAMES for c in candidates):
+        listed = ", ".join(c.describe() for c in candidates)
+        raise UserError(f"cannot tell the task from the data: several columns could be a class label ({listed}). "
+                        "Pass --label-column COLUMN for classification, or --task causal_lm to train a language "
+                        f"model on the text; the data has columns: {', '.join(columns)}")  # fmt: skip
+    return "classification"
+
+
+def _list_roles(columns, named, given) -> dict[str, str]:
+    if "tokens" in named and "tags" in named:
+        return {"tokens": named["tokens"], "tags": named["tags"]}
+    lists = sorted((c for c in columns.values() if c.kind == "list"), key=lambda c: c.distinct)
+    if len(lists) != 2:
+        raise UserError("token classification needs a column of tokens and one of tags (lists, one tag per token; "
+                        "or a CoNLL file); map them with --column tokens=COLUMN --column tags=COLUMN. The data has "
+                        f"columns: {', '.join(c.describe() for c in columns.values())}")  # fmt: skip
+    return {"tokens": lists[1].name, "tags": lists[0].name}  # the tag set is the smaller vocabulary
+
+
+def _label_column(columns, values, given) -> tuple[str, str]:
+    if "label" in given:
+        return given["label"], "given"
+    candidates = _label_candidates(columns, values, given)
+    if not candidates:
+        raise UserError("classification needs a label column (few distinct values), and none was found: "
+                        f"{', '.join(c.describe() for c in columns.values())}. Pass --label-column COLUMN")  # fmt: skip
+    by_name = [c for c in candidates if c.name.lower() in LABEL_NAMES]
+    if len(candidates) > 1 and not by_name:
+        raise UserError(f"several columns could be the label: {', '.join(c.describe() for c in candidates)}; "
+                        "pass --label-column COLUMN")  # fmt: skip
+    chosen = (by_name or candidates)[0]
+    others = [c.name for c in candidates if c is not chosen]
+    reason = f"{chosen.distinct} distinct values" + (" and a label's name" if by_name else "")
+    if others:
+        reason += f"; {', '.join(others)} could be one too (--label-column)"
+    return chosen.name, reason
+
+
+def _text_column(columns, values, given, taken: set[str]) -> tuple[str, str]:
+    if "text" in given:
+        return given["text"], "given"
+    rows = len(values(next(iter(columns))))
+    texts = [c for c in columns.values() if c.kind == "text" and c.name not in taken
+             and not _label_like(c, rows, values(c.name))]  # fmt: skip
+    if not texts:
+        raise UserError("no usable text column (strings with many distinct values) in the data: "
+                        f"{', '.join(c.describe() for c in columns.values())}. Pass --text-column COLUMN")  # fmt: skip
+    longest = max(texts, key=lambda c: c.mean_chars)
+    return longest.name, f"the longest text column, mean {longest.mean_chars:.0f} characters"
+
+
+def _blank(value) -> bool:
+    return value is None or not str(value).strip()
+
+
+def label_set(splits, role: str, per_token: bool) -> tuple[list, Counter, int]:
+    """(labels in id order, count of each, rows without a label), over every row of every split."""
+    counts, missing = Counter(), 0
+    for split in splits.values():
+        for value in split[role]:
+            if value is None:
+                missing += 1
+                continue
+            counts.update(value if per_token else [value])
+    if per_token:  # as data.py orders a tag set read from the data: "O" first, then sorted
+        return sorted(counts, key=lambda n: (str(n) != "O", str(n))), counts, missing
+    numeric = all(isinstance(v, int) and not isinstance(v, bool) for v in counts)
+    return sorted(counts, key=(lambda v: v) if numeric else str), counts, missing
+
+
+# --- model ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelFacts:
+    ref: str  # what from_pretrained loads (resolved)
+    model_type: str
+    params: int
+    max_positions: int | None
+    layers: list[str]  # adaptable layer names (last dotted component), head and output layer excluded
+    peft_default: list[str] | None
+    tokenizer: object
+
+
+def inspect_model(name: str, task: str, labels: list | None) -> ModelFacts:
+    """The model's config, tokenizer and layers, without loading its weights: the model is built on the meta
+    device (accelerate's init_empty_weights), so a 7B model costs no memory here."""
+    import transformers
+    from accelerate import init_empty_weights
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    from peftkit.methods import targets
+    from peftkit.tasks import TASKS
+
+    ref = assets.resolve_model(name)
+    try:
+        config = transformers.AutoConfig.from_pretrained(ref)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(ref)
+    except (OSError, ValueError) as err:  # OSError: not found / offline; ValueError: not a valid repo id
+        raise assets.hub_error("model.name", name, err) from None
+    if labels:
+        config.num_labels = len(labels)  # the head's size (it does not change which layers exist)
+    try:
+        with init_empty_weights():
+            model = getattr(transformers, AUTO_CLASSES[task]).from_config(config)
+    except ValueError as err:
+        raise UserError(f"--model {name}: a {config.model_type} model has no {task} head in transformers ({err})")
+    model.tie_weights()  # init_empty_weights leaves tied embeddings apart: they would count twice
+    output = model.get_output_embeddings()
+    output_layer = [n for n, m in model.named_modules() if output is not None and m is output]  # lm_head: not adapted
+    exclude = list(TASKS[task].HEAD_MODULES) + output_layer
+    layers = sorted({n.rsplit(".", 1)[-1] for n in targets.adaptable_layers(model, exclude)})
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if positions is None and getattr(tokenizer, "model_max_length", 0) < 1e6:
+        positions = tokenizer.model_max_length
+    return ModelFacts(ref, config.model_type, sum(p.numel() for p in model.parameters()), positions, layers,
+                      PEFT_DEFAULTS.get(config.model_type), tokenizer)  # fmt: skip
+
+
+def choose_targets(task: str, facts: ModelFacts) -> tuple[list[str], str]:
+    """Classification: peft's default for the architecture (what the run picks when target_modules is omitted;
+    attention only). Tagging, QA and generation: every linear layer, attention and feed-forward, as the
+    hand-written recipes do for them (recipes/ner-lora.yaml, qa-lora.yaml, lm-lora.yaml)."""
+    if not facts.layers:
+        raise UserError(f"--model: no linear layers found in this {facts.model_type} model for LoRA to adapt")
+    if task == "classification" and facts.peft_default and all(t in facts.layers for t in facts.peft_default):
+        return list(facts.peft_default), f"peft's default for {facts.model_type} (attention only)"
+    if facts.peft_default is None:
+        return facts.layers, f"every linear layer: peft has no default list for {facts.model_type}"
+    return facts.layers, ("every linear layer (attention and feed-forward): tagging, answers and generation need "
+                          "more than attention")
+
+
+# --- lengths --------------------------------------------------------------------------------------------------
+
+
+def token_lengths(task: str, roles: dict[str, str], split, tokenizer) -> list[int]:
+    """Tokens per example, as the task's preprocessing counts them before truncation, for a seeded sample."""
+    from peftkit.tasks import causal_lm
+
+    indices = sorted(random.Random(0).sample(range(len(split)), min(SAMPLE_ROWS, len(split))))
+    rows = split.select(indices)
+
+    def column(role):
+        return [str(v) for v in rows[roles[role]] if v is not None] if role in roles else None
+
+    if task == "token_classification":
+        encoded = tokenizer([list(map(str, t)) for t in rows[roles["tokens"]] if t], is_split_into_words=True)
+    elif task == "question_answering":
+        encoded = tokenizer(column("question"), column("context"))
+    elif task == "classification":
+        pairs = [(str(a), None if b is None else str(b)) for a, b in
+                 zip(rows[roles["text"]], rows[roles["text_pair"]] if "text_pair" in roles else [None] * len(rows))
+                 if not _blank(a)]  # fmt: skip
+        texts, second = [a for a, _ in pairs], [b or "" for _, b in pairs]
+        encoded = tokenizer(texts, second if "text_pair" in roles else None)
+    elif "prompt" in roles:
+        template = tokenizer.chat_template is not None  # causal_lm's chat_template: auto
+        return [len(causal_lm._prompt_and_full(tokenizer, str(p), str(r), template)[1])
+                for p, r in zip(rows[roles["prompt"]], rows[roles["response"]]) if not _blank(p)]  # fmt: skip
+    else:
+        eos = int(tokenizer.eos_token_id is not None)  # causal_lm appends end-of-sequence to every text
+        return [len(ids) + eos for ids in tokenizer([t for t in column("text") if t.strip()])["input_ids"]]
+    return [len(ids) for ids in encoded["input_ids"]]
+
+
+def choose_max_length(lengths: list[int], cap: int | None, floor: int) -> dict:
+    """The PERCENTILE-th percentile of the lengths, rounded up to a multiple of 8 (tensor-core friendly), at
+    least `floor`, at most the model's positions."""
+    import numpy as np
+
+    ordered = np.sort(np.array(lengths))
+    high = int(math.ceil(np.percentile(ordered, PERCENTILE)))
+    value = max(floor, 8 * math.ceil(high / 8))
+    if cap:
+        value = min(value, cap)
+    return {"value": value, "median": int(np.median(ordered)), "p95": int(math.ceil(np.percentile(ordered, 95))),
+            "high": high, "max": int(ordered[-1]), "mean": float(ordered.mean()), "sampled": len(ordered),
+            "cut": int((ordered > value).sum()), "capped": bool(cap and high > cap)}  # fmt: skip
+
+
+# --- the design -----------------------------------------------------------------------------------------------
+
+
+def design(source: str, model: str, task: str | None = None, columns: dict[str, str] | None = None,
+           encoding: str = "utf-8") -> Design:  # fmt: skip
+    """Every decision of the recipe, from the data, the model and this machine."""
+    from peftkit.tasks import TASKS
+
+    d = Design()
+    splits, fmt = read_data(source, encoding)
+    first = splits["train"] if "train" in splits else next(iter(splits.values()))
+    sample = first.select(sorted(random.Random(0).sample(range(len(first)), min(len(first), 5000))))
+    cols = profile(sample)
+    inferred = task is None
+    task, roles, why = assign_roles(cols, lambda name: sample[name], task, dict(columns or {}))
+    d.summary.append(f"task {task} ({'from the data' if inferred else 'given'}); columns: "
+                     + ", ".join(f"{r}={c}" for r, c in roles.items()))  # fmt: skip
+    labels = _data_section(d, source, splits, fmt, encoding, TASKS[task], cols, roles, why)
+    facts = inspect_model(model, task, labels)
+    positions = f", {facts.max_positions:,} positions" if facts.max_positions else ""
+    d.set("model", "name", model, f"{facts.model_type}, {_count(facts.params)} parameters{positions}")
+    d.summary.append(f"model {model}: {facts.model_type}, {_count(facts.params)} parameters")
+    m, packing = _task_section(d, task, roles, first, facts)
+    _method(d, task, facts)
+    _train_section(d, task, facts, m, packing, len(first), "validation" in splits)
+    return d
+
+
+def _data_section(d: Design, source, splits, fmt, encoding, module, cols, roles, why) -> list | None:
+    """data: source, format, columns, the label set with its counts, what to drop. Returns the labels."""
+    total = sum(len(s) for s in splits.values())
+    layout = f" in splits {', '.join(splits)}" if len(splits) > 1 else ", one split: validation and test cut from it"
+    d.set("data", "source", source, before=(f"{total:,} rows{layout} (data.splits)",))
+    if fmt:
+        d.set("data", "format", fmt, "token and tag per line, a blank line between sentences")
+    if encoding.lower().replace("_", "-") not in ("utf-8", "utf8"):
+        d.set("data", "encoding", encoding)
+    found = [f"{role}: '{col}' ({why.get(role, 'by its name')})" for role, col in roles.items()]
+    unused = [cols[c].describe() for c in cols if c not in roles.values()]
+    found += [f"not used: {', '.join(unused)}"] if unused else []
+    mapped = {role: col for role, col in roles.items() if col != role}
+    if mapped:
+        d.set("data", "columns", mapped, before=found)
+    else:
+        d.explain("data", *found)
+    labels = None
+    if module.LABEL_ROLE:
+        labels, counts, missing = label_set(splits, roles[module.LABEL_ROLE], module.LABELS_PER_TOKEN)
+        if len(labels) < 2:
+            raise UserError(f"the label column '{roles[module.LABEL_ROLE]}' has {len(labels)} distinct value(s); "
+                            "at least 2 are needed (--label-column picks another column)")  # fmt: skip
+        seen = sum(counts.values())
+        shares = ", ".join(f"{v} {counts[v]:,} ({100 * counts[v] / seen:.1f}%)" for v in labels)
+        unit = "tokens" if module.LABELS_PER_TOKEN else "rows"
+        d.set("data", "labels", [v if isinstance(v, int) and not isinstance(v, bool) else str(v) for v in labels],
+              before=(f"{unit} per label: {shares}", "id order; to leave a class out, remove it here and set "
+                      "unknown_labels: drop"))  # fmt: skip
+        if missing:
+            d.set("data", "unknown_labels", "drop", f"{missing:,} row(s) have no label")
+        ratio = max(counts.values()) / min(counts.values())
+        if not module.LABELS_PER_TOKEN and ratio >= IMBALANCE:
+            rare = min(labels, key=lambda v: counts[v])
+            d.warnings.append(f"the classes are unbalanced: '{rare}' has {counts[rare]:,} rows, {ratio:.0f}x fewer "
+                              "than the largest; macro-F1 picks the kept epoch")  # fmt: skip
+            d.set("eval", "metric_for_best", "macro_f1", f"unbalanced classes ({ratio:.0f}:1): accuracy would "
+                  f"reward ignoring '{rare}'")  # fmt: skip
+        d.summary.append(f"{len(labels)} labels: " + ", ".join(f"{v} ({counts[v]:,})" for v in labels[:12])
+                         + (" ..." if len(labels) > 12 else ""))  # fmt: skip
+    text_roles = [r for r in ("text", "text_pair", "question", "context", "prompt", "response") if r in roles]
+    empty = sum(1 for s in splits.values() for r in text_roles for v in s[roles[r]] if _blank(v))
+    if empty:
+        d.set("data", "empty_texts", "drop", f"{empty:,} row(s) have an empty text")
+    return labels
+
+
+def _task_section(d: Design, task, roles, split, facts: ModelFacts) -> tuple[dict, bool]:
+    """task: max_length from the data's length distribution (and, by task, packing / windows)."""
+    d.set("task", "type", task)
+    lengths = token_lengths(task, roles, split, facts.tokenizer)
+    if not lengths:
+        raise UserError("every sampled row has an empty text; check the columns (--text-column)")
+    floor = 64 if task == "question_answering" else 8  # QA windows hold the question and some context
+    m = choose_max_length(lengths, facts.max_positions, min(floor, facts.max_positions or floor))
+    what = {"token_classification": "sub-words per sentence", "question_answering": "tokens per question + context"}
+    distribution = (f"{what.get(task, 'tokens per example')} ({m['sampled']:,} sampled rows, this model's tokenizer): "
+                    f"median {m['median']}, p95 {m['p95']}, p{PERCENTILE} {m['high']}, max {m['max']}")  # fmt: skip
+    basis = (f"the model's {facts.max_positions} positions (p{PERCENTILE} is {m['high']})" if m["capped"]
+             else f"p{PERCENTILE} rounded up to a multiple of 8")  # fmt: skip
+    share = f"{m['cut']:,} of {m['sampled']:,} sampled rows ({100 * m['cut'] / m['sampled']:.1f}%)"
+    packing = task == "causal_lm" and "text" in roles and m["median"] <= m["value"] / 2
+    if packing:
+        cut = "no text is cut: packed texts run on into the next block"
+    elif task == "question_answering":
+        cut = f"{share} span several windows"
+    else:
+        cut = f"truncates {share}"
+    d.set("task", "max_length", m["value"], f"{basis}; {cut}", before=(distribution,))
+    d.summary.append(f"max_length {m['value']}: {basis}; {cut} ({distribution})")
+    if packing:
+        d.set("task", "packing", True, f"short texts (median {m['median']} tokens): join them into full blocks")
+    if task == "question_answering":
+        d.set("task", "doc_stride", max(8, m["value"] // 3 // 8 * 8), "overlap of consecutive windows: max_length / 3")
+        unanswerable = sum(1 for a in split[roles["answers"]] if not (a or {}).get("text"))
+        if unanswerable:
+            d.set("task", "unanswerable", True, f"{unanswerable:,} question(s) have no answer (SQuAD 2.0 style)")
+    return m, packing
+
+
+def _train_section(d: Design, task: str, facts: ModelFacts, m: dict, packing: bool, rows: int,
+                   has_validation: bool) -> None:  # fmt: skip
+    """train: a batch that fits the model's size and max_length, a rate for LoRA at that size, epochs that give
+    about TARGET_STEPS optimizer steps."""
+    from peftkit.recipe import SplitSection, TrainSection
+
+    small = facts.params < 3e8
+    budget = 8192 if small else 4096 if facts.params < 3e9 else 2048  # tokens per forward pass
+    if task == "causal_lm":  # fp32 logits over the whole vocabulary at every position dominate the memory
+        budget = min(budget, 2048)
+    batch = max(1, min(32, 2 ** int(math.log2(max(1, budget // m["value"])))))
+    accum = max(1, 16 // batch)
+    d.set("train", "batch_size", batch, f"about {budget:,} tokens per forward pass at max_length {m['value']}")
+    if accum > 1:
+        d.set("train", "grad_accum", accum, f"an effective batch of {batch * accum}")
+    lr = 1e-3 if small else 3e-4 if facts.params < 3e9 else 2e-4
+    d.set("train", "lr", lr, "LoRA takes a higher rate than full fine-tuning; lower for larger models")
+    train_rows = rows * (1 if has_validation else SplitSection().train)
+    examples = train_rows * m["mean"] / m["value"] if packing else train_rows
+    per_epoch = max(1, math.ceil(examples / (batch * accum)))
+    most = 3 if task == "causal_lm" else 10  # more passes over the same text overfit a language model
+    epochs = max(1, min(most, round(TARGET_STEPS / per_epoch)))
+    d.set("train", "epochs", epochs, f"{per_epoch:,} steps per epoch, {epochs * per_epoch:,} in all (aiming at about "
+          f"{TARGET_STEPS}" + (f"; at most {most} epochs)" if epochs == most else ")"))  # fmt: skip
+    defaults = TrainSection()
+    d.explain("train", f"warmup_ratio {defaults.warmup_ratio}, scheduler {defaults.scheduler}, max_grad_norm "
+              f"{defaults.max_grad_norm} and seed {defaults.seed} are the schema defaults; train.max_steps caps a "
+              "quick trial run")  # fmt: skip
+
+
+def hardware() -> tuple[str, str]:
+    """(device type, the precision `train.precision: auto` resolves to there): what the run will train on."""
+    import torch
+
+    from peftkit import train
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device.type, train.resolve_precision("auto", device)
+
+
+def _method(d: Design, task: str, facts: ModelFacts) -> None:
+    from peftkit.methods import METHODS
+
+    device, precision = hardware()
+    cuda = device == "cuda"
+    big = facts.params > BIG_MODEL
+    targets, reason = choose_targets(task, facts)
+    if big and cuda:
+        why = f"QLoRA: {_count(facts.params)} parameters on a GPU; the frozen base in 4 bits, LoRA in {precision}"
+    elif big:
+        why = (f"{_count(facts.params)} parameters, but no GPU: a full-precision base, since bitsandbytes' CPU "
+               "kernels are slower than fp32 (benchmarks/RESULTS.md)")  # fmt: skip
+        d.warnings.append(f"a {_count(facts.params)}-parameter model on the CPU trains slowly; consider a GPU")
+    else:
+        why = f"a small model ({_count(facts.params)}): LoRA on a full-precision base"
+    defaults = METHODS["lora"].Config(name="lora")
+    d.explain("method", f"r {defaults.r}, alpha {defaults.alpha:g} and dropout {defaults.dropout} are the schema "
+              "defaults (a higher r for harder tasks); ia3 trains fewer parameters, full is the reference")  # fmt: skip
+    d.set("method", "name", "lora", why)
+    d.set("method", "target_modules", targets, reason, before=(f"layers this model offers: {', '.join(facts.layers)}",))
+    if big and cuda:
+        d.set("quantization", "bits", 4, "NF4 with double quantisation (schema defaults); needs peftkit[quant]")
+        d.set("train", "gradient_checkpointing", True, "recompute activations: memory for a large model")
+    d.explain("train", f"precision: auto (schema default) is {precision} on this machine ({device})")
+    d.summary.append(f"method lora on {', '.join(targets)}" + (" with a 4-bit base (QLoRA)" if big and cuda else "")
+                     + f"; precision {precision} on {device}")  # fmt: skip
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+
+# --- the YAML text --------------------------------------------------------------------------------------------
+
+
+def _flow(value) -> str:
+    """One YAML value on one line, quoted where YAML would misread it ('no', '1.0', 'null')."""
+    import yaml
+
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**9, allow_unicode=True, sort_keys=False).strip()
+    return text.removesuffix("...").strip()
+
+
+def _comment_lines(text: str, indent: str) -> list[str]:
+    return [f"{indent}# {line}" for line in textwrap.wrap(text, 116 - len(indent), break_on_hyphens=False)]
+
+
+def render(d: Design, out: Path) -> str:
+    lines = [f"# peftkit run {out}", "#",
+             *_comment_lines("Written by `peftkit init` from the data and the model below. Each setting's comment "
+                             "says what in the data, the model or this machine it comes from; every key not set "
+                             "here takes its schema default (`peftkit schema` lists them all).", "")]  # fmt: skip
+    for section in ("model", "data", "task", "method", "quantization", "train", "eval"):
+        if section not in d.spec:
+            continue
+        lines += ["", f"{section}:"]
+        lines += _comment_lines_all(d.notes.get((section,), []))
+        for key, value in d.spec[section].items():
+            entry = f"  {key}: {_flow(value)}"
+            if len(entry) > 118 and isinstance(value, list):  # a flow list may continue on indented lines
+                entry = "\n".join(textwrap.wrap(entry, 118, subsequent_indent="    ", break_long_words=False,
+                                                 break_on_hyphens=False))  # fmt: skip
+            lines += _comment_lines_all(d.notes.get((section, key, "before"), []))
+            note = d.notes.get((section, key))
+            if note and len(entry) < 34 and len(note) < 84:
+                entry = f"{entry:<34} # {note}"
+            elif note:
+                lines += _comment_lines(note, "  ")
+            lines.append(entry)
+    return "\n".join(lines) + "\n"
+
+
+def _comment_lines_all(notes: list[str]) -> list[str]:
+    return [line for note in notes for line in _comment_lines(note, "  ")]
+
+
+def write(d: Design, out: Path, force: bool) -> Path:
+    """Write the recipe atomically, after checking that it validates and reads back as designed (a failure
+    there is a bug in the designer, not the user's)."""
+    import yaml
+
+    from peftkit.recipe import load_recipe
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; pass --force to replace it, or choose another file with --out")
+    text = render(d, out)
+    if yaml.safe_load(text) != d.spec:
+        raise RuntimeError(f"peftkit init wrote a recipe that does not read back as designed:\n{text}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".peftkit-init-") as tmp:
+        draft = Path(tmp) / out.name  # same name, so the recipe's default name (the file's stem) is the same
+        draft.write_text(text, encoding="utf-8")
+        try:
+            load_recipe(draft)
+        except UserError as err:
+            raise RuntimeError(f"peftkit init designed a recipe that does not validate ({err}):\n{text}") from None
+        os.replace(draft, out)
+    return out

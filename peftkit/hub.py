@@ -1,0 +1,440 @@
+"""Share adapters: `peftkit push` a finished run to the Hugging Face Hub or to a local directory hub, and pull one
+back by name (`peftkit predict user/name`, `model.adapter: user/name` in a recipe).
+
+A pushed repo holds at its root what a user of plain peft expects there, so `PeftModel.from_pretrained(base,
+"user/name")` works, plus what peftkit needs to use it again:
+
+    adapter_config.json, adapter_model.safetensors (or the method's own format), tokenizer files
+    peftkit.json        task, method, format, base model, labels
+    recipe.yaml         the fully resolved recipe it was trained with
+    metrics.json        per-split metrics, per-epoch history, counts
+    README.md           the model card (YAML metadata + what was trained, how, and how well)
+    training_curve.png  training loss and validation metric (needs matplotlib: the `bench` extra)
+
+The local directory hub keeps the same files in DIR/<user>/<name>/<revision>/ (revision `main` unless one is
+given), each revision written atomically; it serves offline use and tests. Pulling looks at a local run folder
+first, then the local hub (--hub-dir or PEFTKIT_HUB_DIR), then the Hugging Face Hub (its cache included).
+The Hub token is huggingface_hub's own (HF_TOKEN, or `hf auth login`): peftkit never reads, prints or stores it.
+"""
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from peftkit import atomic
+from peftkit.errors import UserError
+
+log = logging.getLogger("peftkit")
+
+HUB_DIR_ENV = "PEFTKIT_HUB_DIR"
+DEFAULT_REVISION = "main"
+LOGIN_FIX = "log in with `hf auth login` or set HF_TOKEN to a token with write access"
+# task.type -> (the Hub's pipeline tag, the transformers class a plain-peft user loads the base with)
+PIPELINES = {
+    "classification": ("text-classification", "AutoModelForSequenceClassification"),
+    "token_classification": ("token-classification", "AutoModelForTokenClassification"),
+    "question_answering": ("question-answering", "AutoModelForQuestionAnswering"),
+    "causal_lm": ("text-generation", "AutoModelForCausalLM"),
+}
+LIBRARY = {"peft": "peft", "full": "transformers", "peftkit": "peftkit"}  # adapter format -> what loads it
+
+
+# --- names and folders ----------------------------------------------------------------------------------------
+
+
+def parse_ref(ref: str) -> tuple[str, str]:
+    """`user/name[@revision]` -> (repo id, revision), checked with huggingface_hub's own rules."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    repo_id, _, revision = str(ref).partition("@")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise UserError(f"'{repo_id}' is not a repo id ({err}); use user/name or user/name@revision") from None
+    if "/" not in repo_id:
+        raise UserError(f"'{repo_id}' has no namespace; use user/name (your user or organisation name first)")
+    return repo_id, revision or DEFAULT_REVISION
+
+
+def adapter_folder(folder: Path) -> Path | None:
+    """Where the adapter of a run folder (adapter/) or of a pushed/pulled repo (the root) lies; None if neither."""
+    folder = Path(folder)
+    for candidate in (folder / "adapter", folder):
+        if (candidate / "peftkit.json").is_file() and (folder / "recipe.yaml").is_file():
+            return candidate
+    return None
+
+
+def resolve_run(ref, hub_dir: Path | str | None = None) -> Path:
+    """A finished run or pulled repo folder for `ref`: a local folder as given; else `user/name[@revision]` from
+    the local hub (`hub_dir`, or PEFTKIT_HUB_DIR), else from the Hugging Face Hub (downloaded into its cache)."""
+    path = Path(str(ref)).expanduser()
+    if path.exists():
+        return path
+    try:
+        repo_id, revision = parse_ref(str(ref))
+    except UserError as err:
+        raise UserError(f"{ref}: no such run folder, nor the name of a pushed adapter: {err}") from None
+    hub_dir = hub_dir or os.environ.get(HUB_DIR_ENV)
+    if hub_dir:
+        local = Path(hub_dir) / repo_id / revision
+        if local.is_dir():
+            return local
+    folder = _download(repo_id, revision, searched=f"no folder {ref}, nothing in the local hub {hub_dir}" if hub_dir
+                       else f"no folder {ref}")  # fmt: skip
+    if adapter_folder(folder) is None:
+        raise UserError(f"{repo_id}@{revision} is not a peftkit adapter repo (no peftkit.json and recipe.yaml at its "
+                        "root); push one with `peftkit push RUN_DIR --repo user/name`")  # fmt: skip
+    return folder
+
+
+def _download(repo_id: str, revision: str, searched: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision))
+    except RevisionNotFoundError:
+        raise UserError(f"{repo_id} has no revision '{revision}' on the Hugging Face Hub; check the name after @") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"{repo_id}: {searched}, and no such repo on the Hugging Face Hub (if it is private, "
+                        f"{LOGIN_FIX.replace('write', 'read')}); check the name") from None  # fmt: skip
+    except LocalEntryNotFoundError:
+        raise UserError(f"{repo_id}: {searched}, the Hugging Face Hub is unreachable (offline, or HF_HUB_OFFLINE "
+                        "is set) and no copy is cached; connect and retry, or pull from a local hub with --hub-dir "
+                        f"DIR or {HUB_DIR_ENV}") from None  # fmt: skip
+    except HfHubHTTPError as err:
+        raise _http_error(err, repo_id) from None
+
+
+# --- the folder a push uploads --------------------------------------------------------------------------------
+
+
+def finished_run(run_dir: Path) -> Path:
+    """The adapter folder of a finished run (or of a pulled repo, to push it again), or a clear error."""
+    adapter = adapter_folder(run_dir)
+    if adapter is None or not (Path(run_dir) / "metrics.json").is_file():
+        hint = " (an unfinished run: it has .partial in its name)" if Path(run_dir).name.endswith(".partial") else ""
+        raise UserError(f"{run_dir} is not a finished peftkit run folder (adapter/peftkit.json, recipe.yaml and "
+                        f"metrics.json){hint}; push the folder `peftkit run` printed")  # fmt: skip
+    return adapter
+
+
+def build_folder(run_dir: Path, out: Path, repo_id: str) -> list[str]:
+    """Write the repo's files into `out`; returns notes for the user (e.g. a plot skipped)."""
+    run_dir, out = Path(run_dir), Path(out)
+    adapter = finished_run(run_dir)
+    for item in adapter.iterdir():  # the adapter's own README.md (peft's empty card) is replaced below
+        if item.is_file() and item.name != "README.md":
+            shutil.copy2(item, out / item.name)
+    for name in ("recipe.yaml", "metrics.json"):
+        shutil.copy2(run_dir / name, out / name)
+    notes = []
+    if not training_curve(run_dir, out / "training_curve.png"):
+        notes.append("training_curve.png skipped: matplotlib is not installed (pip install 'peftkit[bench]')")
+    model_card(run_dir, repo_id, plot=(out / "training_curve.png").is_file()).save(out / "README.md")
+    return notes
+
+
+def listing(folder: Path) -> list[tuple[str, int]]:
+    return sorted((str(f.relative_to(folder)), f.stat().st_size) for f in Path(folder).rglob("*") if f.is_file())
+
+
+# --- the model card -------------------------------------------------------------------------------------------
+
+
+def model_card(run_dir: Path, repo_id: str, plot: bool = True):
+    """huggingface_hub's ModelCard: metadata the Hub indexes, then what was trained, how, and how well."""
+    import yaml
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    from peftkit.tasks import TASKS
+
+    run_dir = Path(run_dir)
+    adapter = finished_run(run_dir)
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    info = json.loads((adapter / "peftkit.json").read_text(encoding="utf-8"))
+    task, method, base_model = info["task"], info["method"], info["base_model"]
+    pipeline, auto_class = PIPELINES[task]
+    splits = [s for s in recipe["eval"]["splits"] if isinstance(metrics.get(s), dict)]
+    names = [m for m in TASKS[task].METRICS if any(isinstance(metrics[s].get(m), (int, float)) for s in splits)]
+    on_hub = _hub_model_id(base_model)
+    dataset = _hub_dataset(recipe["data"]["source"])
+    results = None
+    if dataset:  # model-index entries must name a Hub dataset
+        results = [EvalResult(task_type=pipeline, dataset_type=dataset, dataset_name=dataset, dataset_split=s,
+                              metric_type=m, metric_value=metrics[s][m]) for s in splits for m in names]  # fmt: skip
+    data = ModelCardData(
+        base_model=on_hub, library_name=LIBRARY[info["format"]], pipeline_tag=pipeline, datasets=[dataset] if dataset else None,
+        metrics=names, tags=["peftkit", method, task] + (["lora"] if method != "lora" and "lora" in method else []),
+        model_name=repo_id.split("/")[-1], eval_results=results,
+    )  # fmt: skip
+    lines = [f"# {repo_id.split('/')[-1]}", ""]
+    lines += [f"A **{method}** {'fine-tune' if info['format'] == 'full' else 'adapter'} of "
+              f"{f'[{base_model}](https://huggingface.co/{base_model})' if on_hub else f'`{base_model}`'} for "
+              f"**{task.replace('_', ' ')}**, trained with peftkit from the recipe below."]  # fmt: skip
+    if not on_hub:
+        lines += ["", f"The base model was a local path (`{base_model}`), so it is not linked; load the same weights."]
+    if info.get("labels"):
+        lines += ["", "Labels, in id order: " + ", ".join(f"`{label}`" for label in info["labels"]) + "."]
+    lines += ["", "## Use it", "", *_usage(repo_id, info, auto_class), ""]
+    lines += ["## Results", "", *_results_table(metrics, splits, names), ""]
+    lines += ["## Training", "", f"- data: `{recipe['data']['source']}`", *_training_facts(metrics), ""]
+    if plot:
+        lines += ["![training curve](training_curve.png)", ""]
+    lines += ["## Recipe", "", "```yaml", (run_dir / "recipe.yaml").read_text(encoding="utf-8").rstrip(), "```", ""]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def _hub_model_id(name: str) -> str | None:
+    """The base model's Hub id, or None for a local path or a pkg:// reference (the Hub rejects those)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith("pkg://") or Path(name).expanduser().exists() or name.count("/") != 1:
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def _hub_dataset(source: str) -> str | None:
+    from peftkit import assets
+
+    try:
+        return source if assets.resolve_file(source) is None else None
+    except UserError:  # a local file that is gone: not a Hub dataset either
+        return None
+
+
+def _usage(repo_id: str, info: dict, auto_class: str) -> list[str]:
+    cli = [f"`peftkit predict {repo_id} \"your text\"` pulls and runs it; `model.adapter: {repo_id}` in a recipe "
+           "continues training from it."]  # fmt: skip
+    num_labels = f", num_labels={len(info['labels'])}" if info.get("labels") and auto_class != "AutoModelForCausalLM" else ""
+    if info["format"] == "peft":
+        return ["```python", "from peft import PeftModel", f"from transformers import {auto_class}", "",
+                f'base = {auto_class}.from_pretrained("{info["base_model"]}"{num_labels})',
+                f'model = PeftModel.from_pretrained(base, "{repo_id}")  # the trained task head comes with it',
+                "```", "", "Or with peftkit: " + cli[0]]  # fmt: skip
+    if info["format"] == "full":
+        return ["```python", f"from transformers import {auto_class}", "",
+                f'model = {auto_class}.from_pretrained("{repo_id}")', "```", "", "Or with peftkit: " + cli[0]]  # fmt: skip
+    return [f"This method is stored in peftkit's own format (peft cannot express it): {cli[0]}"]
+
+
+def _results_table(metrics: dict, splits: list[str], names: list[str]) -> list[str]:
+    rows = [("before training, " + s, metrics["before_training"][s]) for s in splits
+            if isinstance(metrics.get("before_training", {}).get(s), dict)]  # fmt: skip
+    rows += [(s, metrics[s]) for s in splits]
+    table = ["| split | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for label, values in rows:
+        table.append(f"| {label} | " + " | ".join(_number(values.get(m)) for m in names) + " |")
+    return table
+
+
+def _training_facts(metrics: dict) -> list[str]:
+    facts = []
+    if "trainable_params" in metrics:
+        facts.append(f"- trainable parameters: {metrics['trainable_params']:,} of {metrics['total_params']:,} "
+                     f"({100 * metrics['trainable_share']:.3f}%)")  # fmt: skip
+    if "adapter_bytes" in metrics:
+        facts.append(f"- adapter size: {metrics['adapter_bytes'] / 2**20:.2f} MiB")
+    train = metrics.get("train", {})
+    if train:
+        best = f", kept epoch {train['best_epoch']} (best on validation)" if train.get("best_epoch") else ""
+        facts.append(f"- {len(train.get('history', []))} epoch(s), {train.get('steps', '?')} optimizer steps{best}")
+    if "precision" in metrics:
+        facts.append(f"- precision {metrics['precision']} on {metrics.get('device', '?')}")
+    return facts
+
+
+def _number(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+
+# --- the training curve ---------------------------------------------------------------------------------------
+
+
+def training_curve(run_dir: Path, out: Path) -> bool:
+    """Training loss by step and the validation metric by epoch, as a PNG; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    run_dir = Path(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    history = metrics.get("train", {}).get("history", [])
+    losses = train_losses(run_dir)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    if losses:
+        left.plot([s for s, _ in losses], [v for _, v in losses], color="tab:blue")
+    left.set(title="training loss", xlabel="optimizer step", ylabel="loss")
+    scored = [(e["step"], e["validation"]) for e in history if isinstance(e.get("validation"), dict)]
+    if scored:
+        name = next(k for k, v in scored[0][1].items() if isinstance(v, (int, float)))  # the task's main metric
+        right.plot([s for s, _ in scored], [v[name] for _, v in scored], marker="o", color="tab:green")
+        right.set(ylabel=name)
+    right.set(title="validation, each epoch", xlabel="optimizer step")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def train_losses(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, loss) from the run's TensorBoard scalars; runs made before TensorBoard logging (or without the
+    package) have them only in train.log, where the training loop writes 'step N  loss X' every log interval."""
+    events = Path(run_dir) / "tensorboard"
+    if events.is_dir():
+        try:
+            from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        except ImportError:
+            EventAccumulator = None
+        if EventAccumulator is not None:
+            acc = EventAccumulator(str(events))
+            acc.Reload()
+            if "train/loss" in acc.Tags().get("scalars", []):
+                return [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    logged = Path(run_dir) / "train.log"
+    if not logged.is_file():
+        return []
+    found = re.findall(r" step (\d+)\s+loss ([0-9.eE+-]+|nan|inf)", logged.read_text(encoding="utf-8"))
+    return [(int(step), float(loss)) for step, loss in found]
+
+
+# --- push -----------------------------------------------------------------------------------------------------
+
+
+def push(run_dir: Path, repo: str, private: bool = False, revision: str | None = None, hub_dir: Path | None = None,
+         dry_run: bool = False, message: str | None = None) -> dict:
+    """Upload a finished run as `repo` (to the local hub `hub_dir` if given); `dry_run` only lists what would go.
+    Returns {"destination", "files": [(name, bytes)], "notes"}."""
+    repo_id, at = parse_ref(repo)
+    revision = revision or at
+    finished_run(run_dir)
+    message = message or f"peftkit push {Path(run_dir).name}"
+    if hub_dir is not None:
+        target = Path(hub_dir) / repo_id / revision
+        if dry_run:
+            return {"destination": str(target), **_dry(run_dir, repo_id)}
+        if private:
+            log.info("--private: a local directory hub has no visibility; the folder's permissions apply")
+        with atomic.building(target, overwrite=True) as tmp:  # a revision appears whole or not at all
+            notes = build_folder(run_dir, tmp, repo_id)
+        return {"destination": str(target), "files": listing(target), "notes": notes}
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    destination = f"{api.endpoint}/{repo_id}" + ("" if revision == DEFAULT_REVISION else f"/tree/{revision}")
+    if dry_run:
+        return {"destination": destination, **_dry(run_dir, repo_id)}
+    with tempfile.TemporaryDirectory(prefix="peftkit-push-") as tmp:
+        notes = build_folder(run_dir, Path(tmp), repo_id)
+        files = listing(Path(tmp))
+        with _hub_errors(repo_id, api.endpoint):
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if revision != DEFAULT_REVISION:
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            commit = api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision, commit_message=message)
+    return {"destination": destination, "files": files, "notes": notes, "commit": getattr(commit, "oid", None)}
+
+
+def _dry(run_dir: Path, repo_id: str) -> dict:
+    """What a push would upload, built in a temporary folder that is removed again."""
+    with tempfile.TemporaryDirectory(prefix="peftkit-push-") as tmp:
+        notes = build_folder(run_dir, Path(tmp), repo_id)
+        return {"files": listing(Path(tmp)), "notes": notes}
+
+
+class _hub_errors:
+    """The Hub's and the network's failures as UserErrors naming the fix (the token never appears in them)."""
+
+    def __init__(self, repo_id: str, endpoint: str):
+        self.repo_id, self.endpoint = repo_id, endpoint
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+        if err is None:
+            return False
+        if isinstance(err, OfflineModeIsEnabled):
+            raise UserError(f"cannot push {self.repo_id}: HF_HUB_OFFLINE is set; unset it, or push to a local "
+                            "directory hub with --hub-dir DIR") from None  # fmt: skip
+        if _network_error(err):
+            raise UserError(f"cannot reach the Hugging Face Hub at {self.endpoint} ({type(err).__name__}: {err}); "
+                            "check your connection (and HF_ENDPOINT, proxies), or push to a local directory hub "
+                            "with --hub-dir DIR") from None  # fmt: skip
+        if isinstance(err, HfHubHTTPError):
+            raise _http_error(err, self.repo_id) from None
+        if isinstance(err, ValueError):  # huggingface_hub's own checks, e.g. the Hub rejecting the card's metadata
+            raise UserError(f"the Hugging Face Hub rejected the push to {self.repo_id}: {err}") from None
+        return False
+
+
+def _network_error(err: BaseException) -> bool:
+    """A connection that failed (refused, DNS, timeout): huggingface_hub raises its HTTP client's TransportError
+    (httpx's, or httpx2's in huggingface_hub 2.x), matched by name so that either client version works."""
+    return any(c.__name__ == "TransportError" and c.__module__.split(".")[0] in ("httpx", "httpx2")
+               for c in type(err).__mro__)  # fmt: skip
+
+
+def _http_error(err, repo_id: str) -> UserError:
+    status = err.response.status_code if getattr(err, "response", None) is not None else None
+    if status == 401:
+        return UserError(f"the Hugging Face Hub refused the credentials (401) for {repo_id}: {LOGIN_FIX}")
+    if status == 403:
+        return UserError(f"no write access to {repo_id} (403): the repo or its namespace belongs to someone else, "
+                         "or your token is read-only; push to a repo under your own name (`hf auth whoami` shows "
+                         f"it) or {LOGIN_FIX}")  # fmt: skip
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return UserError(f"the Hugging Face Hub answered {status} for {repo_id}: {first}")
+
+
+# --- starting a run from a published adapter ------------------------------------------------------------------
+
+
+def start_from(model, recipe, labels) -> None:
+    """`model.adapter`: put a trained adapter's tensors into `model`, to which the recipe's method was just
+    applied, so training continues from it. Its base model, task, labels and method options must be the recipe's."""
+    from peftkit.methods import base
+    from peftkit.recipe import load_recipe
+
+    ref = recipe.model.adapter
+    folder = resolve_run(ref)
+    adapter = adapter_folder(folder)
+    if adapter is None:
+        raise UserError(f"model.adapter: {ref} is not a finished peftkit run folder or adapter repo")
+    info = json.loads((adapter / "peftkit.json").read_text(encoding="utf-8"))
+    theirs = load_recipe(folder / "recipe.yaml")
+    problems = []
+    if info["base_model"] != recipe.model.name:
+        problems.append(f"its base model is {info['base_model']}, this recipe's model.name is {recipe.model.name}")
+    if theirs.task.type != recipe.task.type:
+        problems.append(f"its task is {theirs.task.type}, this recipe's is {recipe.task.type}")
+    if info.get("labels") != labels:
+        problems.append(f"its labels are {info.get('labels')}, this recipe's data gives {labels}")
+    mine, their_method = recipe.method.model_dump(mode="json"), theirs.method.model_dump(mode="json")
+    if mine != their_method:
+        differ = sorted(k for k in mine.keys() | their_method.keys() if mine.get(k) != their_method.get(k))
+        problems.append("the method sections differ in " + ", ".join(
+            f"method.{k} ({their_method.get(k)!r} there, {mine.get(k)!r} here)" for k in differ))  # fmt: skip
+    if problems:
+        raise UserError(f"model.adapter: {ref} cannot start this run: " + "; ".join(problems)
+                        + f". Make this recipe's sections match the adapter's recipe ({folder / 'recipe.yaml'})")  # fmt: skip
+    try:
+        base.load_weights(model, adapter)
+    except (ValueError, RuntimeError) as err:
+        raise UserError(f"model.adapter: {ref} does not fit this model: {err}") from None
+    log.info("model.adapter: starting from the trained adapter %s", ref)

@@ -29,7 +29,7 @@ ROW = "source_row"  # 1-based row of the source split (a csv's data rows after i
 
 def load(cfg: DataSection, task):
     """(DatasetDict with train/validation/test, label names or None)."""
-    splits = _read(cfg)
+    splits = read_source(cfg)
     splits = _select_columns(splits, cfg, task.COLUMNS)
     per_token = task.LABELS_PER_TOKEN
     # remember each row's place in the source, so errors can name it after filtering and splitting
@@ -52,7 +52,7 @@ def load(cfg: DataSection, task):
     return splits, labels
 
 
-def _read(cfg: DataSection):
+def read_source(cfg: DataSection):
     from datasets import DatasetDict, load_dataset
 
     path = assets.resolve_file(cfg.source) if cfg.format != "hub" else None
@@ -62,7 +62,7 @@ def _read(cfg: DataSection):
         except Exception as err:  # the Hub client raises many types; all mean "could not get it"
             raise assets.hub_error("data.source", cfg.source, err) from None
         return DatasetDict({_SPLIT_ALIASES.get(k, k): v for k, v in loaded.items()})
-    fmt = cfg.format if cfg.format != "auto" else _format_of(path)
+    fmt = cfg.format if cfg.format != "auto" else format_of(path)
     if fmt != "parquet":
         _check_encoding(path, fmt, cfg.encoding)
     if fmt == "conll":
@@ -86,7 +86,7 @@ def _read(cfg: DataSection):
         raise UserError(f"data.source: could not read {path} as {fmt}: {cause}") from None
 
 
-def _open_binary(path):
+def open_binary(path):
     """The file's bytes, decompressed; None for a compression fsspec cannot read (datasets still may)."""
     import fsspec
     from fsspec.utils import infer_compression
@@ -106,7 +106,7 @@ def _check_encoding(path, fmt: str, encoding: str) -> None:
         encoding, fix = "utf-8", "JSON must be UTF-8: convert the file (e.g. iconv -f latin1 -t utf-8)"
     else:
         fix = "set data.encoding to the file's encoding (e.g. latin-1, cp1252), or convert the file"
-    opened = _open_binary(path)
+    opened = open_binary(path)
     if opened is None:
         return
     decoder = codecs.getincrementaldecoder(encoding)()
@@ -123,7 +123,7 @@ def _check_encoding(path, fmt: str, encoding: str) -> None:
 
 def _is_blank(path, header: bool) -> bool:
     """True when the file has no data rows (nothing, or a csv header only)."""
-    opened = _open_binary(path)
+    opened = open_binary(path)
     if opened is None:
         return False
     with opened as f:
@@ -190,7 +190,7 @@ def _read_squad(path, required: bool):
     return Dataset.from_list(rows)
 
 
-def _format_of(path) -> str:
+def format_of(path) -> str:
     name = path.name.lower()
     for suffix in _COMPRESSION:
         name = name.removesuffix(suffix)

@@ -94,13 +94,13 @@ def read_data(source: str, encoding: str):
         if path.is_dir():
             raise UserError(f"{source} is a folder; give a data file (csv, tsv, json, jsonl, parquet, conll)")
         try:
-            data._format_of(path)
+            data.format_of(path)
         except UserError:
             if not _looks_like_conll(path):
                 raise
             fmt = "conll"
     try:
-        splits = data._read(DataSection(source=source, encoding=encoding, format=fmt or "auto"))
+        splits = data.read_source(DataSection(source=source, encoding=encoding, format=fmt or "auto"))
     except UserError as err:
         if "data.encoding" in str(err):  # the recipe key; on this command line it is an option
             raise UserError(f"{err} (here: peftkit init --encoding ENCODING)") from None
@@ -115,7 +115,7 @@ def _looks_like_conll(path: Path) -> bool:
     separate sentences."""
     from peftkit import data
 
-    opened = data._open_binary(path)
+    opened = data.open_binary(path)
     if opened is None:
         return False
     lines = []
@@ -381,7 +381,7 @@ def token_lengths(task: str, roles: dict[str, str], split, tokenizer) -> list[in
         encoded = tokenizer(texts, second if "text_pair" in roles else None)
     elif "prompt" in roles:
         template = tokenizer.chat_template is not None  # causal_lm's chat_template: auto
-        return [len(causal_lm._prompt_and_full(tokenizer, str(p), str(r), template)[1])
+        return [len(causal_lm.prompt_and_full(tokenizer, str(p), str(r), template)[1])
                 for p, r in zip(rows[roles["prompt"]], rows[roles["response"]]) if not _blank(p)]  # fmt: skip
     else:
         eos = int(tokenizer.eos_token_id is not None)  # causal_lm appends end-of-sequence to every text

@@ -20,12 +20,11 @@ The Hub token is huggingface_hub's own (HF_TOKEN, or `hf auth login`): peftkit n
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
 
-from peftkit import atomic
+from peftkit import atomic, card
 from peftkit.errors import UserError
 
 log = logging.getLogger("peftkit")
@@ -33,14 +32,6 @@ log = logging.getLogger("peftkit")
 HUB_DIR_ENV = "PEFTKIT_HUB_DIR"
 DEFAULT_REVISION = "main"
 LOGIN_FIX = "log in with `hf auth login` or set HF_TOKEN to a token with write access"
-# task.type -> (the Hub's pipeline tag, the transformers class a plain-peft user loads the base with)
-PIPELINES = {
-    "classification": ("text-classification", "AutoModelForSequenceClassification"),
-    "token_classification": ("token-classification", "AutoModelForTokenClassification"),
-    "question_answering": ("question-answering", "AutoModelForQuestionAnswering"),
-    "causal_lm": ("text-generation", "AutoModelForCausalLM"),
-}
-LIBRARY = {"peft": "peft", "full": "transformers", "peftkit": "peftkit"}  # adapter format -> what loads it
 
 
 # --- names and folders ----------------------------------------------------------------------------------------
@@ -134,181 +125,14 @@ def build_folder(run_dir: Path, out: Path, repo_id: str) -> list[str]:
     for name in ("recipe.yaml", "metrics.json"):
         shutil.copy2(run_dir / name, out / name)
     notes = []
-    if not training_curve(run_dir, out / "training_curve.png"):
+    if not card.training_curve(run_dir, out / "training_curve.png"):
         notes.append("training_curve.png skipped: matplotlib is not installed (pip install 'peftkit[bench]')")
-    model_card(run_dir, repo_id, plot=(out / "training_curve.png").is_file()).save(out / "README.md")
+    card.model_card(run_dir, repo_id, plot=(out / "training_curve.png").is_file()).save(out / "README.md")
     return notes
 
 
 def listing(folder: Path) -> list[tuple[str, int]]:
     return sorted((str(f.relative_to(folder)), f.stat().st_size) for f in Path(folder).rglob("*") if f.is_file())
-
-
-# --- the model card -------------------------------------------------------------------------------------------
-
-
-def model_card(run_dir: Path, repo_id: str, plot: bool = True):
-    """huggingface_hub's ModelCard: metadata the Hub indexes, then what was trained, how, and how well."""
-    import yaml
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-    from peftkit.tasks import TASKS
-
-    run_dir = Path(run_dir)
-    adapter = finished_run(run_dir)
-    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
-    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    info = json.loads((adapter / "peftkit.json").read_text(encoding="utf-8"))
-    task, method, base_model = info["task"], info["method"], info["base_model"]
-    pipeline, auto_class = PIPELINES[task]
-    splits = [s for s in recipe["eval"]["splits"] if isinstance(metrics.get(s), dict)]
-    names = [m for m in TASKS[task].METRICS if any(isinstance(metrics[s].get(m), (int, float)) for s in splits)]
-    on_hub = _hub_model_id(base_model)
-    dataset = _hub_dataset(recipe["data"]["source"])
-    results = None
-    if dataset:  # model-index entries must name a Hub dataset
-        results = [EvalResult(task_type=pipeline, dataset_type=dataset, dataset_name=dataset, dataset_split=s,
-                              metric_type=m, metric_value=metrics[s][m]) for s in splits for m in names]  # fmt: skip
-    data = ModelCardData(
-        base_model=on_hub, library_name=LIBRARY[info["format"]], pipeline_tag=pipeline, datasets=[dataset] if dataset else None,
-        metrics=names, tags=["peftkit", method, task] + (["lora"] if method != "lora" and "lora" in method else []),
-        model_name=repo_id.split("/")[-1], eval_results=results,
-    )  # fmt: skip
-    lines = [f"# {repo_id.split('/')[-1]}", ""]
-    lines += [f"A **{method}** {'fine-tune' if info['format'] == 'full' else 'adapter'} of "
-              f"{f'[{base_model}](https://huggingface.co/{base_model})' if on_hub else f'`{base_model}`'} for "
-              f"**{task.replace('_', ' ')}**, trained with peftkit from the recipe below."]  # fmt: skip
-    if not on_hub:
-        lines += ["", f"The base model was a local path (`{base_model}`), so it is not linked; load the same weights."]
-    if info.get("labels"):
-        lines += ["", "Labels, in id order: " + ", ".join(f"`{label}`" for label in info["labels"]) + "."]
-    lines += ["", "## Use it", "", *_usage(repo_id, info, auto_class), ""]
-    lines += ["## Results", "", *_results_table(metrics, splits, names), ""]
-    lines += ["## Training", "", f"- data: `{recipe['data']['source']}`", *_training_facts(metrics), ""]
-    if plot:
-        lines += ["![training curve](training_curve.png)", ""]
-    lines += ["## Recipe", "", "```yaml", (run_dir / "recipe.yaml").read_text(encoding="utf-8").rstrip(), "```", ""]
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
-
-
-def _hub_model_id(name: str) -> str | None:
-    """The base model's Hub id, or None for a local path or a pkg:// reference (the Hub rejects those)."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if name.startswith("pkg://") or Path(name).expanduser().exists() or name.count("/") != 1:
-        return None
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return None
-    return name
-
-
-def _hub_dataset(source: str) -> str | None:
-    from peftkit import assets
-
-    try:
-        return source if assets.resolve_file(source) is None else None
-    except UserError:  # a local file that is gone: not a Hub dataset either
-        return None
-
-
-def _usage(repo_id: str, info: dict, auto_class: str) -> list[str]:
-    cli = [f"`peftkit predict {repo_id} \"your text\"` pulls and runs it; `model.adapter: {repo_id}` in a recipe "
-           "continues training from it."]  # fmt: skip
-    num_labels = f", num_labels={len(info['labels'])}" if info.get("labels") and auto_class != "AutoModelForCausalLM" else ""
-    if info["format"] == "peft":
-        return ["```python", "from peft import PeftModel", f"from transformers import {auto_class}", "",
-                f'base = {auto_class}.from_pretrained("{info["base_model"]}"{num_labels})',
-                f'model = PeftModel.from_pretrained(base, "{repo_id}")  # the trained task head comes with it',
-                "```", "", "Or with peftkit: " + cli[0]]  # fmt: skip
-    if info["format"] == "full":
-        return ["```python", f"from transformers import {auto_class}", "",
-                f'model = {auto_class}.from_pretrained("{repo_id}")', "```", "", "Or with peftkit: " + cli[0]]  # fmt: skip
-    return [f"This method is stored in peftkit's own format (peft cannot express it): {cli[0]}"]
-
-
-def _results_table(metrics: dict, splits: list[str], names: list[str]) -> list[str]:
-    rows = [("before training, " + s, metrics["before_training"][s]) for s in splits
-            if isinstance(metrics.get("before_training", {}).get(s), dict)]  # fmt: skip
-    rows += [(s, metrics[s]) for s in splits]
-    table = ["| split | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for label, values in rows:
-        table.append(f"| {label} | " + " | ".join(_number(values.get(m)) for m in names) + " |")
-    return table
-
-
-def _training_facts(metrics: dict) -> list[str]:
-    facts = []
-    if "trainable_params" in metrics:
-        facts.append(f"- trainable parameters: {metrics['trainable_params']:,} of {metrics['total_params']:,} "
-                     f"({100 * metrics['trainable_share']:.3f}%)")  # fmt: skip
-    if "adapter_bytes" in metrics:
-        facts.append(f"- adapter size: {metrics['adapter_bytes'] / 2**20:.2f} MiB")
-    train = metrics.get("train", {})
-    if train:
-        best = f", kept epoch {train['best_epoch']} (best on validation)" if train.get("best_epoch") else ""
-        facts.append(f"- {len(train.get('history', []))} epoch(s), {train.get('steps', '?')} optimizer steps{best}")
-    if "precision" in metrics:
-        facts.append(f"- precision {metrics['precision']} on {metrics.get('device', '?')}")
-    return facts
-
-
-def _number(value) -> str:
-    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
-
-
-# --- the training curve ---------------------------------------------------------------------------------------
-
-
-def training_curve(run_dir: Path, out: Path) -> bool:
-    """Training loss by step and the validation metric by epoch, as a PNG; False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only, no display
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    run_dir = Path(run_dir)
-    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    history = metrics.get("train", {}).get("history", [])
-    losses = train_losses(run_dir)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    if losses:
-        left.plot([s for s, _ in losses], [v for _, v in losses], color="tab:blue")
-    left.set(title="training loss", xlabel="optimizer step", ylabel="loss")
-    scored = [(e["step"], e["validation"]) for e in history if isinstance(e.get("validation"), dict)]
-    if scored:
-        name = next(k for k, v in scored[0][1].items() if isinstance(v, (int, float)))  # the task's main metric
-        right.plot([s for s, _ in scored], [v[name] for _, v in scored], marker="o", color="tab:green")
-        right.set(ylabel=name)
-    right.set(title="validation, each epoch", xlabel="optimizer step")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return True
-
-
-def train_losses(run_dir: Path) -> list[tuple[int, float]]:
-    """(step, loss) from the run's TensorBoard scalars; runs made before TensorBoard logging (or without the
-    package) have them only in train.log, where the training loop writes 'step N  loss X' every log interval."""
-    events = Path(run_dir) / "tensorboard"
-    if events.is_dir():
-        try:
-            from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-        except ImportError:
-            EventAccumulator = None
-        if EventAccumulator is not None:
-            acc = EventAccumulator(str(events))
-            acc.Reload()
-            if "train/loss" in acc.Tags().get("scalars", []):
-                return [(e.step, e.value) for e in acc.Scalars("train/loss")]
-    logged = Path(run_dir) / "train.log"
-    if not logged.is_file():
-        return []
-    found = re.findall(r" step (\d+)\s+loss ([0-9.eE+-]+|nan|inf)", logged.read_text(encoding="utf-8"))
-    return [(int(step), float(loss)) for step, loss in found]
 
 
 # --- push -----------------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def test_response_only_loss_masks_the_prompt(tiny_llama, template):
     ids, labels = out["input_ids"][0], out["labels"][0]
     scored = [t for t, label in zip(ids, labels) if label != -100]
     assert tokenizer.decode(scored, skip_special_tokens=True).strip() == "superb"
-    assert ids[: labels.index(scored[0])] == causal_lm._prompt_and_full(tokenizer, "was the movie good", None, template == "auto")[0]
+    assert ids[: labels.index(scored[0])] == causal_lm.prompt_and_full(tokenizer, "was the movie good", None, template == "auto")[0]
     everything = causal_lm._pairs({"prompt": ["was the movie good"], "response": ["superb"]}, tokenizer,
                                   causal_lm.Config(type="causal_lm", chat_template=template, response_only_loss=False))
     assert everything["labels"][0] == everything["input_ids"][0]

@@ -39,11 +39,11 @@ def test_model_card_metadata_and_content_parse_back(trained, tmp_path):
     from huggingface_hub import ModelCard
     from huggingface_hub.repocard import metadata_load
 
-    from peftkit import hub
+    from peftkit.card import model_card
 
     run_dir, _ = trained
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    hub.model_card(run_dir, "me/tiny").save(tmp_path / "local.md")
+    model_card(run_dir, "me/tiny").save(tmp_path / "local.md")
     card = ModelCard.load(tmp_path / "local.md")
     assert card.data.base_model is None  # a local path is no Hub id: left out, and said so in the text
     assert "local path" in card.text and card.data.library_name == "peft"
@@ -61,7 +61,7 @@ def test_model_card_metadata_and_content_parse_back(trained, tmp_path):
     shutil.copytree(run_dir, copy)
     for name in ("recipe.yaml", "adapter/peftkit.json"):
         (copy / name).write_text((copy / name).read_text().replace(str(trained[1]["model"]["name"]), "org/base-model"))
-    hub.model_card(copy, "me/tiny").save(tmp_path / "hub.md")
+    model_card(copy, "me/tiny").save(tmp_path / "hub.md")
     assert metadata_load(tmp_path / "hub.md")["base_model"] == "org/base-model"
 
 

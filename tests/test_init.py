@@ -9,7 +9,7 @@ import yaml
 
 from peftkit import designer
 
-from .conftest import FILLER, NEGATIVE, POSITIVE, peftkit_here, sentiment_rows, write_csv
+from .conftest import FILLER, peftkit_here, sentiment_rows, write_csv
 from .test_causal_lm import tiny_llama  # noqa: F401 (a fixture)
 from .test_ner import ner_sentences, write_conll
 from .test_qa import squad_document

@@ -78,7 +78,7 @@ def _pairs(batch, tokenizer, config: Config) -> dict:
     use_template = config.chat_template == "auto" and tokenizer.chat_template is not None
     input_ids, labels = [], []
     for prompt, response in zip(batch["prompt"], batch["response"]):
-        prompt_ids, full = _prompt_and_full(tokenizer, prompt, response, use_template)
+        prompt_ids, full = prompt_and_full(tokenizer, prompt, response, use_template)
         full = full[: config.max_length]
         masked = min(len(prompt_ids), len(full)) if config.response_only_loss else 0
         input_ids.append(full)
@@ -86,7 +86,7 @@ def _pairs(batch, tokenizer, config: Config) -> dict:
     return {"input_ids": input_ids, "attention_mask": [[1] * len(s) for s in input_ids], "labels": labels}
 
 
-def _prompt_and_full(tokenizer, prompt: str, response: str | None, use_template: bool):
+def prompt_and_full(tokenizer, prompt: str, response: str | None, use_template: bool):
     """(prompt token ids ending where the response starts, prompt + response token ids)."""
     if use_template:
         user = [{"role": "user", "content": prompt}]
@@ -144,7 +144,7 @@ def predict(model, tokenizer, texts: list[str], config: Config) -> list[dict]:
     device = next(model.parameters()).device
     results = []
     for text in texts:
-        prompt_ids, _ = _prompt_and_full(tokenizer, text, None, use_template)
+        prompt_ids, _ = prompt_and_full(tokenizer, text, None, use_template)
         ids = torch.tensor([prompt_ids], device=device)
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=config.max_new_tokens,

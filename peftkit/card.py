@@ -8,13 +8,6 @@ from pathlib import Path
 
 from peftkit.errors import UserError
 
-# task.type -> (the Hub's pipeline tag, the transformers class a plain-peft user loads the base with)
-PIPELINES = {
-    "classification": ("text-classification", "AutoModelForSequenceClassification"),
-    "token_classification": ("token-classification", "AutoModelForTokenClassification"),
-    "question_answering": ("question-answering", "AutoModelForQuestionAnswering"),
-    "causal_lm": ("text-generation", "AutoModelForCausalLM"),
-}
 LIBRARY = {"peft": "peft", "full": "transformers", "peftkit": "peftkit"}  # adapter format -> what loads it
 
 
@@ -36,7 +29,7 @@ def model_card(run_dir: Path, repo_id: str, plot: bool = True):
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     info = json.loads((adapter / "peftkit.json").read_text(encoding="utf-8"))
     task, method, base_model = info["task"], info["method"], info["base_model"]
-    pipeline, auto_class = PIPELINES[task]
+    pipeline, auto_class = TASKS[task].PIPELINE_TAG, TASKS[task].AUTO_CLASS
     splits = [s for s in recipe["eval"]["splits"] if isinstance(metrics.get(s), dict)]
     names = [m for m in TASKS[task].METRICS if any(isinstance(metrics[s].get(m), (int, float)) for s in splits)]
     on_hub = _hub_model_id(base_model)
@@ -156,7 +149,10 @@ def training_curve(run_dir: Path, out: Path) -> bool:
     left.set(title="training loss", xlabel="optimizer step", ylabel="loss")
     scored = [(e["step"], e["validation"]) for e in history if isinstance(e.get("validation"), dict)]
     if scored:
-        name = next(k for k, v in scored[0][1].items() if isinstance(v, (int, float)))  # the task's main metric
+        import yaml
+
+        # the metric the run kept its best epoch by (the first numeric one would be NER's overall_precision)
+        name = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))["eval"]["metric_for_best"]
         right.plot([s for s, _ in scored], [v[name] for _, v in scored], marker="o", color="tab:green")
         right.set(ylabel=name)
     right.set(title="validation, each epoch", xlabel="optimizer step")

@@ -48,7 +48,10 @@ def run(
 
     parsed = load_recipe(recipe, overrides or [])
     if processes > 1 and "WORLD_SIZE" not in os.environ:  # not yet inside a launched process
+        from peftkit import atomic
         from peftkit.launch import launch
+
+        atomic.check(parsed.output_dir, overwrite, keep_failed=True, resume=resume)  # before N processes start
 
         flags = ["--overwrite"] * overwrite + ["--resume"] * resume
         raise typer.Exit(launch(processes, ["run", str(recipe), *(overrides or []), *flags]))
@@ -355,7 +358,9 @@ def init(
     column: Annotated[
         Optional[list[str]], typer.Option(help="ROLE=COLUMN for any other role, e.g. text_pair=hypothesis (repeat).")
     ] = None,
-    encoding: Annotated[str, typer.Option(help="Text encoding of a csv/tsv file (e.g. latin-1).")] = "utf-8",
+    encoding: Annotated[
+        Optional[str], typer.Option(help="Text encoding of a csv/tsv file (e.g. latin-1); default: the schema's.")
+    ] = None,
 ):
     """Design a commented recipe from a data file and a model: task, columns and labels from the data, max_length
     from its length distribution, target layers from the model, method and batch for its size and this machine."""

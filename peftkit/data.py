@@ -271,6 +271,18 @@ def _rows(rows: list[int]) -> str:
     return ", ".join(map(str, rows[:5])) + (" ..." if len(rows) > 5 else "")
 
 
+def label_names(splits, role: str, per_token: bool = False):
+    """A Hub dataset's ClassLabel column (or a list of them) as its names, so it is handled like any text label."""
+    from datasets import ClassLabel
+
+    feature = splits[next(iter(splits))].features[role]
+    inner = getattr(feature, "feature", None) if per_token else feature
+    if not isinstance(inner, ClassLabel):
+        return splits
+    to_str = (lambda v: [inner.int2str(x) for x in v]) if per_token else inner.int2str
+    return splits.map(lambda b: {role: [to_str(v) for v in b[role]]}, batched=True)
+
+
 def _encode_labels(splits, cfg: DataSection, role: str, per_token: bool = False):
     """Map labels (one per row, or one per token when `per_token`) to ids in the label set's order."""
     from datasets import ClassLabel, List
@@ -278,12 +290,7 @@ def _encode_labels(splits, cfg: DataSection, role: str, per_token: bool = False)
     def items(value):  # the labels one row carries
         return value if per_token else [value]
 
-    # A Hub dataset's ClassLabel column (or a list of them): work with its names, like any text label.
-    feature = splits[next(iter(splits))].features[role]
-    inner = getattr(feature, "feature", None) if per_token else feature
-    if isinstance(inner, ClassLabel):
-        to_str = (lambda v: [inner.int2str(x) for x in v]) if per_token else inner.int2str
-        splits = splits.map(lambda b: {role: [to_str(v) for v in b[role]]}, batched=True)
+    splits = label_names(splits, role, per_token)
 
     if isinstance(cfg.labels, dict):
         to_name = {str(raw): name for raw, name in cfg.labels.items()}

@@ -34,12 +34,6 @@ MAX_CLASSES = 100  # a column with more distinct values is not taken for a label
 IMBALANCE = 5  # largest / smallest class count from which macro-F1, not accuracy, picks the kept epoch
 BIG_MODEL = 1e9  # parameters from which the base is quantised to 4 bits (QLoRA) on a GPU
 TARGET_STEPS = 600  # optimizer steps the epoch count aims at (e.g. recipes/sentiment-lora.yaml: 2 x ~350)
-AUTO_CLASSES = {  # the head each task puts on the model (tasks/*.py load_model)
-    "classification": "AutoModelForSequenceClassification",
-    "token_classification": "AutoModelForTokenClassification",
-    "question_answering": "AutoModelForQuestionAnswering",
-    "causal_lm": "AutoModelForCausalLM",
-}
 
 
 @dataclass
@@ -81,7 +75,7 @@ class Design:
 # --- data -----------------------------------------------------------------------------------------------------
 
 
-def read_data(source: str, encoding: str):
+def read_data(source: str, encoding: str | None):
     """(the source's splits, data.format to write or None): through data.py's readers, so init reads a file
     exactly as `peftkit run` will. A text file of `token tag` lines with an extension data.py does not know
     (e.g. WNUT's ner.txt) is recognised as CoNLL."""
@@ -100,7 +94,8 @@ def read_data(source: str, encoding: str):
                 raise
             fmt = "conll"
     try:
-        splits = data.read_source(DataSection(source=source, encoding=encoding, format=fmt or "auto"))
+        given = {"encoding": encoding} if encoding else {}  # else the schema's default
+        splits = data.read_source(DataSection(source=source, format=fmt or "auto", **given))
     except UserError as err:
         if "data.encoding" in str(err):  # the recipe key; on this command line it is an option
             raise UserError(f"{err} (here: peftkit init --encoding ENCODING)") from None
@@ -280,6 +275,9 @@ def _blank(value) -> bool:
 
 def label_set(splits, role: str, per_token: bool) -> tuple[list, Counter, int]:
     """(labels in id order, count of each, rows without a label), over every row of every split."""
+    from peftkit import data
+
+    splits = data.label_names(splits, role, per_token)  # what `peftkit run` will see: names, not ClassLabel ids
     counts, missing = Counter(), 0
     for split in splits.values():
         for value in split[role]:
@@ -327,7 +325,7 @@ def inspect_model(name: str, task: str, labels: list | None) -> ModelFacts:
         config.num_labels = len(labels)  # the head's size (it does not change which layers exist)
     try:
         with init_empty_weights():
-            model = getattr(transformers, AUTO_CLASSES[task]).from_config(config)
+            model = getattr(transformers, TASKS[task].AUTO_CLASS).from_config(config)
     except ValueError as err:
         raise UserError(f"--model {name}: a {config.model_type} model has no {task} head in transformers ({err})")
     model.tie_weights()  # init_empty_weights leaves tied embeddings apart: they would count twice
@@ -408,7 +406,7 @@ def choose_max_length(lengths: list[int], cap: int | None, floor: int) -> dict:
 
 
 def design(source: str, model: str, task: str | None = None, columns: dict[str, str] | None = None,
-           encoding: str = "utf-8") -> Design:  # fmt: skip
+           encoding: str | None = None) -> Design:  # fmt: skip
     """Every decision of the recipe, from the data, the model and this machine."""
     from peftkit.tasks import TASKS
 
@@ -439,7 +437,7 @@ def _data_section(d: Design, source, splits, fmt, encoding, module, cols, roles,
     d.set("data", "source", source, before=(f"{total:,} rows{layout} (data.splits)",))
     if fmt:
         d.set("data", "format", fmt, "token and tag per line, a blank line between sentences")
-    if encoding.lower().replace("_", "-") not in ("utf-8", "utf8"):
+    if encoding:  # given on the command line (the schema's default otherwise)
         d.set("data", "encoding", encoding)
     found = [f"{role}: '{col}' ({why.get(role, 'by its name')})" for role, col in roles.items()]
     unused = [cols[c].describe() for c in cols if c not in roles.values()]

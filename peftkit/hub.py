@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from peftkit import atomic, card
-from peftkit.errors import UserError
+from peftkit.errors import UserError, did_you_mean
 
 log = logging.getLogger("peftkit")
 
@@ -75,8 +75,10 @@ def resolve_run(ref, hub_dir: Path | str | None = None) -> Path:
         local = Path(hub_dir) / repo_id / revision
         if local.is_dir():
             return local
-    folder = _download(repo_id, revision, searched=f"no folder {ref}, nothing in the local hub {hub_dir}" if hub_dir
-                       else f"no folder {ref}")  # fmt: skip
+    # a typo in a folder name (runs/sentimnt-lora) also reads as a repo id: the error names the folder first
+    near = did_you_mean(path.name, [p.name for p in path.parent.iterdir()]) if path.parent.is_dir() else ""
+    searched = f"no folder {ref}{near}" + (f", nothing in the local hub {hub_dir}" if hub_dir else "")
+    folder = _download(repo_id, revision, searched=searched)
     if adapter_folder(folder) is None:
         raise UserError(f"{repo_id}@{revision} is not a peftkit adapter repo (no peftkit.json and recipe.yaml at its "
                         "root); push one with `peftkit push RUN_DIR --repo user/name`")  # fmt: skip
@@ -108,6 +110,9 @@ def _download(repo_id: str, revision: str, searched: str) -> Path:
 def finished_run(run_dir: Path) -> Path:
     """The adapter folder of a finished run (or of a pulled repo, to push it again), or a clear error."""
     adapter = adapter_folder(run_dir)
+    if adapter is not None and (Path(run_dir) / "combine.json").is_file() and not (Path(run_dir) / "metrics.json").is_file():
+        raise UserError(f"{run_dir} is a `peftkit combine` result, which has no metrics.json for the model card; "
+                        "pushing combined adapters is not supported yet: push the runs it was combined from")  # fmt: skip
     if adapter is None or not (Path(run_dir) / "metrics.json").is_file():
         hint = " (an unfinished run: it has .partial in its name)" if Path(run_dir).name.endswith(".partial") else ""
         raise UserError(f"{run_dir} is not a finished peftkit run folder (adapter/peftkit.json, recipe.yaml and "
@@ -232,7 +237,11 @@ def _http_error(err, repo_id: str) -> UserError:
 def start_from(model, recipe, labels) -> None:
     """`model.adapter`: put a trained adapter's tensors into `model`, to which the recipe's method was just
     applied, so training continues from it. Its base model, task, labels and method options must be the recipe's."""
-    from peftkit.methods import base
+    load_start(model, starting_adapter(recipe, labels), recipe.model.adapter)
+
+
+def starting_adapter(recipe, labels) -> Path:
+    """The adapter folder `model.adapter` names, checked against the recipe (before any model is loaded)."""
     from peftkit.recipe import load_recipe
 
     ref = recipe.model.adapter
@@ -257,6 +266,13 @@ def start_from(model, recipe, labels) -> None:
     if problems:
         raise UserError(f"model.adapter: {ref} cannot start this run: " + "; ".join(problems)
                         + f". Make this recipe's sections match the adapter's recipe ({folder / 'recipe.yaml'})")  # fmt: skip
+    return adapter
+
+
+def load_start(model, adapter: Path, ref: str) -> None:
+    """Copy the checked adapter's trained tensors into `model` (the recipe's method just applied)."""
+    from peftkit.methods import base
+
     try:
         base.load_weights(model, adapter)
     except (ValueError, RuntimeError) as err:

@@ -40,9 +40,11 @@ def launch(processes: int, args: list[str]) -> int:
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
         # torchrun would give each process 1 thread; on CPU the cores are shared between the processes instead
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
-    elif torch.cuda.is_available() and torch.cuda.device_count() < processes:
-        log.warning("--processes %d: this machine has %d GPU(s); processes will share them",
-                    processes, torch.cuda.device_count())  # fmt: skip
+    elif torch.cuda.is_available() and torch.cuda.device_count() < processes:  # NCCL takes one GPU per process
+        from peftkit.errors import UserError
+
+        count = torch.cuda.device_count()
+        raise UserError(f"--processes {processes}: this machine has {count} GPU(s); use --processes {count} or fewer")
     # the agent's own log lines repeat what the failing process printed; its exit code is reported below
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=str(uuid.uuid4()),
@@ -53,5 +55,8 @@ def launch(processes: int, args: list[str]) -> int:
         elastic_launch(config, sys.executable)("-m", "peftkit", *args)
     except ChildFailedError as err:
         codes = [failure.exitcode for failure in err.failures.values()]
-        return 2 if 2 in codes else next((c for c in codes if c), 1)
+        if 2 in codes:
+            return 2
+        code = next((c for c in codes if c), 1)
+        return 128 - code if code < 0 else code  # killed by signal N: the shell's 128 + N
     return 0

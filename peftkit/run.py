@@ -39,8 +39,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
             resume_from = _resume_point(run_dir, recipe) if resume else None
             if resume_from is not None and getattr(method, "RESUME_NOTE", None):
                 log.warning("--resume: %s", method.RESUME_NOTE)
-            if main:
-                (run_dir / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+            if main and resume_from is None:  # a resumed run's is the same (checked), and other processes read it
+                atomic.write_text(run_dir / "recipe.yaml", recipe.to_yaml())
             log.info("run %s -> %s (precision %s, device %s%s)", recipe.name, recipe.output_dir,
                      train.precision_of(accelerator), accelerator.device,
                      f", {accelerator.num_processes} processes" if accelerator.num_processes > 1 else "")  # fmt: skip
@@ -49,6 +49,12 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
             if missing:
                 raise UserError(f"eval.splits: no {', '.join(missing)} split (the data has {', '.join(splits)})")
 
+            start = None
+            if recipe.model.adapter:  # continue from a published adapter: checked before minutes of loading
+                from peftkit import hub
+
+                with accelerator.main_process_first():  # one download, which the other processes then find
+                    start = hub.starting_adapter(recipe, labels)
             tokenizer, model = load_base(recipe, task, labels, accelerator.device, train.precision_of(accelerator))
             if recipe.train.gradient_checkpointing:
                 # Non-reentrant: the reentrant variant drops gradients when the checkpointed block's inputs do
@@ -57,10 +63,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
             steps = train.total_steps(len(splits["train"]), recipe.train, accelerator.num_processes)
             context = method_context(recipe, task, model, steps)
             model = method.apply(model, recipe.method, context)
-            if recipe.model.adapter:  # continue from a published adapter (hub.py checks that it fits)
-                from peftkit import hub
-
-                hub.start_from(model, recipe, labels)
+            if start is not None:
+                hub.load_start(model, start, recipe.model.adapter)
             tokenizer.padding_side = getattr(model, "peftkit_padding_side", tokenizer.padding_side)  # base.py
             counts = {**bench.parameter_counts(model), "flops_per_token": bench.training_flops_per_token(model)}
             memory = {"model_mib": bench.model_mib(model), "load_peak": bench.peak_memory(accelerator.device),

@@ -47,8 +47,17 @@ def make_accelerator(precision_choice: str, grad_accum: int, cpu: bool = False):
     mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision]
     # The scheduler is stepped once per optimizer step, whatever the number of processes (accelerate's default
     # steps it once per process, for schedules planned in single-process steps); fit() plans in per-process steps.
-    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=grad_accum, cpu=device.type == "cpu",
-                       step_scheduler_with_optimizer=False)  # fmt: skip
+    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=grad_accum, cpu=device.type == "cpu",
+                              step_scheduler_with_optimizer=False)  # fmt: skip
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        # Saving the adapter, the best epoch's weights and checkpoints happens on the main process from its own
+        # copy: right under DDP, wrong under sharding (FSDP's full state dict and ZeRO's optimizer partitions
+        # need every process). Refused rather than saved wrong until that is written and tested.
+        raise UserError(f"accelerate config: {accelerator.distributed_type.name} is not supported by peftkit yet "
+                        "(the adapter is saved from the main process's weights, which sharding splits); use data "
+                        "parallelism (DDP: `peftkit run RECIPE --processes N`, or `accelerate launch --multi_gpu`), "
+                        "and an 8/4-bit base when the model does not fit on one GPU")  # fmt: skip
+    return accelerator
 
 
 def make_loader(dataset, collate, batch_size: int, shuffle: bool, group_by_length: bool, seed: int):
@@ -88,7 +97,9 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
     `after_step(model, step)` runs after each optimizer step, before gradients are cleared (AdaLoRA);
     `restore_best`: end with the best validation epoch's trainable weights (else the last epoch's).
     `run_dir`: where checkpoints go (train.checkpoint_every, and every epoch end); `resume`: a checkpoint to
-    continue from, so that the result is the one the uninterrupted run would have given."""
+    continue from, so that the result is the one the uninterrupted run would have given (bit for bit in one
+    process; with several, the checkpoint holds the main process's random state, which all of them resume
+    with, so dropout masks differ from the uninterrupted run's)."""
     import torch
     from transformers import get_scheduler
 
@@ -128,6 +139,10 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
     inner = accelerator.unwrap_model(model)  # parameter names without DDP's "module." prefix
     if resume is not None:
         done = checkpoint.load(resume, inner, optimizer, scheduler, accelerator.scaler)
+        if done.get("processes", 1) != accelerator.num_processes:  # its batch positions and schedule were theirs
+            raise UserError(f"--resume: {resume} was written by a run in {done.get('processes', 1)} process(es), "
+                            f"this one has {accelerator.num_processes}; resume with --processes "
+                            f"{done.get('processes', 1)}, or pass --overwrite to start over")  # fmt: skip
         step, first_epoch, skip, history = done["step"], done["epoch"], done["batches"], done["history"]
         best_score, best_epoch, best_state = done["best_score"], done["best_epoch"], done["best_state"]
         generator.set_state(done["rng"]["data_generator"])
@@ -141,7 +156,7 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
         finite = torch.stack([p.detach().isfinite().all() for p in params]).all().item()
         _check_finite(mean_loss(running, seen) if finite else math.nan, step, run_dir, cfg, precision_of(accelerator))
         progress = {"step": step, "epoch": epoch, "batches": batches, "history": history,
-                    "best_score": best_score, "best_epoch": best_epoch}  # fmt: skip
+                    "best_score": best_score, "best_epoch": best_epoch, "processes": accelerator.num_processes}  # fmt: skip
         if accelerator.is_main_process:  # the weights are the same in every process (gradients are averaged)
             checkpoint.save(run_dir, cfg.keep_checkpoints, inner, optimizer, scheduler, accelerator.scaler,
                             epoch_generator_state, progress, best_state)  # fmt: skip

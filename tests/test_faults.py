@@ -27,6 +27,12 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(recipe_file, tmp
     assert all(t.isfinite().all() for t in load_file(kept[0] / "trainable.safetensors").values())
     assert {p.suffix for p in kept[0].iterdir()} == {".safetensors", ".json"}  # no pickle
     assert not (tmp_path / "runs" / "recipe").exists()
+    # a checkpoint of a 2-process run cannot be resumed in 1 process: its batch positions and schedule differ
+    progress = json.loads((kept[0] / "progress.json").read_text())
+    assert progress["processes"] == 1
+    (kept[0] / "progress.json").write_text(json.dumps({**progress, "processes": 2}))
+    with pytest.raises(UserError, match=r"2 process\(es\), this one has 1; resume with --processes 2"):
+        run(load_recipe(path), resume=True)
 
 
 def test_out_of_memory_names_the_knobs_with_the_recipe_values(recipe_file, tmp_path, monkeypatch):

@@ -22,6 +22,8 @@ LABELS_PER_TOKEN = False
 SPLIT_BY = None
 METRICS = ("perplexity", "loss")
 PEFT_TASK_TYPE = "CAUSAL_LM"
+AUTO_CLASS = "AutoModelForCausalLM"  # the transformers class with this task's head
+PIPELINE_TAG = "text-generation"  # the Hub's name for the task
 HEAD_MODULES = ()  # the language-model head is the (often tied) embedding: it stays frozen
 IGNORE = -100
 

@@ -18,6 +18,8 @@ SPLIT_BY = None  # rows are independent: split them one by one
 LABELS_PER_TOKEN = False
 METRICS = ("accuracy", "macro_f1")
 PEFT_TASK_TYPE = "SEQ_CLS"
+AUTO_CLASS = "AutoModelForSequenceClassification"  # the transformers class with this task's head
+PIPELINE_TAG = "text-classification"  # the Hub's name for the task
 HEAD_MODULES = ("classifier", "score")  # BERT / GPT-2 and Llama: trained in full, saved with the adapter
 _METRIC_DIR = Path(__file__).resolve().parent.parent / "metrics"
 
@@ -28,7 +30,7 @@ class Config(Section):
 
 
 def load_model(path: str, labels: list[str], tokenizer, **kwargs):
-    return load_labelled_model("AutoModelForSequenceClassification", path, labels, tokenizer, **kwargs)
+    return load_labelled_model(AUTO_CLASS, path, labels, tokenizer, **kwargs)
 
 
 def preprocess(splits, tokenizer, config: Config):

@@ -20,6 +20,8 @@ SPLIT_BY = None  # rows are independent: split them one by one
 LABELS_PER_TOKEN = True
 METRICS = ("f1", "precision", "recall", "accuracy")
 PEFT_TASK_TYPE = "TOKEN_CLS"
+AUTO_CLASS = "AutoModelForTokenClassification"  # the transformers class with this task's head
+PIPELINE_TAG = "token-classification"  # the Hub's name for the task
 HEAD_MODULES = ("classifier", "score")
 IGNORE = -100  # the label of positions the loss and the metrics skip
 _METRIC_DIR = Path(__file__).resolve().parent.parent / "metrics"
@@ -35,7 +37,7 @@ class Config(Section):
 
 
 def load_model(path: str, labels: list[str], tokenizer, **kwargs):
-    return load_labelled_model("AutoModelForTokenClassification", path, labels, tokenizer, **kwargs)
+    return load_labelled_model(AUTO_CLASS, path, labels, tokenizer, **kwargs)
 
 
 def preprocess(splits, tokenizer, config: Config):

@@ -1,0 +1,76 @@
+"""Speed levers for a LoRA training step on MiniLM (batch 32, 20-40 tokens, the demo's shape), each in a fresh
+process, rounds alternating so machine drift hits every variant alike:
+
+    .venv/bin/python benchmarks/levers.py [--rounds 2] [--variants base fused compile 1thread]
+
+base: what peftkit's loop does (SDPA, AdamW, the machine's threads); fused: AdamW(fused=True); compile:
+torch.compile(model, dynamic=True) (its compilation time is reported apart); 1thread: torch.set_num_threads(1),
+the share each process gets with `peftkit run --processes 2` on 2 cores. Reports the median step time after
+4 warm-up steps (which include compilation).
+"""
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+
+LENGTHS = [20, 24, 28, 32, 36, 40, 28, 24]  # padded lengths of length-grouped batches of the demo's snippets
+
+
+def worker(variant: str, steps: int = 24) -> str:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from peftkit import assets
+
+    if variant == "1thread":
+        torch.set_num_threads(1)
+    torch.manual_seed(0)
+    path = assets.resolve_model("sentence-transformers/all-MiniLM-L6-v2")
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, attn_implementation="sdpa")
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1)).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3,
+                                  fused=variant == "fused")  # fmt: skip
+    forward = torch.compile(model, dynamic=True) if variant == "compile" else model
+    generator = torch.Generator().manual_seed(0)
+
+    def step(length: int) -> float:
+        ids = torch.randint(1000, 20000, (32, length), generator=generator)
+        labels = torch.randint(0, 2, (32,), generator=generator)
+        began = time.perf_counter()
+        forward(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - began
+
+    warm = sum(step(length) for length in LENGTHS[:4])
+    median = statistics.median(step(LENGTHS[i % len(LENGTHS)]) for i in range(steps))
+    return f"{warm:.1f} {median:.4f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", default=["base", "fused", "compile", "1thread"])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(worker(args.worker))
+        return
+    results = {v: [] for v in args.variants}
+    for _ in range(args.rounds):
+        for variant in args.variants:
+            out = subprocess.run([sys.executable, __file__, "--worker", variant], capture_output=True, text=True,
+                                 check=True).stdout.split()  # fmt: skip
+            results[variant].append((float(out[-2]), float(out[-1])))
+    print("| variant | warm-up s (incl. compilation) | step ms (median per round) | samples/s |\n|---|---|---|---|")
+    for variant, runs in results.items():
+        steps = [1000 * s for _, s in runs]
+        print(f"| {variant} | {', '.join(f'{w:.0f}' for w, _ in runs)} | {', '.join(f'{s:.0f}' for s in steps)} | "
+              f"{32000 / statistics.median(steps):.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -108,16 +108,18 @@ def _download(repo_id: str, revision: str, searched: str) -> Path:
 
 
 def finished_run(run_dir: Path) -> Path:
-    """The adapter folder of a finished run (or of a pulled repo, to push it again), or a clear error."""
-    adapter = adapter_folder(run_dir)
-    if adapter is not None and (Path(run_dir) / "combine.json").is_file() and not (Path(run_dir) / "metrics.json").is_file():
+    """The adapter folder of a finished run (or of a pulled repo, to push it again) that has the metrics the
+    model card shows, or a clear error."""
+    from peftkit.run import finished_adapter
+
+    adapter, _ = finished_adapter(run_dir)
+    if (Path(run_dir) / "metrics.json").is_file():
+        return adapter
+    if (Path(run_dir) / "combine.json").is_file():
         raise UserError(f"{run_dir} is a `peftkit combine` result, which has no metrics.json for the model card; "
                         "pushing combined adapters is not supported yet: push the runs it was combined from")  # fmt: skip
-    if adapter is None or not (Path(run_dir) / "metrics.json").is_file():
-        hint = " (an unfinished run: it has .partial in its name)" if Path(run_dir).name.endswith(".partial") else ""
-        raise UserError(f"{run_dir} is not a finished peftkit run folder (adapter/peftkit.json, recipe.yaml and "
-                        f"metrics.json){hint}; push the folder `peftkit run` printed")  # fmt: skip
-    return adapter
+    raise UserError(f"{run_dir} has no metrics.json, which the model card is made from; push the folder "
+                    "`peftkit run` printed")  # fmt: skip
 
 
 def build_folder(run_dir: Path, out: Path, repo_id: str) -> list[str]:
@@ -242,15 +244,15 @@ def start_from(model, recipe, labels) -> None:
 
 def starting_adapter(recipe, labels) -> Path:
     """The adapter folder `model.adapter` names, checked against the recipe (before any model is loaded)."""
-    from peftkit.recipe import load_recipe
+    from peftkit.run import finished_adapter
 
     ref = recipe.model.adapter
     folder = resolve_run(ref)
-    adapter = adapter_folder(folder)
-    if adapter is None:
-        raise UserError(f"model.adapter: {ref} is not a finished peftkit run folder or adapter repo")
+    try:
+        adapter, theirs = finished_adapter(folder)
+    except UserError as err:
+        raise UserError(f"model.adapter: {err}") from None
     info = json.loads((adapter / "peftkit.json").read_text(encoding="utf-8"))
-    theirs = load_recipe(folder / "recipe.yaml")
     problems = []
     if info["base_model"] != recipe.model.name:
         problems.append(f"its base model is {info['base_model']}, this recipe's model.name is {recipe.model.name}")

@@ -311,8 +311,15 @@ def combine(refs, weights: list[float], how: str, out: Path | None = None, densi
     with atomic.building(out, overwrite) as folder:  # an existing output is refused before anything is loaded
         model, heads = _combined_model(sources, weights, how, density, svd_rank)
         _write_run(folder, out, model, sources, weights, how, density, svd_rank, len(heads))
+        del model
+        # scored like `peftkit eval` scores it (the recipe's base, quantised if the runs' was), so the combination
+        # is judged next to its sources and can be pushed with its results
+        from peftkit.run import evaluate_run
+
+        atomic.write_text(folder / "metrics.json", json.dumps(evaluate_run(folder), indent=2))
     log.info("combined %d adapters (%s) into %s", len(sources), how, out)
-    return {**json.loads((out / "combine.json").read_text()), "output": str(out)}
+    return {**json.loads((out / "combine.json").read_text()), "output": str(out),
+            "metrics": json.loads((out / "metrics.json").read_text())}  # fmt: skip
 
 
 def _combined_model(sources: list[Source], weights, how, density, svd_rank):

@@ -107,21 +107,10 @@ def evaluate(
 ):
     """Evaluate a finished run's adapter on one split of its recipe's data."""
     _quiet_libraries()
-    from peftkit import data, train
-    from peftkit.run import load_trained
-
     from peftkit.hub import resolve_run
+    from peftkit.run import evaluate_run
 
-    recipe, task, tokenizer, model, labels = load_trained(resolve_run(run_dir, hub_dir))
-    splits, _ = data.load(recipe.data, task)
-    if split not in splits:
-        raise UserError(f"--split {split}: the data has only {', '.join(splits)}")
-    encoded = task.preprocess(splits, tokenizer, recipe.task)
-    accelerator = train.make_accelerator(recipe.train.precision, 1)
-    loader = train.make_loader(encoded[split], task.collator(tokenizer), recipe.eval.batch_size, False, True, 0)
-    metrics = train.evaluate(accelerator.prepare(model), accelerator.prepare(loader), task, labels, accelerator,
-                             recipe.task)  # fmt: skip
-    _metrics_table({split: metrics}, [split])
+    _metrics_table(evaluate_run(resolve_run(run_dir, hub_dir), [split]), [split])
 
 
 @app.command()
@@ -420,13 +409,17 @@ def combine(
     _quiet_libraries()
     report = adapters.combine(runs, parsed, how, out, density=density, svd_rank=svd_rank, overwrite=overwrite,
                               hub_dir=hub_dir)  # fmt: skip
-    table = Table("run", "weight", *[f"{split} {k}" for split, m in report["sources"][0]["metrics"].items() for k in m])
+    columns = [(split, k) for split, m in report["metrics"].items() for k, v in m.items() if isinstance(v, float)]
+    table = Table("run", "weight", *[f"{split} {k}" for split, k in columns])
     for source in report["sources"]:
+        values = [source["metrics"].get(split, {}).get(k) for split, k in columns]
         table.add_row(Path(source["run"]).name, f"{source['weight']:g}",
-                      *[f"{v:.4f}" for m in source["metrics"].values() for v in m.values()])  # fmt: skip
+                      *["-" if v is None else f"{v:.4f}" for v in values])  # fmt: skip
+    table.add_row(f"[bold]{Path(report['output']).name}[/]", report["how"],
+                  *[f"{report['metrics'][split][k]:.4f}" for split, k in columns])  # fmt: skip
     console.print(table)
     console.print(f"combined ({report['how']}, rank {report['rank']}; heads: {report['heads']}): "
-                  f"[bold]{report['output']}[/]  (`peftkit eval {report['output']}` scores it)")  # fmt: skip
+                  f"[bold]{report['output']}[/]  (scored on the recipe's eval splits: metrics.json)")  # fmt: skip
 
 
 def _runs_progress():

@@ -115,9 +115,6 @@ def finished_run(run_dir: Path) -> Path:
     adapter, _ = finished_adapter(run_dir)
     if (Path(run_dir) / "metrics.json").is_file():
         return adapter
-    if (Path(run_dir) / "combine.json").is_file():
-        raise UserError(f"{run_dir} is a `peftkit combine` result, which has no metrics.json for the model card; "
-                        "pushing combined adapters is not supported yet: push the runs it was combined from")  # fmt: skip
     raise UserError(f"{run_dir} has no metrics.json, which the model card is made from; push the folder "
                     "`peftkit run` printed")  # fmt: skip
 
@@ -132,7 +129,9 @@ def build_folder(run_dir: Path, out: Path, repo_id: str) -> list[str]:
     for name in ("recipe.yaml", "metrics.json"):
         shutil.copy2(run_dir / name, out / name)
     notes = []
-    if not card.training_curve(run_dir, out / "training_curve.png"):
+    if (run_dir / "combine.json").is_file():  # `peftkit combine`: no training, so no curve
+        notes.append("training_curve.png skipped: a combination of adapters has no training of its own")
+    elif not card.training_curve(run_dir, out / "training_curve.png"):
         notes.append("training_curve.png skipped: matplotlib is not installed (pip install 'peftkit[bench]')")
     card.model_card(run_dir, repo_id, plot=(out / "training_curve.png").is_file()).save(out / "README.md")
     return notes

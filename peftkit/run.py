@@ -276,6 +276,21 @@ def load_trained(run_dir: Path, device=None, dequantize: bool = False, recipe: R
     return recipe, task, tokenizer, model.to(device).eval(), labels
 
 
+def evaluate_run(run_dir: Path, splits: list[str] | None = None) -> dict:
+    """{split: metrics} of a finished run's adapter on its recipe's data (`splits`: default eval.splits)."""
+    recipe, task, tokenizer, model, labels = load_trained(run_dir)
+    data_splits, _ = data.load(recipe.data, task)
+    splits = splits or recipe.eval.splits
+    missing = [s for s in splits if s not in data_splits]
+    if missing:
+        raise UserError(f"--split {', '.join(missing)}: the data has only {', '.join(data_splits)}")
+    encoded = task.preprocess(data_splits, tokenizer, recipe.task)
+    accelerator = train.make_accelerator(recipe.train.precision, 1)
+    model = accelerator.prepare(model)
+    return {split: train.evaluate(model, _eval_loader(encoded[split], task.collator(tokenizer), recipe, accelerator),
+                                  task, labels, accelerator, recipe.task) for split in splits}  # fmt: skip
+
+
 def _log_to_file(path: Path) -> logging.Handler:
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setLevel(logging.DEBUG)

@@ -116,7 +116,7 @@ def test_combined_run_is_a_run_for_eval_merge_and_predict(runs, tmp_path):
     out = tmp_path / "half"
     result = peftkit_here("combine", runs["a"], runs["b"], "--weights", "0.5,0.5", "--how", "cat", "--out", out)
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "combine.json", "recipe.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "combine.json", "metrics.json", "recipe.yaml"]
     assert not out.with_name("half.partial").exists()
     record = json.loads((out / "combine.json").read_text())
     assert record["how"] == "cat" and record["weights"] == [0.5, 0.5] and record["rank"] == 8
@@ -126,7 +126,12 @@ def test_combined_run_is_a_run_for_eval_merge_and_predict(runs, tmp_path):
 
     evaluated = peftkit_here("eval", out, "--split", "validation")
     assert evaluated.returncode == 0, evaluated.stderr
-    assert "accuracy" in evaluated.stdout
+    scored = json.loads((out / "metrics.json").read_text())  # combine scored it as eval does
+    assert f"{scored['validation']['accuracy']:.4f}" in evaluated.stdout and scored["validation"]["rows"] == 20
+    assert "half" in result.stdout  # the combined row in the table, next to its sources
+    pushed = peftkit_here("push", out, "--repo", "me/half", "--dry-run")  # it has results for a model card
+    assert pushed.returncode == 0, pushed.stderr
+    assert "a combination of adapters has no training" in pushed.stderr
     merged = peftkit_here("merge", out, tmp_path / "merged")
     assert merged.returncode == 0, merged.stderr
     both = peftkit_here("predict", out, "--adapter", runs["a"], TEXTS[0])  # a combined run shares a base too

@@ -2,9 +2,10 @@
 documentation shows it, on the same model (MiniLM), data (the Rotten Tomatoes rows peftkit trains on), LoRA
 settings (r 8, alpha 16, dropout 0.1), batch size (32) and number of steps.
 
-    .venv/bin/python benchmarks/peer.py [--steps 30] [--rounds 3]      # ~10 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/peer.py [--steps 30] [--rounds 3] [--variants ...]   # ~10 minutes on 2 CPU cores
 
-Variants: peftkit LoRA (`peftkit run recipes/sentiment-lora.yaml`), peftkit full fine-tuning, the peer at its
+Variants: peftkit LoRA (`peftkit run recipes/sentiment-lora.yaml`), peftkit full fine-tuning, peftkit LoRA in 2
+data-parallel processes (`--processes 2`; opt-in with --variants), the peer at its
 defaults, and the peer tuned (length-grouped batches; bf16 only where the machine computes it natively — on a
 CPU without AMX bf16 is emulated and ~50x slower, benchmarks/kernels.py). Every measurement is a fresh process
 (its memory peak is its own); rounds alternate the variants (A B C D A B C D ...) so machine drift hits all
@@ -23,14 +24,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "sentiment-lora.yaml"
 DATA = ["data.max_samples=1200"]  # both sides train on these rows; enough for 30 steps of 32 without repeating
-VARIANTS = ["peftkit-lora", "peer-default", "peer-tuned", "peftkit-full"]
+VARIANTS = ["peftkit-lora", "peer-default", "peer-tuned", "peftkit-full", "peftkit-lora-2proc"]
 
 
-def peftkit(steps: int, full: bool) -> dict:
+def peftkit(steps: int, full: bool, processes: int = 1) -> dict:
+    """processes 2: `--processes 2` with 16 rows per process per step (the same 32 per step); its peak memory is
+    one process's (the main one)."""
     with tempfile.TemporaryDirectory() as tmp:
         method = ["method={name: full}", "train.lr=5e-5"] if full else []
+        parallel = ["--processes", str(processes), f"train.batch_size={32 // processes}"] if processes > 1 else []
         command = [sys.executable, "-m", "peftkit", "run", str(RECIPE), *DATA, *method, f"train.max_steps={steps}",
-                   "eval.splits=[validation]", f"export.output_dir={tmp}/run"]  # fmt: skip
+                   "eval.splits=[validation]", f"export.output_dir={tmp}/run", *parallel]  # fmt: skip
         subprocess.run(command, check=True, capture_output=True)
         metrics = json.loads((Path(tmp) / "run" / "metrics.json").read_text())
     return {"samples_per_s": metrics["train"]["samples_per_s"],
@@ -89,16 +93,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS[:4])
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker = {"peftkit-lora": lambda: peftkit(args.steps, False), "peftkit-full": lambda: peftkit(args.steps, True),
-                  "peer-default": lambda: peer(args.steps, False), "peer-tuned": lambda: peer(args.steps, True)}  # fmt: skip
+                  "peer-default": lambda: peer(args.steps, False), "peer-tuned": lambda: peer(args.steps, True),
+                  "peftkit-lora-2proc": lambda: peftkit(args.steps, False, processes=2)}  # fmt: skip
         print(json.dumps(worker[args.worker]()))
         return
-    results = {v: [] for v in VARIANTS}
+    variants = ["peftkit-lora"] + [v for v in args.variants if v != "peftkit-lora"]  # the reference comes first
+    results = {v: [] for v in variants}
     for round_ in range(args.rounds):
-        for variant in VARIANTS:
+        for variant in variants:
             results[variant].append(measure(variant, args.steps))
             print(f"round {round_ + 1} {variant}: {results[variant][-1]}", file=sys.stderr, flush=True)
 

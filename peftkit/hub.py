@@ -264,6 +264,13 @@ def starting_adapter(recipe, labels) -> Path:
         differ = sorted(k for k in mine.keys() | their_method.keys() if mine.get(k) != their_method.get(k))
         problems.append("the method sections differ in " + ", ".join(
             f"method.{k} ({their_method.get(k)!r} there, {mine.get(k)!r} here)" for k in differ))  # fmt: skip
+    if their_method.get("init") in ("pissa", "olora"):
+        problems.append(f"it was trained with method.init {their_method['init']}, which moves the base weights; its "
+                        "saved adapter is converted to a rank-2r LoRA on the original base, so it cannot be loaded "
+                        "into a freshly initialised one")  # fmt: skip
+    if their_method.get("name") == "adalora":
+        problems.append("it is an AdaLoRA adapter, saved with the ranks its pruning left, which a fresh AdaLoRA "
+                        "model does not have")  # fmt: skip
     if problems:
         raise UserError(f"model.adapter: {ref} cannot start this run: " + "; ".join(problems)
                         + f". Make this recipe's sections match the adapter's recipe ({folder / 'recipe.yaml'})")  # fmt: skip

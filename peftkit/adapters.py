@@ -64,8 +64,7 @@ def read(refs, hub_dir=None) -> list[Source]:
         if run_dir.resolve() in seen:
             raise UserError(f"{ref} is given twice; name each run once")
         seen.add(run_dir.resolve())
-        adapter_dir, recipe = finished_adapter(run_dir)
-        info = json.loads((adapter_dir / "peftkit.json").read_text())
+        adapter_dir, recipe, info = finished_adapter(run_dir)
         # The adapter name becomes a key in peft's ModuleDicts, where a run called e.g. "half" or "train" would
         # clash with a torch.nn.Module method: numbered names; the run's own name labels its columns.
         local = Path(str(ref)).exists()  # else pulled by name into a cache folder: the name labels it

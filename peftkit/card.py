@@ -16,24 +16,20 @@ LIBRARY = {"peft": "peft", "full": "transformers", "peftkit": "peftkit"}  # adap
 
 def model_card(run_dir: Path, repo_id: str, plot: bool = True):
     """huggingface_hub's ModelCard: metadata the Hub indexes, then what was trained, how, and how well."""
-    import yaml
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+    from peftkit.hub import finished_run
     from peftkit.tasks import TASKS
 
     run_dir = Path(run_dir)
-    from peftkit.hub import finished_run
-
-    adapter = finished_run(run_dir)
-    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    _, recipe, info = finished_run(run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    info = json.loads((adapter / "peftkit.json").read_text(encoding="utf-8"))
     task, method, base_model = info["task"], info["method"], info["base_model"]
     pipeline, auto_class = TASKS[task].PIPELINE_TAG, TASKS[task].AUTO_CLASS
-    splits = [s for s in recipe["eval"]["splits"] if isinstance(metrics.get(s), dict)]
+    splits = [s for s in recipe.eval.splits if isinstance(metrics.get(s), dict)]
     names = [m for m in TASKS[task].METRICS if any(isinstance(metrics[s].get(m), (int, float)) for s in splits)]
     on_hub = _hub_model_id(base_model)
-    dataset = _hub_dataset(recipe["data"]["source"])
+    dataset = _hub_dataset(recipe.data.source)
     results = None
     if dataset:  # model-index entries must name a Hub dataset
         results = [EvalResult(task_type=pipeline, dataset_type=dataset, dataset_name=dataset, dataset_split=s,
@@ -53,7 +49,7 @@ def model_card(run_dir: Path, repo_id: str, plot: bool = True):
         lines += ["", "Labels, in id order: " + ", ".join(f"`{label}`" for label in info["labels"]) + "."]
     lines += ["", "## Use it", "", *_usage(repo_id, info, auto_class), ""]
     lines += ["## Results", "", *_results_table(metrics, splits, names), ""]
-    lines += ["## Training", "", f"- data: `{recipe['data']['source']}`", *_training_facts(metrics), ""]
+    lines += ["## Training", "", f"- data: `{recipe.data.source}`", *_training_facts(metrics), ""]
     if plot:
         lines += ["![training curve](training_curve.png)", ""]
     lines += ["## Recipe", "", "```yaml", (run_dir / "recipe.yaml").read_text(encoding="utf-8").rstrip(), "```", ""]

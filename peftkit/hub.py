@@ -17,7 +17,6 @@ first, then the local hub (--hub-dir or PEFTKIT_HUB_DIR), then the Hugging Face 
 The Hub token is huggingface_hub's own (HF_TOKEN, or `hf auth login`): peftkit never reads, prints or stores it.
 """
 
-import json
 import logging
 import os
 import shutil
@@ -107,14 +106,14 @@ def _download(repo_id: str, revision: str, searched: str) -> Path:
 # --- the folder a push uploads --------------------------------------------------------------------------------
 
 
-def finished_run(run_dir: Path) -> Path:
+def finished_run(run_dir: Path):
     """The adapter folder of a finished run (or of a pulled repo, to push it again) that has the metrics the
-    model card shows, or a clear error."""
+    model card shows, as run.finished_adapter gives it (adapter folder, recipe, peftkit.json); or a clear error."""
     from peftkit.run import finished_adapter
 
-    adapter, _ = finished_adapter(run_dir)
+    found = finished_adapter(run_dir)
     if (Path(run_dir) / "metrics.json").is_file():
-        return adapter
+        return found
     raise UserError(f"{run_dir} has no metrics.json, which the model card is made from; push the folder "
                     "`peftkit run` printed")  # fmt: skip
 
@@ -122,7 +121,7 @@ def finished_run(run_dir: Path) -> Path:
 def build_folder(run_dir: Path, out: Path, repo_id: str) -> list[str]:
     """Write the repo's files into `out`; returns notes for the user (e.g. a plot skipped)."""
     run_dir, out = Path(run_dir), Path(out)
-    adapter = finished_run(run_dir)
+    adapter, _, _ = finished_run(run_dir)
     for item in adapter.iterdir():  # the adapter's own README.md (peft's empty card) is replaced below
         if item.is_file() and item.name != "README.md":
             shutil.copy2(item, out / item.name)
@@ -248,10 +247,9 @@ def starting_adapter(recipe, labels) -> Path:
     ref = recipe.model.adapter
     folder = resolve_run(ref)
     try:
-        adapter, theirs = finished_adapter(folder)
+        adapter, theirs, info = finished_adapter(folder)
     except UserError as err:
         raise UserError(f"model.adapter: {err}") from None
-    info = json.loads((adapter / "peftkit.json").read_text(encoding="utf-8"))
     problems = []
     if info["base_model"] != recipe.model.name:
         problems.append(f"its base model is {info['base_model']}, this recipe's model.name is {recipe.model.name}")

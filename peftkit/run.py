@@ -245,8 +245,9 @@ def load_base(recipe: Recipe, task, labels, device, precision: str = "no", dequa
     return tokenizer, model
 
 
-def finished_adapter(run_dir: Path) -> tuple[Path, Recipe]:
-    """(adapter folder, recipe) of a finished run or a pushed adapter repo; a clear error for anything else."""
+def finished_adapter(run_dir: Path) -> tuple[Path, Recipe, dict]:
+    """(adapter folder, recipe, peftkit.json: task, method, format, base model, labels) of a finished run or a
+    pushed adapter repo; a clear error for anything else."""
     from peftkit.hub import adapter_folder
 
     run_dir = Path(run_dir)
@@ -255,7 +256,8 @@ def finished_adapter(run_dir: Path) -> tuple[Path, Recipe]:
         hint = " (an unfinished run: it has .partial in its name)" if run_dir.name.endswith(".partial") else ""
         raise UserError(f"{run_dir} is not a finished peftkit run folder (adapter/peftkit.json and recipe.yaml) "
                         f"or a pushed adapter repo (peftkit.json and recipe.yaml){hint}")  # fmt: skip
-    return adapter_dir, load_recipe(run_dir / "recipe.yaml")
+    info = json.loads((adapter_dir / "peftkit.json").read_text(encoding="utf-8"))
+    return adapter_dir, load_recipe(run_dir / "recipe.yaml"), info
 
 
 def load_trained(run_dir: Path, device=None, dequantize: bool = False, recipe: Recipe | None = None):
@@ -265,9 +267,8 @@ def load_trained(run_dir: Path, device=None, dequantize: bool = False, recipe: R
     import torch
     from transformers import AutoTokenizer
 
-    adapter_dir, own_recipe = finished_adapter(run_dir)
+    adapter_dir, own_recipe, info = finished_adapter(run_dir)
     recipe = recipe or own_recipe
-    info = json.loads((adapter_dir / "peftkit.json").read_text())
     task, labels = TASKS[recipe.task.type], info["labels"]
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)

@@ -139,10 +139,11 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
     inner = accelerator.unwrap_model(model)  # parameter names without DDP's "module." prefix
     if resume is not None:
         done = checkpoint.load(resume, inner, optimizer, scheduler, accelerator.scaler)
-        if done.get("processes", 1) != accelerator.num_processes:  # its batch positions and schedule were theirs
-            raise UserError(f"--resume: {resume} was written by a run in {done.get('processes', 1)} process(es), "
-                            f"this one has {accelerator.num_processes}; resume with --processes "
-                            f"{done.get('processes', 1)}, or pass --overwrite to start over")  # fmt: skip
+        theirs = done.get("processes", 1)
+        if theirs != accelerator.num_processes:  # its batch positions and schedule were planned for theirs
+            raise UserError(f"--resume: {resume} was written by a run in {theirs} process(es), this one has "
+                            f"{accelerator.num_processes}; resume with --processes {theirs}, or pass --overwrite "
+                            "to start over")  # fmt: skip
         step, first_epoch, skip, history = done["step"], done["epoch"], done["batches"], done["history"]
         best_score, best_epoch, best_state = done["best_score"], done["best_epoch"], done["best_state"]
         generator.set_state(done["rng"]["data_generator"])

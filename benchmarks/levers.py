@@ -2,6 +2,7 @@
 process, rounds alternating so machine drift hits every variant alike:
 
     .venv/bin/python benchmarks/levers.py [--rounds 2] [--variants base fused compile 1thread]
+    .venv/bin/python benchmarks/levers.py --profile    # where a base step's time goes, by kind of operator
 
 base: what peftkit's loop does (SDPA, AdamW, the machine's threads); fused: AdamW(fused=True); compile:
 torch.compile(model, dynamic=True) (its compilation time is reported apart); 1thread: torch.set_num_threads(1),
@@ -16,6 +17,18 @@ import sys
 import time
 
 LENGTHS = [20, 24, 28, 32, 36, 40, 28, 24]  # padded lengths of length-grouped batches of the demo's snippets
+
+
+# Operator families of a step (torch.profiler's self CPU time), in the order the report lists them.
+FAMILIES = {
+    "matmul (mm, addmm, bmm)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+    "dropout's random numbers (bernoulli_)": ("aten::bernoulli_",),
+    "GELU forward + backward": ("aten::gelu", "aten::gelu_backward"),
+    "layer norm forward + backward": ("aten::native_layer_norm", "aten::native_layer_norm_backward"),
+    "softmax forward + backward": ("aten::_softmax", "aten::_softmax_backward_data"),
+    "copies and layout (copy_, _to_copy, view, ...)": ("aten::copy_", "aten::_to_copy", "aten::view",
+        "aten::reshape", "aten::transpose", "aten::t", "aten::as_strided", "aten::empty", "aten::empty_strided"),
+}  # fmt: skip
 
 
 def worker(variant: str, steps: int = 24) -> str:
@@ -46,16 +59,40 @@ def worker(variant: str, steps: int = 24) -> str:
         return time.perf_counter() - began
 
     warm = sum(step(length) for length in LENGTHS[:4])
+    if variant == "profile":
+        return profile(lambda: [step(LENGTHS[i % len(LENGTHS)]) for i in range(16)])
     median = statistics.median(step(LENGTHS[i % len(LENGTHS)]) for i in range(steps))
     return f"{warm:.1f} {median:.4f}"
+
+
+def profile(run) -> str:
+    """A Markdown table: the share of the profiled steps' operator time spent in each operator family."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    with profiler(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(self_us.values())
+    rows, rest = [], total
+    for family, names in FAMILIES.items():
+        share = sum(self_us.get(name, 0) for name in names)
+        rest -= share
+        rows.append(f"| {family} | {100 * share / total:.1f}% |")
+    rows.append(f"| everything else (elementwise ops, optimizer, autograd, Python) | {100 * rest / total:.1f}% |")
+    return "| operator family | share of step time |\n|---|---|\n" + "\n".join(rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=["base", "fused", "compile", "1thread"])
+    parser.add_argument("--profile", action="store_true", help="profile base steps by operator family")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.profile:
+        print(worker("profile"))
+        return
     if args.worker:
         print(worker(args.worker))
         return

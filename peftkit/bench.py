@@ -29,7 +29,9 @@ class Throughput:
     def update(self, batch) -> None:
         self.samples += int(batch["input_ids"].shape[0])
         mask = batch.get("attention_mask")
-        self.tokens += int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+        # summed where the batch is (a tensor on a GPU): reading it every step would make the host wait for the
+        # GPU each step; rates() reads it once per log interval
+        self.tokens = self.tokens + (mask.sum() if mask is not None else batch["input_ids"].numel())
 
     @property
     def elapsed(self) -> float:
@@ -38,7 +40,7 @@ class Throughput:
     def rates(self, accelerator=None) -> dict:
         """Rates of the whole job: with several processes, their samples and tokens are summed (a collective
         call: every process must make it) over the slowest one's time."""
-        samples, tokens, seconds = self.samples, self.tokens, max(self.elapsed, 1e-9)
+        samples, tokens, seconds = self.samples, int(self.tokens), max(self.elapsed, 1e-9)
         if accelerator is not None and accelerator.num_processes > 1:
             import torch
 

@@ -1,5 +1,5 @@
 """`peftkit bench` end to end on the tiny model: a method x bits matrix with one refused variant reported
-without stopping the others, and the report's JSON, Markdown and plots."""
+without stopping the others, and the report's JSON, Markdown and plots; the throughput meter's counting."""
 
 import json
 
@@ -41,3 +41,17 @@ def test_matrix_variants_and_their_checks(recipe_file, tmp_path):
     assert load_recipe(quantized, variants[1].recipe_overrides()).quantization.bits == 4
     with pytest.raises(UserError, match="method"):  # every variant is checked before anything runs
         benchmark.matrix([quantized], ["loar"], [], [])
+
+
+def test_throughput_counts_samples_and_non_padding_tokens():
+    import torch
+
+    from peftkit.bench import Throughput
+
+    meter = Throughput()
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    meter.update({"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": mask})
+    meter.update({"input_ids": torch.zeros(3, 2, dtype=torch.long)})  # no mask: every position counts
+    rates = meter.rates()
+    assert (meter.samples, rates["tokens"]) == (5, 5 + 6)
+    assert rates["tokens_per_s"] == rates["tokens"] / rates["seconds"]

@@ -10,7 +10,8 @@ defaults, and the peer tuned (length-grouped batches; bf16 only where the machin
 CPU without AMX bf16 is emulated and ~50x slower, benchmarks/kernels.py). Every measurement is a fresh process
 (its memory peak is its own); rounds alternate the variants (A B C D A B C D ...) so machine drift hits all
 alike. Training samples/s: peftkit's metrics.json (training steps only), the peer's Trainer metrics
-(train_samples_per_second). Peak memory: resident set size during training (VmHWM reset when training starts).
+(train_samples_per_second). Peak memory: during training (reset when training starts), the resident set size on
+a CPU, bytes reserved by torch on a GPU. On a machine with a GPU both sides train there (the peer's tuned bf16 on).
 """
 
 import argparse
@@ -20,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from peftkit.benchmark import peak_mib  # reserved on CUDA, resident set size on CPU
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "sentiment-lora.yaml"
@@ -37,8 +40,7 @@ def peftkit(steps: int, full: bool, processes: int = 1) -> dict:
                    "eval.splits=[validation]", f"export.output_dir={tmp}/run", *parallel]  # fmt: skip
         subprocess.run(command, check=True, capture_output=True)
         metrics = json.loads((Path(tmp) / "run" / "metrics.json").read_text())
-    return {"samples_per_s": metrics["train"]["samples_per_s"],
-            "peak_mib": metrics["memory"]["train_peak"]["peak_rss_mib"]}  # fmt: skip
+    return {"samples_per_s": metrics["train"]["samples_per_s"], "peak_mib": peak_mib(metrics["memory"]["train_peak"])}
 
 
 def peer(steps: int, tuned: bool) -> dict:
@@ -49,6 +51,7 @@ def peer(steps: int, tuned: bool) -> dict:
                               TrainerCallback, TrainingArguments)  # fmt: skip
 
     from peftkit import assets, bench, data
+    from peftkit import train as loop
     from peftkit.recipe import load_recipe
     from peftkit.tasks import TASKS
 
@@ -60,24 +63,24 @@ def peer(steps: int, tuned: bool) -> dict:
                                 remove_columns=["text", data.ROW]).rename_column("label", "labels")  # fmt: skip
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1))
-    native_bf16 = bench.matmul_peak_tflops("bf16", torch.device("cpu")) > bench.matmul_peak_tflops(
-        "fp32", torch.device("cpu"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    native_bf16 = loop.resolve_precision("auto", device) == "bf16"
 
     class PeakFromHere(TrainerCallback):  # training's peak, apart from loading
         def on_train_begin(self, *args, **kwargs):
-            bench.reset_peak_memory(torch.device("cpu"))
+            bench.reset_peak_memory(device)
 
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
             output_dir=tmp, per_device_train_batch_size=32, learning_rate=1e-3, warmup_steps=0.06, max_steps=steps,
-            seed=42, save_strategy="no", logging_strategy="no", report_to="none", use_cpu=True,
+            seed=42, save_strategy="no", logging_strategy="no", report_to="none", use_cpu=device.type == "cpu",
             **({"train_sampling_strategy": "group_by_length", "bf16": native_bf16} if tuned else {}),
         )  # fmt: skip
         trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer),
                           callbacks=[PeakFromHere()])  # fmt: skip
         result = trainer.train()
     return {"samples_per_s": result.metrics["train_samples_per_second"],
-            "peak_mib": bench.peak_memory(torch.device("cpu"))["peak_rss_mib"], "bf16": tuned and native_bf16}  # fmt: skip
+            "peak_mib": peak_mib(bench.peak_memory(device)), "bf16": tuned and native_bf16}  # fmt: skip
 
 
 def measure(variant: str, steps: int) -> dict:
@@ -114,7 +117,7 @@ def main() -> None:
 
     ours = results["peftkit-lora"]
     print(f"\n{args.rounds} rounds x {args.steps} steps, batch 32; min / median / max\n")
-    print("| variant | samples/s | peak RSS (MiB) | peftkit LoRA's samples/s ÷ this | this peak ÷ peftkit LoRA's |")
+    print("| variant | samples/s | peak memory (MiB) | peftkit LoRA's samples/s ÷ this | this peak ÷ peftkit LoRA's |")
     print("|---|---|---|---|---|")
     for variant, runs in results.items():
         speed = [o["samples_per_s"] / r["samples_per_s"] for o, r in zip(ours, runs)]  # paired within a round

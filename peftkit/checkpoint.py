@@ -6,6 +6,7 @@ scaler, random states and the position in the data — never the frozen base.
         best.safetensors        the best validation epoch's trainable tensors so far (when there is one)
         state.safetensors       the tensors of the optimizer, scheduler, scaler and RNG states ...
         state.json              ... and the rest of those states, with a reference to each tensor: no pickle
+                                (the method's own training state too, where it has one: AdaLoRA's scores)
         progress.json           step, epoch, batches done in the epoch, history, best score
 
 A checkpoint is written under a temporary name and renamed when complete, so a folder named step-N is whole;
@@ -21,7 +22,7 @@ DIR = "checkpoints"
 
 
 def save(run_dir: Path, keep: int, model, optimizer, scheduler, scaler, generator_state, progress: dict,
-         best_state: dict | None) -> Path:  # fmt: skip
+         best_state: dict | None, method_state: dict | None = None) -> Path:  # fmt: skip
     import torch
     from safetensors.torch import save_file
 
@@ -43,6 +44,7 @@ def save(run_dir: Path, keep: int, model, optimizer, scheduler, scaler, generato
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "python_rng": random.getstate(),
         "data_generator": generator_state,  # the shuffle generator at the start of progress["epoch"]
+        "method": method_state,
     }
     tensors: dict = {}
     (tmp / "state.json").write_text(json.dumps(_to_json(state, tensors)), encoding="utf-8")
@@ -64,7 +66,7 @@ def latest(run_dir: Path) -> Path | None:
 
 def load(folder: Path, model, optimizer, scheduler, scaler) -> dict:
     """Put the checkpoint's weights and optimizer/scheduler/scaler states in place; returns progress.json plus
-    the states the loop restores itself (RNG, data generator, best tensors)."""
+    the states the loop restores itself (RNG, data generator, best tensors, the method's training state)."""
     from safetensors.torch import load_file
 
     from peftkit.methods.base import load_trainable
@@ -79,6 +81,7 @@ def load(folder: Path, model, optimizer, scheduler, scaler) -> dict:
     best = folder / "best.safetensors"
     progress["best_state"] = load_file(best) if best.exists() else None
     progress["rng"] = state
+    progress["method_state"] = state.get("method")  # .get: checkpoints written before it was saved
     return progress
 
 

@@ -37,8 +37,6 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
         handler = _log_to_file(run_dir / "train.log") if main else logging.NullHandler()
         try:
             resume_from = _resume_point(run_dir, recipe) if resume else None
-            if resume_from is not None and getattr(method, "RESUME_NOTE", None):
-                log.warning("--resume: %s", method.RESUME_NOTE)
             if main and resume_from is None:  # a resumed run's is the same (checked), and other processes read it
                 atomic.write_text(run_dir / "recipe.yaml", recipe.to_yaml())
             log.info("run %s -> %s (precision %s, device %s%s)", recipe.name, recipe.output_dir,
@@ -83,9 +81,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
                     before[split] = train.evaluate(model, _eval_loader(encoded[split], collate, recipe, accelerator),
                                                    task, labels, accelerator, recipe.task)  # fmt: skip
                     log.info("before training, %s: %s", split, train.short(before[split]))
-            after_step = getattr(method, "after_optimizer_step", None)
-            result = train.fit(model, encoded, collate, task, recipe, accelerator, labels, after_step,
-                               restore_best=getattr(method, "RESTORE_BEST_EPOCH", True), run_dir=run_dir,
+            result = train.fit(model, encoded, collate, task, recipe, accelerator, labels, method, run_dir=run_dir,
                                resume=resume_from)  # fmt: skip
             memory["train_peak"] = bench.peak_memory(accelerator.device)  # training and its validation passes
 

@@ -91,11 +91,12 @@ def total_steps(train_rows: int, cfg, processes: int = 1) -> int:
     return cfg.max_steps or cfg.epochs * math.ceil(batches / cfg.grad_accum)
 
 
-def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=None, restore_best=True,
-        run_dir: Path | None = None, resume: Path | None = None) -> dict:
+def fit(model, splits, collate, task, recipe, accelerator, labels, method=None, run_dir: Path | None = None,
+        resume: Path | None = None) -> dict:
     """Train `model` (already wrapped by its method) in place; returns the history and throughput.
-    `after_step(model, step)` runs after each optimizer step, before gradients are cleared (AdaLoRA);
-    `restore_best`: end with the best validation epoch's trainable weights (else the last epoch's).
+    `method`: the method's module, for its optional hooks (methods/__init__.py): `after_optimizer_step` runs after
+    each optimizer step, before gradients are cleared (AdaLoRA); RESTORE_BEST_EPOCH False ends with the last
+    epoch's trainable weights instead of the best validation epoch's; `training_state` goes into checkpoints.
     `run_dir`: where checkpoints go (train.checkpoint_every, and every epoch end); `resume`: a checkpoint to
     continue from, so that the result is the one the uninterrupted run would have given (bit for bit in one
     process; with several, the checkpoint holds the main process's random state, which all of them resume
@@ -107,6 +108,9 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
     from peftkit.methods.base import load_trainable, trainable_tensors
 
     cfg = recipe.train
+    after_step = getattr(method, "after_optimizer_step", None)
+    restore_best = getattr(method, "RESTORE_BEST_EPOCH", True)
+    state_of = getattr(method, "training_state", None)
     train_loader = make_loader(splits["train"], collate, cfg.batch_size, True, cfg.group_by_length, cfg.seed)
     generator = train_loader.peftkit_generator  # the shuffle's: its state at an epoch's start is saved
     val_loader = (
@@ -144,6 +148,8 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
             raise UserError(f"--resume: {resume} was written by a run in {theirs} process(es), this one has "
                             f"{accelerator.num_processes}; resume with --processes {theirs}, or pass --overwrite "
                             "to start over")  # fmt: skip
+        if done["method_state"] is not None:
+            method.load_training_state(inner, done["method_state"])
         step, first_epoch, skip, history = done["step"], done["epoch"], done["batches"], done["history"]
         best_score, best_epoch, best_state = done["best_score"], done["best_epoch"], done["best_state"]
         generator.set_state(done["rng"]["data_generator"])
@@ -159,8 +165,9 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, after_step=No
         progress = {"step": step, "epoch": epoch, "batches": batches, "history": history,
                     "best_score": best_score, "best_epoch": best_epoch, "processes": accelerator.num_processes}  # fmt: skip
         if accelerator.is_main_process:  # the weights are the same in every process (gradients are averaged)
+            method_state = state_of(inner) if state_of is not None else None
             checkpoint.save(run_dir, cfg.keep_checkpoints, inner, optimizer, scheduler, accelerator.scaler,
-                            epoch_generator_state, progress, best_state)  # fmt: skip
+                            epoch_generator_state, progress, best_state, method_state)  # fmt: skip
         accelerator.wait_for_everyone()
 
     def mean_loss(running, seen: int) -> float:

@@ -97,3 +97,25 @@ def test_killed_and_resumed_run_gives_the_identical_adapter(recipe, uninterrupte
     final = adapter(out)
     assert final.keys() == uninterrupted.keys()
     assert all(torch.equal(final[name], uninterrupted[name]) for name in final)
+
+
+def test_adalora_resumes_its_pruning_exactly(recipe, tmp_path):
+    """AdaLoRA's running importance scores and rank pattern live outside the optimizer; the checkpoint holds them,
+    so a run killed mid-pruning prunes on as the uninterrupted one does."""
+    import yaml
+
+    spec = yaml.safe_load(recipe.read_text())
+    spec["method"] = {"name": "adalora", "init_r": 6, "target_r": 2, "tinit": 0.1, "tfinal": 0.2, "delta_t": 1}
+    path = tmp_path / "adalora.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    whole = tmp_path / "whole"
+    assert peftkit("run", path, f"export.output_dir={whole}").returncode == 0
+    out = tmp_path / "run"
+    kill_after_checkpoint(path, out, 12)  # pruning runs from step 3 to step 24 of 30
+    resumed = peftkit("run", path, f"export.output_dir={out}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    final, expected = adapter(out), adapter(whole)
+    assert final.keys() == expected.keys()
+    assert all(torch.equal(final[name], expected[name]) for name in final)
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == json.loads((whole / "adapter" / "adapter_config.json").read_text())["rank_pattern"]

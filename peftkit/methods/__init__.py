@@ -7,7 +7,9 @@ A method module defines (heavy imports stay inside functions, so `peftkit valida
   apply(model, config, context) -> model    freeze the base, add the method; only it and the head train
   after_optimizer_step(model, step)         optional: called after each optimizer step (AdaLoRA)
   RESTORE_BEST_EPOCH     optional, default True: end on the best validation epoch's weights (else the last's)
-  RESUME_NOTE            optional: why a resumed run is not identical to an uninterrupted one (logged on resume)
+  training_state(model) -> dict, load_training_state(model, state)
+                         optional: training state outside the weights and the optimizer that checkpoints must
+                         hold for a resumed run to match an uninterrupted one (AdaLoRA's importance scores)
 Storage is shared (methods/base.py): peft's format for peft methods, peftkit's for its own.
 Adding a method = one new file + one line here.
 """

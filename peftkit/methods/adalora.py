@@ -19,9 +19,6 @@ MERGEABLE = True
 # The saved adapter is cut to the final rank pattern; an earlier epoch's weights predate the pruning and would
 # not be what is saved, so the run keeps the last epoch's adapter instead of the best one.
 RESTORE_BEST_EPOCH = False
-# peft's rank allocator keeps running importance scores outside the optimizer; checkpoints do not hold them, so a
-# resumed run re-estimates them and prunes slightly differently from an uninterrupted one.
-RESUME_NOTE = "AdaLoRA's importance scores are re-estimated after a resume, so its pruning may differ slightly"
 
 
 class Config(Section):
@@ -71,3 +68,23 @@ def apply(model, config: Config, context: Context):
 def after_optimizer_step(model, step: int) -> None:
     """Prune singular values by importance (peft needs the gradients: call before zero_grad)."""
     model.base_model.update_and_allocate(step)
+
+
+# peft's rank allocator keeps running importance scores (smoothed sensitivity and uncertainty per parameter) outside
+# the optimizer, and the rank pattern chosen so far in the adapter's config: a checkpoint holds both, so a resumed
+# run prunes exactly as an uninterrupted one would.
+SCORES = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+
+def training_state(model) -> dict:
+    allocator = model.base_model.rankallocator
+    config = model.peft_config[model.base_model.trainable_adapter_name]
+    return {**{name: dict(getattr(allocator, name)) for name in SCORES}, "rank_pattern": config.rank_pattern}
+
+
+def load_training_state(model, state: dict) -> None:
+    allocator = model.base_model.rankallocator
+    device = next(p.device for p in model.parameters() if p.requires_grad)
+    for name in SCORES:
+        setattr(allocator, name, {key: tensor.to(device) for key, tensor in state[name].items()})
+    model.peft_config[model.base_model.trainable_adapter_name].rank_pattern = state["rank_pattern"]

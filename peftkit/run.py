@@ -281,7 +281,9 @@ def evaluate_run(run_dir: Path, splits: list[str] | None = None) -> dict:
     missing = [s for s in splits if s not in data_splits]
     if missing:
         raise UserError(f"--split {', '.join(missing)}: the data has only {', '.join(data_splits)}")
-    encoded = task.preprocess(data_splits, tokenizer, recipe.task)
+    from datasets import DatasetDict
+
+    encoded = task.preprocess(DatasetDict({s: data_splits[s] for s in splits}), tokenizer, recipe.task)  # scored only
     accelerator = train.make_accelerator(recipe.train.precision, 1)
     model = accelerator.prepare(model)
     return {split: train.evaluate(model, _eval_loader(encoded[split], task.collator(tokenizer), recipe, accelerator),

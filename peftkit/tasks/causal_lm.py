@@ -51,7 +51,7 @@ def load_model(path: str, labels, tokenizer, **kwargs):
 def preprocess(splits, tokenizer, config: Config):
     from peftkit.errors import UserError
 
-    columns = splits["train"].column_names
+    columns = next(iter(splits.values())).column_names  # the same in every split (data.load)
     if "prompt" in columns and "response" in columns:
         encode = lambda b: _pairs(b, tokenizer, config)  # noqa: E731
     elif "text" in columns:

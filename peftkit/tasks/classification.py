@@ -42,7 +42,8 @@ def preprocess(splits, tokenizer, config: Config):
         encoded["labels"] = batch["label"]
         return encoded
 
-    return splits.map(encode, batched=True, remove_columns=splits["train"].column_names, desc="tokenize")
+    columns = next(iter(splits.values())).column_names  # the same in every split (data.load)
+    return splits.map(encode, batched=True, remove_columns=columns, desc="tokenize")
 
 
 def collator(tokenizer):

@@ -42,7 +42,8 @@ def load_model(path: str, labels: list[str], tokenizer, **kwargs):
 
 def preprocess(splits, tokenizer, config: Config):
     """Tokenize the words (no padding: the collator pads each batch) and align the tags to sub-words."""
-    names = splits["train"].features["tags"].feature.names
+    first = next(iter(splits.values()))  # every split has the same columns and tag names (data.load)
+    names = first.features["tags"].feature.names
     inside = [names.index("I-" + n[2:]) if n.startswith("B-") and "I-" + n[2:] in names else i
               for i, n in enumerate(names)]  # fmt: skip
 
@@ -63,7 +64,7 @@ def preprocess(splits, tokenizer, config: Config):
             previous = word
         return labels
 
-    return splits.map(encode, batched=True, remove_columns=splits["train"].column_names, desc="tokenize")
+    return splits.map(encode, batched=True, remove_columns=first.column_names, desc="tokenize")
 
 
 def collator(tokenizer):

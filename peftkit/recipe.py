@@ -30,8 +30,14 @@ class ModelSection(Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
     attn_implementation: Literal["auto", "eager", "sdpa"] = Field(
         "auto",
-        description="Attention kernel. auto: eager on CPU (its backward is ~2.5x faster than SDPA's there, "
+        description="Attention kernel. auto: eager on a CPU under bf16 (SDPA's backward is ~2.5x slower there, "
         "see benchmarks/RESULTS.md), sdpa elsewhere.",
+    )
+    dtype: Literal["auto", "fp32"] = Field(
+        "auto",
+        description="How the frozen base's weights are held. auto: in the run's half precision (train.precision "
+        "bf16/fp16, e.g. on a GPU), which halves their memory, when the method leaves the base untouched and it is "
+        "not quantised; fp32 otherwise. The trained parameters are fp32 either way. fp32: always.",
     )
     trust_remote_code: bool = Field(False, description="Run model code from the Hub. Off unless you trust it.")
     adapter: str | None = Field(

@@ -63,6 +63,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
             model = method.apply(model, recipe.method, context)
             if start is not None:
                 hub.load_start(model, start, recipe.model.adapter)
+            base.trainable_in_fp32(model)  # a half-precision base (model.dtype) left the copied task head in it
             tokenizer.padding_side = getattr(model, "peftkit_padding_side", tokenizer.padding_side)  # base.py
             counts = {**bench.parameter_counts(model), "flops_per_token": bench.training_flops_per_token(model)}
             memory = {"model_mib": bench.model_mib(model), "load_peak": bench.peak_memory(accelerator.device),
@@ -78,8 +79,9 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
             if recipe.eval.before_training and resume_from is None:
                 model.to(accelerator.device)
                 for split in recipe.eval.splits:
-                    before[split] = train.evaluate(model, _eval_loader(encoded[split], collate, recipe, accelerator),
-                                                   task, labels, accelerator, recipe.task)  # fmt: skip
+                    with accelerator.autocast():  # the model is not prepared yet: a half-precision base needs it
+                        before[split] = train.evaluate(model, _eval_loader(encoded[split], collate, recipe,
+                                                       accelerator), task, labels, accelerator, recipe.task)  # fmt: skip
                     log.info("before training, %s: %s", split, train.short(before[split]))
             result = train.fit(model, encoded, collate, task, recipe, accelerator, labels, method, run_dir=run_dir,
                                resume=resume_from)  # fmt: skip
@@ -230,7 +232,7 @@ def load_base(recipe: Recipe, task, labels, device, precision: str = "no", dequa
         tokenizer = AutoTokenizer.from_pretrained(ref, **common)
         if tokenizer.pad_token is None:  # GPT-2 / Llama tokenizers have none; padding reuses end-of-sequence
             tokenizer.pad_token = tokenizer.eos_token
-        kwargs = {**common, "attn_implementation": attn, "dtype": torch.float32}
+        kwargs = {**common, "attn_implementation": attn, "dtype": base_dtype(recipe, precision)}
         if recipe.quantization:
             kwargs.update(quant.load_kwargs(recipe.quantization, list(task.HEAD_MODULES), device, precision))
         model = task.load_model(ref, labels, tokenizer, **kwargs)
@@ -239,6 +241,20 @@ def load_base(recipe: Recipe, task, labels, device, precision: str = "no", dequa
     if recipe.quantization:
         model = quant.dequantize(model) if dequantize else quant.prepare(model)
     return tokenizer, model
+
+
+def base_dtype(recipe: Recipe, precision: str):
+    """fp32, or the run's half precision (bf16/fp16) for a frozen base the method leaves untouched (model.dtype
+    auto). Under autocast every matmul runs in half precision anyway, so an fp32 base only doubles the base's
+    memory, and is cast again at every use (autocast caches its casts of trainable weights only). A quantised base
+    keeps fp32 for the layers that are not quantised, as peft's k-bit preparation wants them."""
+    import torch
+
+    method = METHODS[recipe.method.name]
+    if (recipe.model.dtype == "fp32" or precision not in ("bf16", "fp16") or recipe.quantization
+            or getattr(method, "rewrites_base", lambda config: False)(recipe.method)):  # fmt: skip
+        return torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def finished_adapter(run_dir: Path) -> tuple[Path, Recipe, dict]:

@@ -254,3 +254,26 @@ def test_olora_refuses_conv1d_clearly():
 
     with pytest.raises(UserError, match="Conv1D"):
         adapted("lora", "gpt2", "cls", init="olora")
+
+
+@pytest.mark.parametrize("method,arch,task", CASES, ids=["-".join(c) for c in CASES])
+def test_method_trains_on_a_bf16_base(method, arch, task):
+    """model.dtype auto under bf16 (run.base_dtype): the base held in bf16 unless the method rewrites it, every
+    trainable parameter in fp32 (base.trainable_in_fp32), and a step under autocast that trains them and leaves the
+    base alone."""
+    config = METHODS[method].Config(name=method, **OPTIONS[method])
+    rewrites = getattr(METHODS[method], "rewrites_base", lambda c: False)(config)
+    model = tiny(arch, task).to(torch.float32 if rewrites else torch.bfloat16)
+    model = METHODS[method].apply(model, config, context(model, task))
+    storage.trainable_in_fp32(model)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} <= {torch.bfloat16}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch(task, getattr(model, "peftkit_padding_side", "right"))).loss
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)

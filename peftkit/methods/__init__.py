@@ -6,6 +6,9 @@ A method module defines (heavy imports stay inside functions, so `peftkit valida
   NOT_MERGEABLE_BECAUSE  when not: why, and what to do instead (shown by `peftkit merge`)
   apply(model, config, context) -> model    freeze the base, add the method; only it and the head train
   after_optimizer_step(model, step)         optional: called after each optimizer step (AdaLoRA)
+  rewrites_base(config) -> bool
+                         optional, default False: the method trains or rewrites the base's weights, which are
+                         then held in fp32 (full fine-tuning; LoRA's PiSSA/OLoRA init)
   RESTORE_BEST_EPOCH     optional, default True: end on the best validation epoch's weights (else the last's)
   training_state(model) -> dict, load_training_state(model, state)
                          optional: training state outside the weights and the optimizer that checkpoints must

@@ -161,6 +161,17 @@ def train_only(model, is_method_param, context: Context) -> None:
         param.requires_grad_(head or is_method_param(name))
 
 
+def trainable_in_fp32(model) -> None:
+    """Every trainable parameter in fp32, whatever the base is held in: peft makes its adapters fp32 on a half-
+    precision base, but a task head copied from the base (modules_to_save) keeps the base's dtype, and AdamW's
+    updates (lr x ~1e-3 of a weight) vanish in bf16's 8-bit mantissa."""
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
 def trainable_tensors(model) -> dict:
     """A copy of every trainable tensor, on the CPU, by its name in the model: what peftkit-format adapters,
     checkpoints and the kept best epoch hold."""

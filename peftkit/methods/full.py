@@ -21,6 +21,10 @@ class Config(Section):
     name: Literal["full"]
 
 
+def rewrites_base(config: Config) -> bool:
+    return True  # every weight trains: fp32 master weights under mixed precision
+
+
 def apply(model, config: Config, context: Context):
     refuse_quantized("method full", model, (4, 8), "it trains every weight, and 8/4-bit weights cannot be "
                      "trained; remove the quantization section, or use a parameter-efficient method such as lora")  # fmt: skip

@@ -49,6 +49,10 @@ class Config(Section):
         return self
 
 
+def rewrites_base(config: Config) -> bool:
+    return config.init in ("pissa", "olora")  # W0 keeps the residual W0 - B0 A0: rounding it would change the model
+
+
 def apply(model, config: Config, context: Context):
     from peft import LoraConfig
 

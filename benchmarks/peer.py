@@ -11,7 +11,8 @@ CPU without AMX bf16 is emulated and ~50x slower, benchmarks/kernels.py). Every 
 (its memory peak is its own); rounds alternate the variants (A B C D A B C D ...) so machine drift hits all
 alike. Training samples/s: peftkit's metrics.json (training steps only), the peer's Trainer metrics
 (train_samples_per_second). Peak memory: during training (reset when training starts), the resident set size on
-a CPU, bytes reserved by torch on a GPU. On a machine with a GPU both sides train there (the peer's tuned bf16 on).
+a CPU, bytes reserved by torch on a GPU. On a machine with a GPU both sides train there (the peer's tuned bf16 on;
+peftkit's bf16 run also holds the frozen base in bf16, model.dtype auto, where the peer keeps fp32 weights).
 """
 
 import argparse
@@ -26,7 +27,9 @@ from peftkit.benchmark import peak_mib  # reserved on CUDA, resident set size on
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "sentiment-lora.yaml"
-DATA = ["data.max_samples=1200"]  # both sides train on these rows; enough for 30 steps of 32 without repeating
+# Both sides train on these rows (enough for 30 steps of 32 without repeating). No validation split: peftkit
+# would score it after each epoch, inside its training-memory peak, and the peer evaluates nothing.
+DATA = ["data.max_samples=1200", "data.splits={train: 0.8, validation: 0, test: 0.2}"]
 VARIANTS = ["peftkit-lora", "peer-default", "peer-tuned", "peftkit-full", "peftkit-lora-2proc"]
 
 
@@ -37,7 +40,7 @@ def peftkit(steps: int, full: bool, processes: int = 1) -> dict:
         method = ["method={name: full}", "train.lr=5e-5"] if full else []
         parallel = ["--processes", str(processes), f"train.batch_size={32 // processes}"] if processes > 1 else []
         command = [sys.executable, "-m", "peftkit", "run", str(RECIPE), *DATA, *method, f"train.max_steps={steps}",
-                   "eval.splits=[validation]", f"export.output_dir={tmp}/run", *parallel]  # fmt: skip
+                   "eval.splits=[test]", f"export.output_dir={tmp}/run", *parallel]  # fmt: skip
         subprocess.run(command, check=True, capture_output=True)
         metrics = json.loads((Path(tmp) / "run" / "metrics.json").read_text())
     return {"samples_per_s": metrics["train"]["samples_per_s"], "peak_mib": peak_mib(metrics["memory"]["train_peak"])}

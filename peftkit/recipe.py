@@ -35,9 +35,9 @@ class ModelSection(Section):
     )
     dtype: Literal["auto", "fp32"] = Field(
         "auto",
-        description="How the frozen base's weights are held. auto: in the run's half precision (train.precision "
-        "bf16/fp16, e.g. on a GPU), which halves their memory, when the method leaves the base untouched and it is "
-        "not quantised; fp32 otherwise. The trained parameters are fp32 either way. fp32: always.",
+        description="How the frozen base's weights are held. auto: in bf16 when the run trains in bf16 "
+        "(train.precision, e.g. auto on a recent GPU), which halves their memory, if the method leaves the base "
+        "untouched and it is not quantised; fp32 otherwise. The trained parameters are fp32 either way. fp32: always.",
     )
     trust_remote_code: bool = Field(False, description="Run model code from the Hub. Off unless you trust it.")
     adapter: str | None = Field(

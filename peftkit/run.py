@@ -61,9 +61,9 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
             steps = train.total_steps(len(splits["train"]), recipe.train, accelerator.num_processes)
             context = method_context(recipe, task, model, steps)
             model = method.apply(model, recipe.method, context)
+            base.trainable_in_fp32(model)  # a bf16 base (model.dtype) left the copied task head in bf16
             if start is not None:
                 hub.load_start(model, start, recipe.model.adapter)
-            base.trainable_in_fp32(model)  # a half-precision base (model.dtype) left the copied task head in it
             tokenizer.padding_side = getattr(model, "peftkit_padding_side", tokenizer.padding_side)  # base.py
             counts = {**bench.parameter_counts(model), "flops_per_token": bench.training_flops_per_token(model)}
             memory = {"model_mib": bench.model_mib(model), "load_peak": bench.peak_memory(accelerator.device),
@@ -244,17 +244,18 @@ def load_base(recipe: Recipe, task, labels, device, precision: str = "no", dequa
 
 
 def base_dtype(recipe: Recipe, precision: str):
-    """fp32, or the run's half precision (bf16/fp16) for a frozen base the method leaves untouched (model.dtype
-    auto). Under autocast every matmul runs in half precision anyway, so an fp32 base only doubles the base's
-    memory, and is cast again at every use (autocast caches its casts of trainable weights only). A quantised base
-    keeps fp32 for the layers that are not quantised, as peft's k-bit preparation wants them."""
+    """fp32, or bf16 for a frozen base the method leaves untouched in a bf16 run (model.dtype auto). Under autocast
+    every matmul runs in bf16 anyway, so an fp32 base only doubles the base's memory, and is cast again at every
+    use (autocast caches its casts of trainable weights only). Not fp16: its range is too small for the residual
+    stream of models pretrained in bf16, which fp16 autocast keeps in fp32. A quantised base keeps fp32 for the
+    layers that are not quantised, as peft's k-bit preparation wants them."""
     import torch
 
     method = METHODS[recipe.method.name]
-    if (recipe.model.dtype == "fp32" or precision not in ("bf16", "fp16") or recipe.quantization
+    if (recipe.model.dtype == "fp32" or precision != "bf16" or recipe.quantization
             or getattr(method, "rewrites_base", lambda config: False)(recipe.method)):  # fmt: skip
         return torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.bfloat16
 
 
 def finished_adapter(run_dir: Path) -> tuple[Path, Recipe, dict]:
@@ -294,6 +295,8 @@ def evaluate_run(run_dir: Path, splits: list[str] | None = None) -> dict:
     recipe, task, tokenizer, model, labels = load_trained(run_dir)
     data_splits, _ = data.load(recipe.data, task)
     splits = splits or recipe.eval.splits
+    if not splits:  # eval.splits: [] scores nothing
+        return {}
     missing = [s for s in splits if s not in data_splits]
     if missing:
         raise UserError(f"--split {', '.join(missing)}: the data has only {', '.join(data_splits)}")

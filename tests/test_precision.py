@@ -1,6 +1,7 @@
 """Runs under bf16 mixed precision (on this CPU bf16 is emulated, so only the tiny model): the frozen base is held
 in bf16 (model.dtype auto), the trained parameters and the saved adapter stay fp32, and the run folder serves
-predict like any other; model.dtype fp32 and methods that rewrite the base keep an fp32 base."""
+predict like any other; model.dtype fp32 and methods that train or rewrite base weights (full fine-tuning, LoRA
+training biases) keep an fp32 base."""
 
 import json
 
@@ -41,7 +42,7 @@ def test_bf16_run_holds_the_base_in_bf16_and_trains_in_fp32(recipe_file, fp32_mi
     assert predicted.returncode == 0, predicted.stderr
 
 
-@pytest.mark.parametrize("setting", [["model.dtype=fp32"], ["method={name: full}"]])
+@pytest.mark.parametrize("setting", [["model.dtype=fp32"], ["method={name: full}"], ["method.bias=all"]])
 def test_an_fp32_base_when_asked_or_when_the_method_trains_it(recipe_file, fp32_mib, tmp_path, setting):
     result = peftkit("run", recipe_file(), *BF16, *setting)
     assert result.returncode == 0, result.stderr

@@ -50,7 +50,9 @@ class Config(Section):
 
 
 def rewrites_base(config: Config) -> bool:
-    return config.init in ("pissa", "olora")  # W0 keeps the residual W0 - B0 A0: rounding it would change the model
+    # PiSSA/OLoRA: W0 keeps the residual W0 - B0 A0, which rounding would change; bias: the base's own biases train
+    # (and are saved whole), next to layer norms that CPU autocast runs in the base's dtype
+    return config.init in ("pissa", "olora") or config.bias != "none"
 
 
 def apply(model, config: Config, context: Context):

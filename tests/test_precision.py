@@ -1,7 +1,7 @@
 """Runs under bf16 mixed precision (on this CPU bf16 is emulated, so only the tiny model): the frozen base is held
 in bf16 (model.dtype auto), the trained parameters and the saved adapter stay fp32, and the run folder serves
-predict like any other; model.dtype fp32 and methods that train or rewrite base weights (full fine-tuning, LoRA
-training biases) keep an fp32 base."""
+predict like any other; model.dtype fp32, fp16 runs, quantised bases and methods that train or rewrite base weights
+keep an fp32 base."""
 
 import json
 
@@ -42,8 +42,26 @@ def test_bf16_run_holds_the_base_in_bf16_and_trains_in_fp32(recipe_file, fp32_mi
     assert predicted.returncode == 0, predicted.stderr
 
 
-@pytest.mark.parametrize("setting", [["model.dtype=fp32"], ["method={name: full}"], ["method.bias=all"]])
-def test_an_fp32_base_when_asked_or_when_the_method_trains_it(recipe_file, fp32_mib, tmp_path, setting):
-    result = peftkit("run", recipe_file(), *BF16, *setting)
+@pytest.mark.parametrize("overrides,dtype", [
+    ([], "bfloat16"),
+    (["model.dtype=fp32"], "float32"),
+    (["train.precision=fp16"], "float32"),  # fp16's range is too small for a base's residual stream
+    (["train.precision=fp32"], "float32"),
+    (["method={name: full}"], "float32"),  # the base trains
+    (["method.init=pissa"], "float32"),  # the base is rewritten
+    (["method.bias=lora_only"], "float32"),  # the base's biases train
+    (["quantization.bits=4"], "float32"),  # its layers that are not quantised stay fp32
+])  # fmt: skip
+def test_which_bases_are_held_in_bf16(recipe_file, overrides, dtype):
+    from peftkit.recipe import load_recipe
+    from peftkit.run import base_dtype
+
+    recipe = load_recipe(recipe_file(), ["train.precision=bf16", *overrides])
+    assert str(base_dtype(recipe, recipe.train.precision)) == f"torch.{dtype}"
+
+
+def test_lora_training_biases_runs_on_an_fp32_base(recipe_file, fp32_mib, tmp_path):
+    """The case that crashed before it kept an fp32 base: fp32 biases next to bf16 layer norms under CPU autocast."""
+    result = peftkit("run", recipe_file(), *BF16, "method.bias=all")
     assert result.returncode == 0, result.stderr
-    assert weights_mib(tmp_path / "runs" / "recipe") > 0.9 * fp32_mib  # (full fine-tuning adds no LoRA weights)
+    assert weights_mib(tmp_path / "runs" / "recipe") > 0.9 * fp32_mib

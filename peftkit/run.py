@@ -154,11 +154,24 @@ def _resume_point(run_dir: Path, recipe: Recipe) -> Path | None:
         return None
     saved = run_dir / "recipe.yaml"
     if saved.is_file() and saved.read_text(encoding="utf-8") != recipe.to_yaml():
+        import yaml
+
+        changed = _differences(yaml.safe_load(saved.read_text(encoding="utf-8")), yaml.safe_load(recipe.to_yaml()))
         raise UserError(
-            f"--resume: the recipe differs from the one the interrupted run in {run_dir} used ({saved}); resume "
-            "with the same recipe and overrides, or pass --overwrite to start over"
+            f"--resume: the recipe differs from the one the interrupted run in {run_dir} used ({saved}): "
+            f"{'; '.join(changed[:6]) or 'its text'}; resume with the same recipe and overrides, or pass --overwrite "
+            "to start over"
         )
     return found
+
+
+def _differences(old, new, path: str = "") -> list[str]:
+    """'key: old -> new' for every dotted key whose value differs ('(none)' where a side lacks it: e.g. a recipe
+    written by an older peftkit, before a key existed)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [line for key in sorted(old.keys() | new.keys(), key=str)
+                for line in _differences(old.get(key, "(none)"), new.get(key, "(none)"), f"{path}{key}.")]  # fmt: skip
+    return [] if old == new else [f"{path.rstrip('.')}: {old} -> {new}"]
 
 
 def _memory_knobs(recipe: Recipe) -> str:

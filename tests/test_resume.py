@@ -90,6 +90,7 @@ def test_killed_and_resumed_run_gives_the_identical_adapter(recipe, uninterrupte
         assert again.returncode == 2 and "--resume" in again.stderr and "--overwrite" in again.stderr
         changed = peftkit("run", recipe, f"export.output_dir={out}", "train.lr=0.001", "--resume")
         assert changed.returncode == 2 and "recipe differs" in changed.stderr
+        assert "train.lr: 0.005 -> 0.001" in changed.stderr  # the difference, named
 
     resumed = peftkit("run", recipe, f"export.output_dir={out}", "--resume")
     assert resumed.returncode == 0, resumed.stderr

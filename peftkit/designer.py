@@ -1,6 +1,6 @@
 """`peftkit init`: design a commented recipe from a data file and a model.
 
-    read the data (data.py's readers) -> column roles and task -> label set and counts
+    read the data (data_profile.py, through data.py's readers) -> column roles and task -> label set and counts
     -> the model's config, built on the meta device (no weights): size, layers, positions
     -> tokenize a sample: length distribution -> max_length
     -> method, precision, batch, learning rate for the model's size and this machine
@@ -18,37 +18,20 @@ import os
 import random
 import tempfile
 import textwrap
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftkit import assets
-from peftkit.errors import UserError, did_you_mean
+from peftkit.data_profile import assign_roles, blank, label_set, profile, read_data
+from peftkit.errors import UserError
 
 log = logging.getLogger("peftkit")
 
 SAMPLE_ROWS = 2000  # rows tokenized to measure lengths: enough for a stable 99th percentile, a few seconds
 PERCENTILE = 99  # max_length covers this share of the sampled rows (1 in 100 is truncated)
-LABEL_NAMES = ("label", "labels", "category", "class", "sentiment", "target", "intent", "topic", "emotion", "stance")
-MAX_CLASSES = 100  # a column with more distinct values is not taken for a label
 IMBALANCE = 5  # largest / smallest class count from which macro-F1, not accuracy, picks the kept epoch
 BIG_MODEL = 1e9  # parameters from which the base is quantised to 4 bits (QLoRA) on a GPU
 TARGET_STEPS = 600  # optimizer steps the epoch count aims at (e.g. recipes/sentiment-lora.yaml: 2 x ~350)
-
-
-@dataclass
-class Column:
-    """What a data column holds, from a sample of its rows."""
-
-    name: str
-    kind: str  # text, number, list, dict, empty
-    distinct: int
-    mean_chars: float = 0.0
-
-    def describe(self) -> str:
-        if self.kind == "text":
-            return f"{self.name} (text, {self.distinct:,} distinct, mean {self.mean_chars:.0f} characters)"
-        return f"{self.name} ({self.kind}, {self.distinct:,} distinct)"
 
 
 @dataclass
@@ -70,225 +53,6 @@ class Design:
 
     def explain(self, section: str, *lines: str) -> None:
         self.notes.setdefault((section,), []).extend(lines)
-
-
-# --- data -----------------------------------------------------------------------------------------------------
-
-
-def read_data(source: str, encoding: str | None):
-    """(the source's splits, data.format to write or None): through data.py's readers, so init reads a file
-    exactly as `peftkit run` will. A text file of `token tag` lines with an extension data.py does not know
-    (e.g. WNUT's ner.txt) is recognised as CoNLL."""
-    from peftkit import data
-    from peftkit.recipe import DataSection
-
-    path = assets.resolve_file(source)
-    fmt = None
-    if path is not None:
-        if path.is_dir():
-            raise UserError(f"{source} is a folder; give a data file (csv, tsv, json, jsonl, parquet, conll)")
-        try:
-            data.format_of(path)
-        except UserError:
-            if not _looks_like_conll(path):
-                raise
-            fmt = "conll"
-    try:
-        given = {"encoding": encoding} if encoding else {}  # else the schema's default
-        splits = data.read_source(DataSection(source=source, format=fmt or "auto", **given))
-    except UserError as err:
-        if "data.encoding" in str(err):  # the recipe key; on this command line it is an option
-            raise UserError(f"{err} (here: peftkit init --encoding ENCODING)") from None
-        raise
-    if all(len(split) == 0 for split in splits.values()):
-        raise UserError(f"{source} holds no data rows")
-    return splits, fmt
-
-
-def _looks_like_conll(path: Path) -> bool:
-    """Most non-blank lines of the first few hundred have 2+ whitespace-separated fields, and blank lines
-    separate sentences."""
-    from peftkit import data
-
-    opened = data.open_binary(path)
-    if opened is None:
-        return False
-    lines = []
-    with opened as f:
-        for _, raw in zip(range(400), f):
-            lines.append(raw.decode("utf-8", errors="replace").split())
-    filled = [fields for fields in lines if fields]
-    return bool(filled) and len(filled) < len(lines) and sum(len(f) >= 2 for f in filled) >= 0.95 * len(filled)
-
-
-def profile(split) -> dict[str, Column]:
-    """Each column's kind and number of distinct values, from up to 5,000 rows."""
-    rows = split.select(range(min(len(split), 5000)))
-    columns = {}
-    for name in rows.column_names:
-        values = [v for v in rows[name] if v is not None]
-        if not values:
-            columns[name] = Column(name, "empty", 0)
-        elif all(isinstance(v, str) for v in values):
-            columns[name] = Column(name, "text", len(set(values)), sum(map(len, values)) / len(values))
-        elif all(isinstance(v, (bool, int, float)) for v in values):
-            columns[name] = Column(name, "number", len(set(values)))
-        elif all(isinstance(v, list) for v in values):
-            columns[name] = Column(name, "list", len({x for v in values for x in v if isinstance(x, (str, int))}))
-        else:
-            columns[name] = Column(name, "dict", 0)
-    return columns
-
-
-def _label_like(column: Column, rows: int, values: list) -> bool:
-    """Few distinct values, each short, and not fractional numbers: could be a class label."""
-    if column.kind == "text":
-        return 2 <= column.distinct <= min(MAX_CLASSES, max(2, rows // 10)) and column.mean_chars <= 40
-    if column.kind == "number":
-        whole = all(isinstance(v, (bool, int)) or float(v).is_integer() for v in values if v is not None)
-        return whole and 2 <= column.distinct <= min(MAX_CLASSES, max(2, rows // 10))
-    return False
-
-
-def _label_candidates(columns: dict[str, Column], values, given: dict[str, str]) -> list[Column]:
-    rows = len(values(next(iter(columns))))
-    return [c for c in columns.values() if c.name not in given.values() and _label_like(c, rows, values(c.name))]
-
-
-def _check_columns(given: dict[str, str], available: list[str]) -> None:
-    for role, name in given.items():
-        if name not in available:
-            raise UserError(f"column '{name}' (for {role}) is not in the data{did_you_mean(name, available)}; the "
-                            f"data has columns: {', '.join(available)}")  # fmt: skip
-
-
-def assign_roles(columns: dict[str, Column], values, task: str | None, given: dict[str, str]):
-    """(task, role -> column, why) from the columns' names and contents; `given` (the column options) wins.
-    `values(name)` returns a column's sampled values."""
-    from peftkit.tasks import TASKS
-
-    _check_columns(given, list(columns))
-    if task is not None and task not in TASKS:
-        raise UserError(f"--task {task}: unknown task{did_you_mean(task, TASKS)}; choose one of: {', '.join(TASKS)}")
-    all_roles = {role for t in TASKS.values() for role in t.COLUMNS}
-    unknown = [role for role in given if role not in all_roles]
-    if unknown:
-        raise UserError(f"--column {unknown[0]}=...: no task reads a role '{unknown[0]}'"
-                        f"{did_you_mean(unknown[0], all_roles)}; roles: {', '.join(sorted(all_roles))}")  # fmt: skip
-    named = {role: given.get(role, role) for role in all_roles if given.get(role, role) in columns}
-    why = {role: "given" for role in given}
-    if task is None:
-        task = _infer_task(columns, values, named, given)
-    if task == "token_classification":
-        roles = _list_roles(columns, named, given)
-    elif task == "question_answering":
-        roles = {r: named[r] for r in ("question", "context", "answers", "id") if r in named}
-        missing = [r for r in ("question", "context", "answers") if r not in roles]
-        if missing:
-            raise UserError(f"question answering needs question, context and answers columns; {', '.join(missing)} "
-                            f"not found. Map them with --column ROLE=COLUMN; the data has columns: "
-                            f"{', '.join(columns)}")  # fmt: skip
-    elif task == "causal_lm" and "prompt" in named and "response" in named:
-        roles = {"prompt": named["prompt"], "response": named["response"]}
-    else:
-        roles = {}
-        if task == "classification":
-            roles["label"], why["label"] = _label_column(columns, values, given)
-            if "text_pair" in named:
-                roles["text_pair"] = named["text_pair"]
-        text, why["text"] = _text_column(columns, values, given, set(roles.values()))
-        roles = {"text": text, **roles}
-    bad = [r for r in given if r not in TASKS[task].COLUMNS]
-    if bad:
-        raise UserError(f"a column was given for the role '{bad[0]}', which task {task} does not read; it reads: "
-                        f"{', '.join(TASKS[task].COLUMNS)}")  # fmt: skip
-    return task, roles, why
-
-
-def _infer_task(columns, values, named, given) -> str:
-    lists = [c for c in columns.values() if c.kind == "list"]
-    if "tokens" in named and "tags" in named or len(lists) == 2 and not given:
-        return "token_classification"
-    if all(r in named for r in ("question", "context", "answers")):
-        return "question_answering"
-    if "prompt" in named and "response" in named:
-        return "causal_lm"
-    if "label" in given:
-        return "classification"
-    candidates = _label_candidates(columns, values, given)
-    if not candidates:
-        return "causal_lm"  # text and nothing to classify it by: learn to continue the text
-    if len(candidates) > 1 and not any(c.name.lower() in LABEL_NAMES for c in candidates):
-        listed = ", ".join(c.describe() for c in candidates)
-        raise UserError(f"cannot tell the task from the data: several columns could be a class label ({listed}). "
-                        "Pass --label-column COLUMN for classification, or --task causal_lm to train a language "
-                        f"model on the text; the data has columns: {', '.join(columns)}")  # fmt: skip
-    return "classification"
-
-
-def _list_roles(columns, named, given) -> dict[str, str]:
-    if "tokens" in named and "tags" in named:
-        return {"tokens": named["tokens"], "tags": named["tags"]}
-    lists = sorted((c for c in columns.values() if c.kind == "list"), key=lambda c: c.distinct)
-    if len(lists) != 2:
-        raise UserError("token classification needs a column of tokens and one of tags (lists, one tag per token; "
-                        "or a CoNLL file); map them with --column tokens=COLUMN --column tags=COLUMN. The data has "
-                        f"columns: {', '.join(c.describe() for c in columns.values())}")  # fmt: skip
-    return {"tokens": lists[1].name, "tags": lists[0].name}  # the tag set is the smaller vocabulary
-
-
-def _label_column(columns, values, given) -> tuple[str, str]:
-    if "label" in given:
-        return given["label"], "given"
-    candidates = _label_candidates(columns, values, given)
-    if not candidates:
-        raise UserError("classification needs a label column (few distinct values), and none was found: "
-                        f"{', '.join(c.describe() for c in columns.values())}. Pass --label-column COLUMN")  # fmt: skip
-    by_name = [c for c in candidates if c.name.lower() in LABEL_NAMES]
-    if len(candidates) > 1 and not by_name:
-        raise UserError(f"several columns could be the label: {', '.join(c.describe() for c in candidates)}; "
-                        "pass --label-column COLUMN")  # fmt: skip
-    chosen = (by_name or candidates)[0]
-    others = [c.name for c in candidates if c is not chosen]
-    reason = f"{chosen.distinct} distinct values" + (" and a label's name" if by_name else "")
-    if others:
-        reason += f"; {', '.join(others)} could be one too (--label-column)"
-    return chosen.name, reason
-
-
-def _text_column(columns, values, given, taken: set[str]) -> tuple[str, str]:
-    if "text" in given:
-        return given["text"], "given"
-    rows = len(values(next(iter(columns))))
-    texts = [c for c in columns.values() if c.kind == "text" and c.name not in taken
-             and not _label_like(c, rows, values(c.name))]  # fmt: skip
-    if not texts:
-        raise UserError("no usable text column (strings with many distinct values) in the data: "
-                        f"{', '.join(c.describe() for c in columns.values())}. Pass --text-column COLUMN")  # fmt: skip
-    longest = max(texts, key=lambda c: c.mean_chars)
-    return longest.name, f"the longest text column, mean {longest.mean_chars:.0f} characters"
-
-
-def _blank(value) -> bool:
-    return value is None or not str(value).strip()
-
-
-def label_set(splits, role: str, per_token: bool) -> tuple[list, Counter, int]:
-    """(labels in id order, count of each, rows without a label), over every row of every split."""
-    from peftkit import data
-
-    splits = data.label_names(splits, role, per_token)  # what `peftkit run` will see: names, not ClassLabel ids
-    counts, missing = Counter(), 0
-    for split in splits.values():
-        for value in split[role]:
-            if value is None:
-                missing += 1
-                continue
-            counts.update(value if per_token else [value])
-    if per_token:  # as data.py orders a tag set read from the data: "O" first, then sorted
-        return sorted(counts, key=lambda n: (str(n) != "O", str(n))), counts, missing
-    numeric = all(isinstance(v, int) and not isinstance(v, bool) for v in counts)
-    return sorted(counts, key=(lambda v: v) if numeric else str), counts, missing
 
 
 # --- model ----------------------------------------------------------------------------------------------------
@@ -374,13 +138,13 @@ def token_lengths(task: str, roles: dict[str, str], split, tokenizer) -> list[in
     elif task == "classification":
         pairs = [(str(a), None if b is None else str(b)) for a, b in
                  zip(rows[roles["text"]], rows[roles["text_pair"]] if "text_pair" in roles else [None] * len(rows))
-                 if not _blank(a)]  # fmt: skip
+                 if not blank(a)]  # fmt: skip
         texts, second = [a for a, _ in pairs], [b or "" for _, b in pairs]
         encoded = tokenizer(texts, second if "text_pair" in roles else None)
     elif "prompt" in roles:
         template = tokenizer.chat_template is not None  # causal_lm's chat_template: auto
         return [len(causal_lm.prompt_and_full(tokenizer, str(p), str(r), template)[1])
-                for p, r in zip(rows[roles["prompt"]], rows[roles["response"]]) if not _blank(p)]  # fmt: skip
+                for p, r in zip(rows[roles["prompt"]], rows[roles["response"]]) if not blank(p)]  # fmt: skip
     else:
         eos = int(tokenizer.eos_token_id is not None)  # causal_lm appends end-of-sequence to every text
         return [len(ids) + eos for ids in tokenizer([t for t in column("text") if t.strip()])["input_ids"]]
@@ -471,7 +235,7 @@ def _data_section(d: Design, source, splits, fmt, encoding, module, cols, roles,
         d.summary.append(f"{len(labels)} labels: " + ", ".join(f"{v} ({counts[v]:,})" for v in labels[:12])
                          + (" ..." if len(labels) > 12 else ""))  # fmt: skip
     text_roles = [r for r in ("text", "text_pair", "question", "context", "prompt", "response") if r in roles]
-    empty = sum(1 for s in splits.values() for r in text_roles for v in s[roles[r]] if _blank(v))
+    empty = sum(1 for s in splits.values() for r in text_roles for v in s[roles[r]] if blank(v))
     if empty:
         d.set("data", "empty_texts", "drop", f"{empty:,} row(s) have an empty text")
     return labels

@@ -126,8 +126,9 @@ def _number(value) -> str:
 # --- the training curve ---------------------------------------------------------------------------------------
 
 
-def training_curve(run_dir: Path, out: Path) -> bool:
-    """Training loss by step and the validation metric by epoch, as a PNG; False when matplotlib is missing."""
+def training_curve(run_dir: Path, out: Path, metric: str) -> bool:
+    """Training loss by step and the validation `metric` by epoch (the one the run kept its best epoch by: the first
+    numeric one would be NER's overall_precision), as a PNG; False when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -145,12 +146,8 @@ def training_curve(run_dir: Path, out: Path) -> bool:
     left.set(title="training loss", xlabel="optimizer step", ylabel="loss")
     scored = [(e["step"], e["validation"]) for e in history if isinstance(e.get("validation"), dict)]
     if scored:
-        import yaml
-
-        # the metric the run kept its best epoch by (the first numeric one would be NER's overall_precision)
-        name = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))["eval"]["metric_for_best"]
-        right.plot([s for s, _ in scored], [v[name] for _, v in scored], marker="o", color="tab:green")
-        right.set(ylabel=name)
+        right.plot([s for s, _ in scored], [v[metric] for _, v in scored], marker="o", color="tab:green")
+        right.set(ylabel=metric)
     right.set(title="validation, each epoch", xlabel="optimizer step")
     fig.tight_layout()
     fig.savefig(out, dpi=100)

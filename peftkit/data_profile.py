@@ -78,11 +78,11 @@ def _looks_like_conll(path: Path) -> bool:
 
 
 def profile(split) -> dict[str, Column]:
-    """Each column's kind and number of distinct values, from up to 5,000 rows."""
-    rows = split.select(range(min(len(split), 5000)))
+    """Each column's kind and number of distinct values, from the rows given (init passes a sample
+    of up to 5,000)."""
     columns = {}
-    for name in rows.column_names:
-        values = [v for v in rows[name] if v is not None]
+    for name in split.column_names:
+        values = [v for v in split[name] if v is not None]
         if not values:
             columns[name] = Column(name, "empty", 0)
         elif all(isinstance(v, str) for v in values):

@@ -121,7 +121,7 @@ def finished_run(run_dir: Path):
 def build_folder(run_dir: Path, out: Path, repo_id: str) -> list[str]:
     """Write the repo's files into `out`; returns notes for the user (e.g. a plot skipped)."""
     run_dir, out = Path(run_dir), Path(out)
-    adapter, _, _ = finished_run(run_dir)
+    adapter, recipe, _ = finished_run(run_dir)
     for item in adapter.iterdir():  # the adapter's own README.md (peft's empty card) is replaced below
         if item.is_file() and item.name != "README.md":
             shutil.copy2(item, out / item.name)
@@ -130,7 +130,7 @@ def build_folder(run_dir: Path, out: Path, repo_id: str) -> list[str]:
     notes = []
     if (run_dir / "combine.json").is_file():  # `peftkit combine`: no training, so no curve
         notes.append("training_curve.png skipped: a combination of adapters has no training of its own")
-    elif not card.training_curve(run_dir, out / "training_curve.png"):
+    elif not card.training_curve(run_dir, out / "training_curve.png", recipe.eval.metric_for_best):
         notes.append("training_curve.png skipped: matplotlib is not installed (pip install 'peftkit[bench]')")
     card.model_card(run_dir, repo_id, plot=(out / "training_curve.png").is_file()).save(out / "README.md")
     return notes
@@ -232,12 +232,6 @@ def _http_error(err, repo_id: str) -> UserError:
 
 
 # --- starting a run from a published adapter ------------------------------------------------------------------
-
-
-def start_from(model, recipe, labels) -> None:
-    """`model.adapter`: put a trained adapter's tensors into `model`, to which the recipe's method was just
-    applied, so training continues from it. Its base model, task, labels and method options must be the recipe's."""
-    load_start(model, starting_adapter(recipe, labels), recipe.model.adapter)
 
 
 def starting_adapter(recipe, labels) -> Path:

@@ -153,10 +153,11 @@ def _resume_point(run_dir: Path, recipe: Recipe) -> Path | None:
         log.info("--resume: %s has no checkpoint yet; starting from the beginning", run_dir)
         return None
     saved = run_dir / "recipe.yaml"
-    if saved.is_file() and saved.read_text(encoding="utf-8") != recipe.to_yaml():
+    before, now = (saved.read_text(encoding="utf-8") if saved.is_file() else None), recipe.to_yaml()
+    if before is not None and before != now:
         import yaml
 
-        changed = _differences(yaml.safe_load(saved.read_text(encoding="utf-8")), yaml.safe_load(recipe.to_yaml()))
+        changed = _differences(yaml.safe_load(before), yaml.safe_load(now))
         raise UserError(
             f"--resume: the recipe differs from the one the interrupted run in {run_dir} used ({saved}): "
             f"{'; '.join(changed[:6]) or 'its text'}; resume with the same recipe and overrides, or pass --overwrite "
@@ -227,7 +228,6 @@ def method_context(recipe: Recipe, task, model, total_steps: int = 1000) -> Cont
 def load_base(recipe: Recipe, task, labels, device, precision: str = "no", dequantize: bool = False):
     """(tokenizer, model) for the recipe's base model, quantised if the recipe asks, head freshly initialised.
     `dequantize`: load the quantised weights, then turn them back into full-precision layers (for merging)."""
-    import torch
     from transformers import AutoTokenizer
 
     from peftkit import quant  # light: bitsandbytes is imported only when a recipe quantises

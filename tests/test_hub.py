@@ -181,7 +181,7 @@ def test_a_recipe_can_start_from_a_pushed_adapter(trained, tmp_path, monkeypatch
     task, method, labels = TASKS["classification"], METHODS["lora"], ["neg", "pos"]
     _, model = load_base(parsed, task, labels, torch.device("cpu"))
     model = method.apply(model, parsed.method, method_context(parsed, task, model))
-    hub.start_from(model, parsed, labels)
+    hub.load_start(model, hub.starting_adapter(parsed, labels), parsed.model.adapter)
     source_model = load_trained(run_dir, torch.device("cpu"))[3]
     theirs = dict(source_model.named_parameters())
     mine = {n: p for n, p in model.named_parameters() if p.requires_grad}

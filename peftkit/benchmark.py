@@ -18,9 +18,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peftkit import machine as cpu_kind
 from peftkit.errors import UserError
 
 PACKAGES = ("peftkit", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes")
+# What a run measures: every row of the report has these keys, null where a failed variant measured nothing
+MEASURED = ("precision", "steps", "samples_per_s", "tokens_per_s", "step_s", "peak_memory_mib", "memory",
+            "trainable_params", "trainable_share", "adapter_bytes", "metric", "model_tflops", "mfu")  # fmt: skip
 
 
 @dataclass
@@ -76,7 +80,8 @@ def run_apart(recipe: Path, overrides: list[str], out: Path) -> tuple[dict, dict
 
 
 def run_variant(variant: Variant, steps: int, report: Path) -> dict:
-    row = {"variant": variant.name, "recipe": str(variant.recipe), "method": variant.method, "bits": variant.bits}
+    row = {"variant": variant.name, "recipe": str(variant.recipe), "method": variant.method, "bits": variant.bits,
+           **dict.fromkeys(MEASURED), "error": None}  # fmt: skip
     outcome = run_apart(variant.recipe, variant.capped(steps), report / "runs" / variant.name)
     if isinstance(outcome, str):
         return {**row, "error": outcome}
@@ -106,7 +111,7 @@ def run_variant(variant: Variant, steps: int, report: Path) -> dict:
 def add_mfu(rows: list[dict], peak_tflops: dict) -> None:
     """Model FLOPs utilisation: achieved model FLOP/s over the measured matmul peak of the run's precision."""
     for row in rows:
-        if "error" not in row:
+        if row["error"] is None:
             peak = peak_tflops.get(row["precision"])
             row["mfu"] = row["model_tflops"] / peak if peak else None
 
@@ -150,6 +155,7 @@ def machine() -> dict:
         "python": platform.python_version(),
         "cpu": cpu,
         "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_kind": cpu_kind.describe(),  # bf16-native or not: which paths `auto` took (machine.py)
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "commit": commit or None,
     }
@@ -170,7 +176,7 @@ def write_report(report: Path, rows: list[dict], about: dict, peaks: dict, steps
     (report / "report.json").write_text(json.dumps({"machine": about, "matmul_peak_tflops": peaks, "steps": steps,
                                                      "variants": rows}, indent=2))  # fmt: skip
     (report / "report.md").write_text(markdown(rows, about, peaks, steps))
-    plot(report, [r for r in rows if "error" not in r])
+    plot(report, [r for r in rows if r["error"] is None])
 
 
 def markdown(rows: list[dict], about: dict, peaks: dict, steps: int) -> str:
@@ -178,7 +184,8 @@ def markdown(rows: list[dict], about: dict, peaks: dict, steps: int) -> str:
     lines = [
         f"# peftkit bench ({steps} steps per variant)",
         "",
-        f"Machine: {about['cpu']}, {about['cpu_cores']} cores" + (f", GPU {about['gpu']}" if about["gpu"] else "")
+        f"Machine: {about['cpu']}, {about['cpu_cores']} cores, {about['cpu_kind']}"
+        + (f", GPU {about['gpu']}" if about["gpu"] else "")
         + f"; Python {about['python']}; {versions}; commit {about['commit']}.",
         f"Measured matmul peak: fp32 {peaks['fp32']:.3g} TFLOP/s, bf16 {peaks['bf16']:.3g} TFLOP/s.",
         "",
@@ -187,7 +194,7 @@ def markdown(rows: list[dict], about: dict, peaks: dict, steps: int) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if "error" in r:
+        if r["error"] is not None:
             lines.append(f"| {r['variant']} | failed: {r['error']} |" + " |" * 10)
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"

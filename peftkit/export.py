@@ -45,7 +45,8 @@ def merge(run_dir: Path, out: Path, overwrite: bool = False, tolerance: float | 
     from peftkit.methods import METHODS
     from peftkit.run import load_trained
 
-    recipe, task, tokenizer, model, _ = load_trained(run_dir, torch.device("cpu"))
+    # computed as in training (no inference-only 4-bit layout, quant.cpu_layout): the reference is what was trained
+    recipe, task, tokenizer, model, _ = load_trained(run_dir, torch.device("cpu"), inference=False)
     method = METHODS[recipe.method.name]
     if not method.MERGEABLE:
         raise UserError(f"method '{recipe.method.name}' cannot be merged: {method.NOT_MERGEABLE_BECAUSE}")
@@ -94,6 +95,9 @@ def _requantize(folder: Path, model_class, recipe, task, batch, trained) -> floa
 
     kwargs = quant.load_kwargs(recipe.quantization, list(task.HEAD_MODULES), torch.device("cpu"))
     model = model_class.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
+    # bitsandbytes' CPU repack (quant.cpu_layout) would change the layers before they are saved, and it saves
+    # a repacked layer without double quantisation with its scales transposed (bitsandbytes 0.50)
+    quant.cpu_layout(model, inference=False)
     diff = _max_diff(_logits(model, batch), trained)
     for old in folder.glob("model*.safetensors*"):
         old.unlink()

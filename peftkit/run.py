@@ -53,7 +53,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
 
                 with accelerator.main_process_first():  # one download, which the other processes then find
                     start = hub.starting_adapter(recipe, labels)
-            tokenizer, model = load_base(recipe, task, labels, accelerator.device, train.precision_of(accelerator))
+            tokenizer, model = load_base(recipe, task, labels, accelerator.device, train.precision_of(accelerator),
+                                         inference=False)  # fmt: skip
             if recipe.train.gradient_checkpointing:
                 # Non-reentrant: the reentrant variant drops gradients when the checkpointed block's inputs do
                 # not require grad, which is the case with a frozen (e.g. quantised) base.
@@ -225,9 +226,12 @@ def method_context(recipe: Recipe, task, model, total_steps: int = 1000) -> Cont
     )
 
 
-def load_base(recipe: Recipe, task, labels, device, precision: str = "no", dequantize: bool = False):
+def load_base(recipe: Recipe, task, labels, device, precision: str = "no", dequantize: bool = False,
+              inference: bool = True):
     """(tokenizer, model) for the recipe's base model, quantised if the recipe asks, head freshly initialised.
-    `dequantize`: load the quantised weights, then turn them back into full-precision layers (for merging)."""
+    `dequantize`: load the quantised weights, then turn them back into full-precision layers (for merging).
+    `inference`: the model will not be trained, so a 4-bit base may take bitsandbytes' inference-only CPU
+    layout (quant.cpu_layout); False for training, and for anything that must compute as training did."""
     from transformers import AutoTokenizer
 
     from peftkit import quant  # light: bitsandbytes is imported only when a recipe quantises
@@ -252,7 +256,7 @@ def load_base(recipe: Recipe, task, labels, device, precision: str = "no", dequa
     except OSError as err:
         raise assets.hub_error("model.name", recipe.model.name, err) from None
     if recipe.quantization:
-        model = quant.dequantize(model) if dequantize else quant.prepare(model)
+        model = quant.dequantize(model) if dequantize else quant.prepare(model, inference)
     return tokenizer, model
 
 
@@ -286,10 +290,12 @@ def finished_adapter(run_dir: Path) -> tuple[Path, Recipe, dict]:
     return adapter_dir, load_recipe(run_dir / "recipe.yaml"), info
 
 
-def load_trained(run_dir: Path, device=None, dequantize: bool = False, recipe: Recipe | None = None):
+def load_trained(run_dir: Path, device=None, dequantize: bool = False, recipe: Recipe | None = None,
+                 inference: bool = True):
     """(recipe, task, tokenizer, model with its adapter, labels) of a finished run, ready for inference.
     `dequantize`: a quantised base is turned back into full precision first; `recipe` replaces the run's own
-    (e.g. without its quantization section, for the adapter on the original full-precision base)."""
+    (e.g. without its quantization section, for the adapter on the original full-precision base); `inference`
+    False: computing exactly as training did (load_base)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -298,7 +304,7 @@ def load_trained(run_dir: Path, device=None, dequantize: bool = False, recipe: R
     task, labels = TASKS[recipe.task.type], info["labels"]
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    _, model = load_base(recipe, task, labels, device, dequantize=dequantize)
+    _, model = load_base(recipe, task, labels, device, dequantize=dequantize, inference=inference)
     model = base.load(model, adapter_dir, method_context(recipe, task, model))
     return recipe, task, tokenizer, model.to(device).eval(), labels
 

@@ -14,8 +14,8 @@ FILLER = "the a movie film plot actor story scene was is and but".split()
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def make_bert(folder: Path, seed: int = 0) -> Path:
-    """A 2-layer, 32-wide BERT with a word-level vocabulary of the words the test data uses."""
+def make_bert(folder: Path, seed: int = 0, hidden: int = 32) -> Path:
+    """A 2-layer BERT, 32 wide unless told, with a word-level vocabulary of the words the test data uses."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizer
 
@@ -25,8 +25,8 @@ def make_bert(folder: Path, seed: int = 0) -> Path:
     BertTokenizer(str(vocab)).save_pretrained(folder)
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=len(SPECIAL + POSITIVE + NEGATIVE + FILLER), hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+        vocab_size=len(SPECIAL + POSITIVE + NEGATIVE + FILLER), hidden_size=hidden, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=2 * hidden, max_position_embeddings=64,
     )  # fmt: skip
     BertModel(config).save_pretrained(folder)
     return folder

@@ -14,14 +14,17 @@ def test_bench_matrix_writes_the_report(recipe_file, tmp_path):
     report = json.loads((out / "report.json").read_text())
     rows = {r["variant"]: r for r in report["variants"]}
     assert set(rows) == {"recipe-lora-4bit", "recipe-full-4bit"}
-    assert rows["recipe-full-4bit"]["error"].startswith("method full cannot train on a 4-bit base")  # the rest ran
-    row = rows["recipe-lora-4bit"]
+    failed, row = rows["recipe-full-4bit"], rows["recipe-lora-4bit"]
+    assert failed["error"].startswith("method full cannot train on a 4-bit base")  # the rest ran
+    assert failed.keys() == row.keys() and failed["steps"] is None and failed["mfu"] is None and row["error"] is None
     assert row["steps"] == 2 and row["bits"] == 4 and row["samples_per_s"] > 0 and row["tokens_per_s"] > 0
     assert row["peak_memory_mib"] > 0 and row["adapter_bytes"] > 0 and 0 < row["mfu"] < 1
     assert 0 < row["trainable_share"] < 1 and row["metric"]["name"] == "validation accuracy"
     machine = report["machine"]
     assert machine["versions"]["torch"] and machine["cpu_cores"] >= 1 and report["matmul_peak_tflops"]["fp32"] > 0
-    assert "| recipe-lora-4bit | lora | 4 |" in (out / "report.md").read_text()
+    table = (out / "report.md").read_text()
+    assert "| recipe-lora-4bit | lora | 4 |" in table and "| recipe-full-4bit | failed: method full" in table
+    assert machine["cpu_kind"].startswith("bf16-")
     for plot in ("memory.png", "throughput.png", "metric_vs_trainable.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
 

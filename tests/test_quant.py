@@ -3,6 +3,7 @@ precision, training only the adapter, adapter round trip, merging onto a dequant
 methods that refuse a quantised base, and gradient checkpointing."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -198,3 +199,181 @@ def test_merge_restores_gpt2_conv1d_layers(saved, tmp_path):
     assert torch.allclose(outputs(reloaded, inputs), outputs(model, inputs), atol=1e-6)
     original = outputs(tiny("gpt2", "lm"), inputs)
     assert (outputs(reloaded, inputs) - original).abs().max() < 0.05 * original.abs().max()  # same model, 8-bit error
+
+
+# --- bitsandbytes' repacked 4-bit CPU layout (quant.cpu_layout) ---------------------------------------------------
+# On a CPU with AVX512-BF16 bitsandbytes repacks a 4-bit layer in place at its first forward in eval mode without
+# grad. PEFTKIT_CPU_BF16=native turns that on anywhere (with a plain-torch kernel where the CPU lacks the
+# instructions), so these tests take the bf16-native machines' path on every machine. The layers must be at least
+# 64 wide (bitsandbytes' block): hence a 64-wide BERT.
+
+
+@pytest.fixture
+def bf16_native(monkeypatch):
+    from peftkit import machine
+
+    monkeypatch.setenv(machine.ENV, "native")
+
+
+@pytest.fixture(scope="module")
+def wide_bert(tmp_path_factory):
+    from .conftest import make_bert
+
+    return make_bert(tmp_path_factory.mktemp("wide") / "bert-64", hidden=64)
+
+
+def load_4bit(folder, inference: bool):
+    from transformers import AutoModelForSequenceClassification
+
+    kwargs = quant.load_kwargs(QuantizationSection(bits=4), ["classifier"], torch.device("cpu"))
+    torch.manual_seed(0)  # the same fresh head every time
+    model = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32, num_labels=2, **kwargs)
+    return quant.prepare(model, inference)
+
+
+def four_bit_layers(model) -> dict:
+    import bitsandbytes as bnb
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+
+
+def evaluation_pass(model, inputs):
+    model.eval()
+    with torch.no_grad():
+        return model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+
+
+def bert_batch() -> dict:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 30, (4, 12), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids[:, 0] % 2}
+
+
+def test_training_after_an_evaluation_pass_reaches_every_adapter_layer(bf16_native, wide_bert):
+    """The bug this layout rule fixes: bitsandbytes' repacked kernel has no backward, so after one evaluation pass
+    every LoRA gradient was None (autograd only warned) and training learned nothing but the head."""
+    lora = METHODS["lora"]
+    context = storage.Context(head_modules=["classifier"], peft_task_type="SEQ_CLS", total_steps=10)
+    model = lora.apply(load_4bit(wide_bert, inference=False), lora.Config(name="lora", r=4, dropout=0.0), context)
+    evaluation_pass(model, bert_batch())
+    assert not any(quant.is_repacked(m) for m in four_bit_layers(model).values())
+    model.train()
+    model(**bert_batch()).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and "lora_" in n}
+    assert grads and all(g is not None for g in grads.values())
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)  # (A's is 0 while B is 0, at init)
+
+    inference = load_4bit(wide_bert, inference=True)  # ... while inference takes the repacked layout
+    evaluation_pass(inference, bert_batch())
+    assert all(quant.is_repacked(m) for m in four_bit_layers(inference).values())
+
+
+def test_the_repacked_layout_computes_and_reads_back_as_the_same_weights(bf16_native, wide_bert):
+    from bitsandbytes.functional import dequantize_4bit
+
+    from peftkit import bench
+
+    model = load_4bit(wide_bert, inference=True)
+    layers = four_bit_layers(model)
+    weights = {n: dequantize_4bit(m.weight.data, m.weight.quant_state).float() for n, m in layers.items()}
+    counts = bench.parameter_counts(model)
+    training_layout = evaluation_pass(load_4bit(wide_bert, inference=False), bert_batch())
+    repacked = evaluation_pass(model, bert_batch())  # repacks every layer, then multiplies in bf16
+    assert all(quant.is_repacked(m) for m in layers.values())
+    assert (repacked - training_layout).abs().max() <= 0.05 * training_layout.abs().max()  # bf16 vs fp32 compute
+    for name, layer in layers.items():  # the scales were rounded to bf16: 2^-8 relative at most
+        read = quant.repacked_weight(layer.weight.data, layer.weight.quant_state)
+        assert (read - weights[name]).abs().max() <= 2**-8 * weights[name].abs().max()
+    assert bench.parameter_counts(model) == counts
+    dense = quant.dequantize(model)  # what merge does with a quantised base
+    query = dense.bert.encoder.layer[0].attention.self.query
+    assert type(query) is torch.nn.Linear
+    assert (query.weight - weights["bert.encoder.layer.0.attention.self.query"]).abs().max() <= 2**-8 * weights[
+        "bert.encoder.layer.0.attention.self.query"].abs().max()  # fmt: skip
+
+
+def test_layers_narrower_than_a_block_keep_their_layout(bf16_native, tiny_bert):
+    """bitsandbytes' repack fails on them ("shape '[32, 0]' is invalid"): the 32-wide BERT's layers that read 32
+    features stay as they are, its 64-wide ones are repacked, and the evaluation pass runs."""
+    model = load_4bit(tiny_bert, inference=True)
+    evaluation_pass(model, bert_batch())
+    layers = four_bit_layers(model).values()
+    assert {quant.is_repacked(m) for m in layers if m.in_features == 32} == {False}
+    assert {quant.is_repacked(m) for m in layers if m.in_features == 64} == {True}
+
+
+def test_reference_kernel_matches_bitsandbytes_own(wide_bert):
+    """quant.reference_gemv_4bit stands in for bitsandbytes' C kernel where the CPU lacks AVX512-BF16."""
+    import bitsandbytes as bnb
+
+    if not bnb.functional.has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16, so bitsandbytes has no kernel of its own to compare with")
+    layer = next(iter(four_bit_layers(load_4bit(wide_bert, inference=False)).values()))
+    layer.weight.data, state = bnb.functional._convert_weight_packed_for_cpu(layer.weight.data, layer.weight.quant_state)
+    x = torch.randn(6, layer.in_features, generator=torch.Generator().manual_seed(0))
+    args = (x, layer.weight.data, state.shape, state.absmax, state.code, state.blocksize)
+    theirs = torch.ops.bitsandbytes.gemv_4bit.default(*args).float()
+    ours = quant.reference_gemv_4bit(*args).float()
+    assert (ours - theirs).abs().max() <= 1e-2 * theirs.abs().max()
+
+
+@pytest.fixture(scope="module")
+def wide_run(tmp_path_factory, wide_bert, sentiment_csv):
+    """A finished 4-bit LoRA run on the bf16-native path: evaluated before training and after each of 2 epochs."""
+    import yaml
+
+    from peftkit import machine
+
+    folder = tmp_path_factory.mktemp("wide-run")
+    recipe = {
+        "model": {"name": str(wide_bert)},
+        "data": {"source": str(sentiment_csv), "columns": {"text": "review", "label": "sentiment"}},
+        "task": {"type": "classification", "max_length": 32},
+        "method": {"name": "lora", "r": 4, "alpha": 8},
+        "quantization": {"bits": 4},
+        "train": {"epochs": 2, "batch_size": 16, "lr": 1e-2},
+        "eval": {"before_training": True},
+        "export": {"output_dir": str(folder / "{name}")},
+    }
+    (folder / "wide.yaml").write_text(yaml.safe_dump(recipe))
+    # a process of its own: accelerate's precision (auto: bf16 on this path) is set once per process
+    result = peftkit("run", folder / "wide.yaml", env={**os.environ, machine.ENV: "native"})
+    assert result.returncode == 0, result.stderr
+    return folder / "wide"
+
+
+def test_a_4bit_run_trains_its_adapter_through_its_evaluations(wide_run):
+    from safetensors.torch import load_file
+
+    saved = load_file(wide_run / "adapter" / "adapter_model.safetensors")
+    b = {n: t for n, t in saved.items() if "lora_B" in n}
+    assert b and all(t.abs().sum() > 0 for t in b.values())  # lora_B starts at zero: each one trained
+    assert json.loads((wide_run / "metrics.json").read_text())["precision"] == "bf16"  # auto, on this path
+
+
+def test_merge_predict_and_eval_of_a_4bit_run_on_the_bf16_native_path(bf16_native, wide_run, tmp_path):
+    from peftkit import adapters
+    from peftkit.export import merge
+    from peftkit.run import load_trained
+    from peftkit.tasks import classification
+
+    report = merge(wide_run, tmp_path / "merged")
+    assert report["max_abs_diff"] <= 1e-5 and report["vs_quantized_base"] <= 1e-5  # computed as it was trained
+    assert report["vs_full_precision_base"] > 0
+
+    recipe, _, tokenizer, model, _ = load_trained(wide_run)  # inference: repacked at its first forward
+    texts = ["a great film", "a dull and boring plot"]
+    alone = classification.predict(model, tokenizer, texts, recipe.task)
+    assert any(quant.is_repacked(m) for m in four_bit_layers(model).values())
+    import shutil
+
+    twin = shutil.copytree(wide_run, tmp_path / "twin")
+    loaded = adapters.load([str(wide_run), str(twin)])  # one base, two adapters (the same weights under two names)
+    rows = adapters.predict(loaded, texts)
+    for name in (wide_run.name, "twin"):
+        assert [r[f"{name} label"] for r in rows] == [r["label"] for r in alone]
+    assert any(quant.is_repacked(m) for m in four_bit_layers(loaded.model).values())
+    from peftkit import machine
+
+    evaluated = peftkit("eval", wide_run, env={**os.environ, machine.ENV: "native"})  # its own accelerate precision
+    assert evaluated.returncode == 0, evaluated.stderr

@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
-# The tests whose paths depend on the kind of CPU (peftkit/machine.py): `make test` runs them a second time as
+# The tests whose paths depend on the kind of CPU (peftkit/cpu_kind.py): `make test` runs them a second time as
 # the other kind (PEFTKIT_CPU_BF16=native on a CPU without native bf16, =emulated on one with it).
 KIND_TESTS ?= tests/test_precision.py tests/test_quant.py tests/test_bench.py tests/test_cli.py
 
@@ -30,7 +30,7 @@ test: venv
 	$(MAKE) --no-print-directory test-other-kind
 
 test-other-kind: venv
-	PEFTKIT_CPU_BF16=$$($(BIN)/python -m peftkit.machine --other) $(BIN)/python -m pytest -q $(KIND_TESTS)
+	PEFTKIT_CPU_BF16=$$($(BIN)/python -m peftkit.cpu_kind --other) $(BIN)/python -m pytest -q $(KIND_TESTS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -118,7 +118,7 @@ def _load_onto_one_base(sources: list[Source], device, recipe=None):
 
     first = sources[0]
     recipe = recipe or first.recipe
-    _, base = load_base(recipe, TASKS[recipe.task.type], first.labels, device)
+    _, base = load_base(recipe, TASKS[recipe.task.type], first.labels, device, inference=True)  # predict only
     model = PeftModel.from_pretrained(base, first.adapter_dir, adapter_name=first.name)
     for s in sources[1:]:
         model.load_adapter(s.adapter_dir, adapter_name=s.name)

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peftkit import machine as cpu_kind
+from peftkit import cpu_kind
 from peftkit.errors import UserError
 
 PACKAGES = ("peftkit", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes")
@@ -155,7 +155,7 @@ def machine() -> dict:
         "python": platform.python_version(),
         "cpu": cpu,
         "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_kind": cpu_kind.describe(),  # bf16-native or not: which paths `auto` took (machine.py)
+        "cpu_kind": cpu_kind.describe(),  # bf16-native or not: which paths `auto` took (cpu_kind.py)
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "commit": commit or None,
     }

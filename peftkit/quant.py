@@ -2,7 +2,7 @@
 
 from types import SimpleNamespace
 
-from peftkit import machine
+from peftkit import cpu_kind
 from peftkit.errors import UserError
 from peftkit.recipe import QuantizationSection
 
@@ -54,18 +54,19 @@ def prepare(model, inference: bool = False):
 def cpu_layout(model, inference: bool) -> None:
     """Whether bitsandbytes may repack each 4-bit layer for its CPU bf16 kernel.
 
-    bitsandbytes 0.50, on a CPU with AVX512-BF16 (machine.py), rewrites a Linear4bit's weight in place into
+    bitsandbytes 0.50, on a CPU with AVX512-BF16 (cpu_kind.py), rewrites a Linear4bit's weight in place into
     another layout at its first forward in eval mode without grad, and from then on multiplies with a bf16
     kernel that has no backward. Measured (tests/test_quant.py): after one evaluation pass, a LoRA step on the
     repacked base gets no gradient at all for the adapter (autograd only warns), so training between
     evaluations learned nothing but the head; the repack also rounds double-quantised scales to bf16, which
     moves the frozen base. So a run that trains keeps bitsandbytes' own layout throughout, and its evaluations
-    compute as its training does. Inference (predict, eval, combine) keeps bitsandbytes' fast path. The repack
-    also fails on layers narrower than its 64-wide block ("shape '[32, 0]' is invalid"): those keep the layout.
+    compute as its training does (peftkit eval too). Prediction keeps bitsandbytes' fast path. The repack also
+    fails on layers whose input is not a whole number of scale blocks (64) or whose output is not a whole number
+    of its 32-row tiles ("shape '[32, 0]' is invalid" on a 32-wide layer): those keep their layout.
     PEFTKIT_CPU_BF16 decides it as it decides the rest (native turns the repack on anywhere)."""
     import bitsandbytes as bnb
 
-    repack = inference and machine.cpu_bf16_native()
+    repack = inference and cpu_kind.cpu_bf16_native()
     if repack and not bnb.functional.has_avx512bf16():
         _register_reference_kernel()
     for module in model.modules():
@@ -113,12 +114,12 @@ def _unpack(module) -> None:
 
 def reference_gemv_4bit(A, B, shapeB, absmax, code, blocksize):  # noqa: N803 - bitsandbytes' argument names
     """bitsandbytes' CPU kernel for the repacked layout, in plain torch: bf16 activations times the bf16 weight,
-    fp32 accumulation, bf16 out."""
+    fp32 accumulation, returned in A's dtype. (Linear4bit calls the plain overload only, never `.out`.)"""
     import torch
 
     state = SimpleNamespace(code=code, absmax=absmax, blocksize=blocksize)
     weight = repacked_weight(B.view(torch.uint8).reshape(shapeB[0], -1), state).to(torch.bfloat16)
-    return torch.nn.functional.linear(A.to(torch.bfloat16), weight)
+    return torch.nn.functional.linear(A.to(torch.bfloat16), weight).to(A.dtype)
 
 
 def _register_reference_kernel() -> None:

@@ -53,8 +53,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
 
                 with accelerator.main_process_first():  # one download, which the other processes then find
                     start = hub.starting_adapter(recipe, labels)
-            tokenizer, model = load_base(recipe, task, labels, accelerator.device, train.precision_of(accelerator),
-                                         inference=False)  # fmt: skip
+            tokenizer, model = load_base(recipe, task, labels, accelerator.device, train.precision_of(accelerator))
             if recipe.train.gradient_checkpointing:
                 # Non-reentrant: the reentrant variant drops gradients when the checkpointed block's inputs do
                 # not require grad, which is the case with a frozen (e.g. quantised) base.
@@ -227,11 +226,11 @@ def method_context(recipe: Recipe, task, model, total_steps: int = 1000) -> Cont
 
 
 def load_base(recipe: Recipe, task, labels, device, precision: str = "no", dequantize: bool = False,
-              inference: bool = True):
+              inference: bool = False):
     """(tokenizer, model) for the recipe's base model, quantised if the recipe asks, head freshly initialised.
     `dequantize`: load the quantised weights, then turn them back into full-precision layers (for merging).
-    `inference`: the model will not be trained, so a 4-bit base may take bitsandbytes' inference-only CPU
-    layout (quant.cpu_layout); False for training, and for anything that must compute as training did."""
+    `inference`: the model will only predict, so a 4-bit base may take bitsandbytes' inference-only CPU
+    layout (quant.cpu_layout); False (the default) for training and for whatever must compute as training did."""
     from transformers import AutoTokenizer
 
     from peftkit import quant  # light: bitsandbytes is imported only when a recipe quantises
@@ -310,8 +309,9 @@ def load_trained(run_dir: Path, device=None, dequantize: bool = False, recipe: R
 
 
 def evaluate_run(run_dir: Path, splits: list[str] | None = None) -> dict:
-    """{split: metrics} of a finished run's adapter on its recipe's data (`splits`: default eval.splits)."""
-    recipe, task, tokenizer, model, labels = load_trained(run_dir)
+    """{split: metrics} of a finished run's adapter on its recipe's data (`splits`: default eval.splits), computed
+    as in training (no inference-only 4-bit layout), so that they compare with the run's own metrics.json."""
+    recipe, task, tokenizer, model, labels = load_trained(run_dir, inference=False)
     data_splits, _ = data.load(recipe.data, task)
     splits = splits or recipe.eval.splits
     if not splits:  # eval.splits: [] scores nothing

@@ -8,7 +8,7 @@ import logging
 import math
 from pathlib import Path
 
-from peftkit import bench, machine
+from peftkit import bench, cpu_kind
 from peftkit.errors import UserError
 
 log = logging.getLogger("peftkit")
@@ -19,7 +19,7 @@ LOWER_IS_BETTER = {"loss", "perplexity"}
 def resolve_precision(choice: str, device) -> str:
     """'auto' -> bf16 where the hardware computes it natively, else fp32. On a CPU without AMX or AVX512-BF16,
     bf16 matmuls are emulated and hundreds of times slower than fp32 (measured: benchmarks/RESULTS.md); which
-    kind of CPU this is, machine.py says (PEFTKIT_CPU_BF16 overrides it)."""
+    kind of CPU this is, cpu_kind.py says (PEFTKIT_CPU_BF16 overrides it)."""
     import torch
 
     if choice != "auto":
@@ -27,7 +27,7 @@ def resolve_precision(choice: str, device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
-        return "bf16" if machine.cpu_bf16_native() else "fp32"
+        return "bf16" if cpu_kind.cpu_bf16_native() else "fp32"
     return "fp32"
 
 

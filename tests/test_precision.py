@@ -26,7 +26,7 @@ def fp32_mib(tmp_path_factory, tiny_bert, sentiment_csv):
     runs = tmp_path_factory.mktemp("fp32")
     path = runs / "r.yaml"
     path.write_text(yaml.safe_dump(small_recipe(tiny_bert, sentiment_csv, runs)))
-    # precision set, not auto: auto is bf16 on a bf16-native CPU (machine.py), which would compare bf16 with bf16;
+    # precision set, not auto: auto is bf16 on a bf16-native CPU (cpu_kind.py), which would compare bf16 with bf16;
     # and a process of its own, as accelerate's precision is set once per process
     result = peftkit("run", path, "train.max_steps=3", "train.precision=fp32")
     assert result.returncode == 0, result.stderr
@@ -72,22 +72,22 @@ def test_lora_training_biases_runs_on_an_fp32_base(recipe_file, fp32_mib, tmp_pa
 
 @pytest.mark.parametrize("kind, precision", [("native", "bf16"), ("emulated", "fp32")])
 def test_the_cpu_kind_switch_decides_what_auto_takes(monkeypatch, kind, precision):
-    """PEFTKIT_CPU_BF16 (machine.py): any machine takes the other kind's paths, the test suite's second pass."""
+    """PEFTKIT_CPU_BF16 (cpu_kind.py): any machine takes the other kind's paths, the test suite's second pass."""
     import torch
 
-    from peftkit import machine, train
+    from peftkit import cpu_kind, train
 
-    monkeypatch.setenv(machine.ENV, kind)
+    monkeypatch.setenv(cpu_kind.ENV, kind)
     cpu = torch.device("cpu")
     assert train.resolve_precision("auto", cpu) == precision
     assert train.resolve_precision("fp32", cpu) == "fp32" and train.resolve_precision("bf16", cpu) == "bf16"
-    assert machine.describe() == f"bf16-{kind} CPU (PEFTKIT_CPU_BF16={kind})"
+    assert cpu_kind.describe() == f"bf16-{kind} CPU (PEFTKIT_CPU_BF16={kind})"
 
 
 def test_a_wrong_cpu_kind_switch_names_the_choices(monkeypatch):
-    from peftkit import machine
+    from peftkit import cpu_kind
     from peftkit.errors import UserError
 
-    monkeypatch.setenv(machine.ENV, "amx")
+    monkeypatch.setenv(cpu_kind.ENV, "amx")
     with pytest.raises(UserError, match="PEFTKIT_CPU_BF16='amx': expected one of native, emulated"):
-        machine.cpu_bf16_native()
+        cpu_kind.cpu_bf16_native()

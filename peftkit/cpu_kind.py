@@ -9,7 +9,8 @@ bitsandbytes:
     AMD EPYC with AVX512-BF16        native, ~1.8x faster      bf16, eager          repacked layout, bf16 kernel
     Intel Xeon with AMX              native, ~7x faster        bf16, eager          repacked layout, bf16 kernel
 
-(ratios measured on 2 cores: benchmarks/RESULTS.md). `PEFTKIT_CPU_BF16=native` or `=emulated` overrides the
+(the AMD ratios measured on 2 cores: benchmarks/RESULTS.md; the Intel one reported for that kind, not
+measured in this repository). `PEFTKIT_CPU_BF16=native` or `=emulated` overrides the
 detection, so that any machine runs the other kind's paths: the test suite uses it (CONTRIBUTING.md); on a
 CPU without AVX512-BF16, `native` also turns on bitsandbytes' repacked 4-bit layout with a plain-torch copy of
 its kernel (quant.py), slow but exact enough to test peftkit's side of it.
@@ -54,7 +55,7 @@ def describe() -> str:
     return f"{kind} CPU ({ENV}={choice})" if choice else f"{kind} CPU (detected)"
 
 
-if __name__ == "__main__":  # `python -m peftkit.machine [--other]`: this CPU's kind, or the other one's switch value
+if __name__ == "__main__":  # `python -m peftkit.cpu_kind [--other]`: this CPU's kind, or the other one's switch value
     import sys
 
     if "--other" in sys.argv[1:]:

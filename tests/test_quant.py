@@ -324,22 +324,17 @@ def wide_run(tmp_path_factory, wide_bert, sentiment_csv):
 
     from peftkit import cpu_kind
 
+    from .conftest import small_recipe
+
     folder = tmp_path_factory.mktemp("wide-run")
-    recipe = {
-        "model": {"name": str(wide_bert)},
-        "data": {"source": str(sentiment_csv), "columns": {"text": "review", "label": "sentiment"}},
-        "task": {"type": "classification", "max_length": 32},
-        "method": {"name": "lora", "r": 4, "alpha": 8},
-        "quantization": {"bits": 4},
-        "train": {"epochs": 2, "batch_size": 16, "lr": 1e-2},
-        "eval": {"before_training": True},
-        "export": {"output_dir": str(folder / "{name}")},
-    }
+    recipe = small_recipe(wide_bert, sentiment_csv, folder)
+    recipe.update(quantization={"bits": 4}, eval={"before_training": True})
+    recipe["train"].update(epochs=2, lr=1e-2)
     (folder / "wide.yaml").write_text(yaml.safe_dump(recipe))
     # a process of its own: accelerate's precision (auto: bf16 on this path) is set once per process
     result = peftkit("run", folder / "wide.yaml", env={**os.environ, cpu_kind.ENV: "native"})
     assert result.returncode == 0, result.stderr
-    return folder / "wide"
+    return folder / "wide"  # small_recipe: export.output_dir is FOLDER/{name}
 
 
 def test_a_4bit_run_trains_its_adapter_through_its_evaluations(wide_run):

@@ -1,0 +1,58 @@
+"""Behaviour pinned while the code moves: the first losses of a tiny LoRA run, to 1e-5.
+
+A refactor that changes what the loop computes (the order of random draws, the batches, the optimizer's groups,
+the schedule, the initialisation) moves these numbers; one that only moves code does not. The run goes through
+the command line in a fresh process (fp32 set explicitly, so the machine's `auto` choice does not enter), with
+the model class's forward wrapped to record every training loss.
+"""
+
+import json
+import sys
+
+import yaml
+
+from .conftest import make_bert, sentiment_rows, small_recipe, write_csv
+
+# What main at 57a413c computed (fp32, seed 0); any CPU: these are far above fp32's rounding.
+PINNED = [
+    0.6946322, 0.6865886, 0.6926648, 0.6934558, 0.7129263,
+    0.6892793, 0.6985517, 0.7044311, 0.7068878, 0.6855808,
+]
+
+RECORD = """
+import json, sys
+from transformers import BertForSequenceClassification
+from peftkit import cli
+
+losses = []
+forward = BertForSequenceClassification.forward
+
+def recording(self, *args, **kwargs):
+    out = forward(self, *args, **kwargs)
+    if self.training:
+        losses.append(out.loss.item())
+    return out
+
+BertForSequenceClassification.forward = recording
+try:
+    cli.main(sys.argv[1:])
+except SystemExit as done:
+    assert not done.code, done.code
+print("LOSSES " + json.dumps(losses[:10]))
+"""
+
+
+def test_first_ten_losses_of_a_tiny_lora_run_are_pinned(tmp_path):
+    import subprocess
+
+    recipe = small_recipe(make_bert(tmp_path / "bert"), write_csv(tmp_path / "reviews.csv", sentiment_rows(200)),
+                          tmp_path / "runs")  # fmt: skip
+    recipe["train"].update({"precision": "fp32", "seed": 0, "batch_size": 16, "epochs": 1})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    done = subprocess.run([sys.executable, "-c", RECORD, "run", str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    line = next(line for line in done.stdout.splitlines() if line.startswith("LOSSES "))
+    losses = json.loads(line.removeprefix("LOSSES "))
+    assert len(losses) == 10
+    assert max(abs(a - b) for a, b in zip(losses, PINNED)) < 1e-5, json.dumps(losses)

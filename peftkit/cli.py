@@ -107,8 +107,8 @@ def evaluate(
 ):
     """Evaluate a finished run's adapter on one split of its recipe's data."""
     _quiet_libraries()
-    from peftkit.hub import resolve_run
-    from peftkit.run import evaluate_run
+    from peftkit.sharing.hub import resolve_run
+    from peftkit.loading import evaluate_run
 
     _metrics_table(evaluate_run(resolve_run(run_dir, hub_dir), [split]), [split])
 
@@ -138,12 +138,12 @@ def predict(
     if not items:
         raise UserError("nothing to predict: give texts as arguments or --file FILE")
     _quiet_libraries()
-    from peftkit import adapters
-    from peftkit.hub import resolve_run
-    from peftkit.run import load_trained
+    from peftkit import multi_adapter
+    from peftkit.sharing.hub import resolve_run
+    from peftkit.loading import load_trained
 
     if adapter:
-        loaded = adapters.load([run_dir, *adapter], hub_dir)
+        loaded = multi_adapter.load([run_dir, *adapter], hub_dir)
         recipe = loaded.recipe
     else:
         recipe, task, tokenizer, model, _ = load_trained(resolve_run(run_dir, hub_dir))
@@ -153,7 +153,7 @@ def predict(
             raise UserError(f"--context is for question answering; this run's task is {recipe.task.type}")
         options["context"] = Path(context).read_text(encoding="utf-8") if _is_file(context) else context
     if adapter:
-        rows = adapters.predict(loaded, items, **options)
+        rows = multi_adapter.predict(loaded, items, **options)
     else:
         rows = task.predict(model, tokenizer, items, recipe.task, **options)
     table = Table(*rows[0])
@@ -193,7 +193,7 @@ def merge(
     _quiet_libraries()
     from peftkit.export import merge as merge_run
 
-    from peftkit.hub import resolve_run
+    from peftkit.sharing.hub import resolve_run
 
     report = merge_run(resolve_run(run_dir, hub_dir), out, overwrite=overwrite, tolerance=tolerance,
                        requantize=requantize)  # fmt: skip
@@ -234,23 +234,24 @@ def bench(
 ):
     """Measure recipes (x methods x 8/4-bit) for a fixed number of steps: throughput, memory, trainable share,
     adapter size, metric and model FLOPs utilisation, into report.json, report.md and PNG plots."""
-    from peftkit import atomic, benchmark
+    from peftkit import atomic
+    from peftkit.experiments import bench
 
-    variants = benchmark.matrix(recipes, method or [], bits or [], set_ or [])
+    variants = bench.matrix(recipes, method or [], bits or [], set_ or [])
     with atomic.building(out, overwrite) as report:
         with _runs_progress() as progress:
             task = progress.add_task("measuring the matmul peak", total=len(variants))
-            peaks, about = benchmark.measure_peaks(), benchmark.machine()
+            peaks, about = bench.measure_peaks(), bench.machine()
             rows = []
             for variant in variants:
                 progress.update(task, description=variant.name)
-                rows.append(benchmark.run_variant(variant, steps, report))
+                rows.append(bench.run_variant(variant, steps, report))
                 progress.advance(task)
             progress.update(task, description="measuring the matmul peak again")
-            again = benchmark.measure_peaks()
+            again = bench.measure_peaks()
             peaks = {p: max(rate, again[p]) for p, rate in peaks.items()}
-        benchmark.add_mfu(rows, peaks)
-        benchmark.write_report(report, rows, about, peaks, steps)
+        bench.add_mfu(rows, peaks)
+        bench.write_report(report, rows, about, peaks, steps)
     table = Table("variant", "samples/s", "tokens/s", "peak MiB", "trainable", "metric", "MFU")
     for r in rows:
         if "error" in r:
@@ -274,7 +275,7 @@ def sweep(
     """Run every combination of the values given (full runs), then table metric, time, memory and trainable
     share, and write the best run's recipe (chosen on validation) as best.yaml."""
     from peftkit import atomic
-    from peftkit import sweep as sweeps
+    from peftkit.experiments import sweep as sweeps
 
     values = sweeps.parse_grid(grid)
     runs = sweeps.combinations(recipe, values)
@@ -317,7 +318,7 @@ def push(
 ):
     """Upload a run's adapter with a generated model card (metadata, recipe, results, training curve) to the Hugging
     Face Hub (token: HF_TOKEN or `hf auth login`) or to a local directory hub."""
-    from peftkit import hub
+    from peftkit.sharing import hub
 
     report = hub.push(run_dir, repo, private=private, revision=revision, hub_dir=hub_dir, dry_run=dry_run,
                       message=message)  # fmt: skip
@@ -353,7 +354,7 @@ def init(
 ):
     """Design a commented recipe from a data file and a model: task, columns and labels from the data, max_length
     from its length distribution, target layers from the model, method and batch for its size and this machine."""
-    from peftkit import designer
+    from peftkit.init import designer
     from peftkit.tasks import TASKS
 
     roles = {}
@@ -397,7 +398,7 @@ def combine(
 ):
     """Combine LoRA adapters with peft's add_weighted_adapter into a new run folder that predict, eval and merge
     take like any other; task heads are averaged with the weights (README: Several adapters on one base)."""
-    from peftkit import adapters
+    from peftkit import multi_adapter
 
     parsed = []
     for item in weights.split(","):
@@ -405,9 +406,9 @@ def combine(
             parsed.append(float(item))
         except ValueError:
             raise UserError(f"--weights {weights}: '{item}' is not a number; give one per run, e.g. 0.7,0.3") from None
-    adapters.check_combination(how, parsed, len(runs), density, svd_rank)  # before any model is loaded
+    multi_adapter.check_combination(how, parsed, len(runs), density, svd_rank)  # before any model is loaded
     _quiet_libraries()
-    report = adapters.combine(runs, parsed, how, out, density=density, svd_rank=svd_rank, overwrite=overwrite,
+    report = multi_adapter.combine(runs, parsed, how, out, density=density, svd_rank=svd_rank, overwrite=overwrite,
                               hub_dir=hub_dir)  # fmt: skip
     columns = [(split, k) for split, m in report["metrics"].items() for k, v in m.items() if isinstance(v, float)]
     table = Table("run", "weight", *[f"{split} {k}" for split, k in columns])

@@ -16,7 +16,7 @@ from peftkit import assets
 from peftkit.errors import UserError, did_you_mean
 
 if TYPE_CHECKING:  # annotations only: recipe.py imports the task registry, whose tasks import this module
-    from peftkit.recipe import DataSection
+    from peftkit.sections import DataSection
 
 log = logging.getLogger("peftkit")
 

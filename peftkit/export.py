@@ -7,21 +7,22 @@ from pathlib import Path
 
 from peftkit import __version__, atomic
 from peftkit.errors import UserError
+from peftkit.run_folder import INFO
 
 log = logging.getLogger("peftkit")
 
 
 def save_adapter(model, tokenizer, out: Path, recipe, labels) -> None:
-    """The trained part in its method's format (methods/base.py): peft's, so plain `PeftModel.from_pretrained`
+    """The trained part in its method's format (methods/storage.py): peft's, so plain `PeftModel.from_pretrained`
     loads it, head included; peftkit's own for prefix tuning and bottleneck adapters; the whole model for full
     fine-tuning. Plus the tokenizer, and peftkit.json with what the formats do not hold (task, labels)."""
-    from peftkit.methods import base
+    from peftkit.methods import storage
 
-    fmt = base.save(model, out, recipe.method, recipe.model.name)
+    fmt = storage.save(model, out, recipe.method, recipe.model.name)
     tokenizer.save_pretrained(out)
     info = {"peftkit_version": __version__, "task": recipe.task.type, "method": recipe.method.name,
             "format": fmt, "base_model": recipe.model.name, "labels": labels}  # fmt: skip
-    (out / "peftkit.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    (out / INFO).write_text(json.dumps(info, indent=2), encoding="utf-8")
 
 
 def adapter_bytes(adapter_dir: Path) -> int:
@@ -43,7 +44,7 @@ def merge(run_dir: Path, out: Path, overwrite: bool = False, tolerance: float | 
     import torch
 
     from peftkit.methods import METHODS
-    from peftkit.run import load_trained
+    from peftkit.loading import load_trained
 
     # computed as in training (no inference-only 4-bit layout, quant.cpu_layout): the reference is what was trained
     recipe, task, tokenizer, model, _ = load_trained(run_dir, torch.device("cpu"), inference=False)

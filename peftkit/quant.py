@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 from peftkit import cpu_kind
 from peftkit.errors import UserError
-from peftkit.recipe import QuantizationSection
+from peftkit.sections import QuantizationSection
 
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _BLOCK_N = 32  # rows per block of bitsandbytes' repacked CPU layout (functional._convert_weight_packed_for_cpu)

@@ -8,7 +8,7 @@ import logging
 import math
 from pathlib import Path
 
-from peftkit import bench, cpu_kind
+from peftkit import cpu_kind, measure
 from peftkit.errors import UserError
 
 log = logging.getLogger("peftkit")
@@ -82,6 +82,11 @@ def make_loader(dataset, collate, batch_size: int, shuffle: bool, group_by_lengt
     return loader
 
 
+def eval_loader(split, collate, recipe, accelerator):
+    """An evaluation split's loader, sorted by length, prepared for the accelerator's processes."""
+    return accelerator.prepare(make_loader(split, collate, recipe.eval.batch_size, False, True, recipe.train.seed))
+
+
 def total_steps(train_rows: int, cfg, processes: int = 1) -> int:
     """Optimizer steps of a run: what the scheduler, and AdaLoRA's rank budget, plan over. With several
     processes each takes its own train.batch_size per step, so an epoch has `processes` times fewer steps."""
@@ -137,7 +142,7 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, method=None, 
     best_name = recipe.eval.metric_for_best
     sign = -1 if best_name in LOWER_IS_BETTER else 1
     best_score, best_state, best_epoch = -math.inf, None, None
-    history, meter, step, first_epoch, skip, rng = [], bench.Throughput(), 0, 1, 0, None
+    history, meter, step, first_epoch, skip, rng = [], measure.Throughput(), 0, 1, 0, None
     inner = accelerator.unwrap_model(model)  # parameter names without DDP's "module." prefix
     if resume is not None:
         done = checkpoint.load(resume, inner, optimizer, scheduler, accelerator.scaler)

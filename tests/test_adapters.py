@@ -1,4 +1,4 @@
-"""Several adapters on one base (peftkit/adapters.py): predict with each without reloading the base, and combine
+"""Several adapters on one base (peftkit/multi_adapter.py): predict with each without reloading the base, and combine
 LoRA runs with peft's add_weighted_adapter into a new run folder. Tiny BERT runs trained on the spot."""
 
 import json
@@ -48,17 +48,17 @@ def runs(tmp_path_factory, tiny_bert, sentiment_csv):
 
 def _alone(run_dir):
     """What `peftkit predict RUN` computes: the run's own base and adapter."""
-    from peftkit.run import load_trained
+    from peftkit.loading import load_trained
 
     recipe, task, tokenizer, model, _ = load_trained(run_dir)
     return task.predict(model, tokenizer, TEXTS, recipe.task)
 
 
 def test_several_adapters_predict_as_each_run_alone(runs):
-    from peftkit import adapters
+    from peftkit import multi_adapter
 
-    loaded = adapters.load([runs["a"], runs["b"], runs["renamed"]])
-    rows = adapters.predict(loaded, TEXTS)
+    loaded = multi_adapter.load([runs["a"], runs["b"], runs["renamed"]])
+    rows = multi_adapter.predict(loaded, TEXTS)
     for name in ("a", "b", "renamed"):
         alone = _alone(runs[name])
         assert [r[f"{name} label"] for r in rows] == [r["label"] for r in alone]
@@ -73,12 +73,12 @@ def test_the_base_is_loaded_once_and_switching_switches_the_head(runs, monkeypat
     from peft.utils.other import ModulesToSaveWrapper
     from safetensors.torch import load_file
 
-    from peftkit import adapters
+    from peftkit import multi_adapter
 
     auto = transformers.AutoModelForSequenceClassification
     original, calls = auto.from_pretrained, []
     monkeypatch.setattr(auto, "from_pretrained", lambda *a, **k: calls.append(a) or original(*a, **k))
-    loaded = adapters.load([runs["a"], runs["b"]])
+    loaded = multi_adapter.load([runs["a"], runs["b"]])
     assert len(calls) == 1  # one base for both adapters
 
     head = loaded.model.base_model.model.classifier
@@ -87,7 +87,7 @@ def test_the_base_is_loaded_once_and_switching_switches_the_head(runs, monkeypat
     for source in loaded.sources:
         saved = load_file(source.adapter_dir / "adapter_model.safetensors")
         weight, bias = saved["base_model.model.classifier.weight"], saved["base_model.model.classifier.bias"]
-        adapters.use(loaded, source)
+        multi_adapter.use(loaded, source)
         with torch.no_grad():
             assert torch.allclose(head(hidden), hidden @ weight.T + bias, atol=1e-6), source.name
     a, b = (load_file(runs[n] / "adapter" / "adapter_model.safetensors") for n in ("a", "b"))

@@ -34,7 +34,7 @@ def test_bench_matrix_writes_the_report(recipe_file, tmp_path):
 def test_matrix_variants_and_their_checks(recipe_file, tmp_path):
     import pytest
 
-    from peftkit import benchmark
+    from peftkit.experiments import bench as benchmark
     from peftkit.errors import UserError
     from peftkit.recipe import load_recipe
 
@@ -51,7 +51,7 @@ def test_matrix_variants_and_their_checks(recipe_file, tmp_path):
 def test_throughput_counts_samples_and_non_padding_tokens():
     import torch
 
-    from peftkit.bench import Throughput
+    from peftkit.measure import Throughput
 
     meter = Throughput()
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])

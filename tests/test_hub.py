@@ -39,11 +39,17 @@ def test_model_card_metadata_and_content_parse_back(trained, tmp_path):
     from huggingface_hub import ModelCard
     from huggingface_hub.repocard import metadata_load
 
-    from peftkit.card import model_card
+    from peftkit.run_folder import finished_run
+    from peftkit.sharing.card import model_card
+
+    def card_of(run_dir):
+        _, recipe, info = finished_run(run_dir)
+        metrics, text = json.loads((run_dir / "metrics.json").read_text()), (run_dir / "recipe.yaml").read_text()
+        return model_card(recipe, info, metrics, text, "me/tiny")
 
     run_dir, _ = trained
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    model_card(run_dir, "me/tiny").save(tmp_path / "local.md")
+    card_of(run_dir).save(tmp_path / "local.md")
     card = ModelCard.load(tmp_path / "local.md")
     assert card.data.base_model is None  # a local path is no Hub id: left out, and said so in the text
     assert "local path" in card.text and card.data.library_name == "peft"
@@ -61,7 +67,7 @@ def test_model_card_metadata_and_content_parse_back(trained, tmp_path):
     shutil.copytree(run_dir, copy)
     for name in ("recipe.yaml", "adapter/peftkit.json"):
         (copy / name).write_text((copy / name).read_text().replace(str(trained[1]["model"]["name"]), "org/base-model"))
-    model_card(copy, "me/tiny").save(tmp_path / "hub.md")
+    card_of(copy).save(tmp_path / "hub.md")
     assert metadata_load(tmp_path / "hub.md")["base_model"] == "org/base-model"
 
 
@@ -161,10 +167,10 @@ def test_hub_errors_name_the_fix(trained, tmp_path, monkeypatch):
 def test_a_recipe_can_start_from_a_pushed_adapter(trained, tmp_path, monkeypatch):
     import torch
 
-    from peftkit import hub
+    from peftkit.sharing import hub
     from peftkit.methods import METHODS
     from peftkit.recipe import load_recipe
-    from peftkit.run import load_base, load_trained, method_context
+    from peftkit.loading import load_base, load_trained, method_context
     from peftkit.tasks import TASKS
 
     run_dir, recipe = trained

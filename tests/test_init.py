@@ -7,7 +7,7 @@ import random
 import pytest
 import yaml
 
-from peftkit import designer
+from peftkit.init import designer
 
 from .conftest import FILLER, peftkit_here, sentiment_rows, write_csv
 from .test_causal_lm import tiny_llama  # noqa: F401 (a fixture)

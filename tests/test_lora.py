@@ -7,7 +7,7 @@ from peftkit import export
 from peftkit.errors import UserError
 from peftkit.methods import METHODS
 from peftkit.recipe import validate
-from peftkit.run import load_base, method_context
+from peftkit.loading import load_base, method_context
 from peftkit.tasks import TASKS
 
 LABELS = ["neg", "pos"]

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from peftkit.methods import METHODS
-from peftkit.methods import base as storage
+from peftkit.methods import base, storage
 from peftkit.methods.base import Context
 
 # Options that keep the tiny models tiny; everything else is the method's default.
@@ -98,6 +98,11 @@ def adapted(method: str, arch: str, task: str, **extra):
     return METHODS[method].apply(model, config, context(model, task)), config
 
 
+def padding_side(method: str, arch: str, task: str) -> str:
+    """The side a run pads on with this method (its padding_side hook; right unless it asks)."""
+    return base.optional(METHODS[method], "padding_side")(context(tiny(arch, task), task)) or "right"
+
+
 def train_steps(model, inputs, steps: int, lr: float = 1e-2, method=None) -> list[float]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -123,7 +128,7 @@ CASES = [(m, a, t) for m in METHODS for a in ("bert", "gpt2", "llama") for t in 
 @pytest.mark.parametrize("method,arch,task", CASES, ids=["-".join(c) for c in CASES])
 def test_method_contract(method, arch, task, tmp_path):
     model, config = adapted(method, arch, task)
-    inputs = batch(task, getattr(model, "peftkit_padding_side", "right"))
+    inputs = batch(task, padding_side(method, arch, task))
     base_out = outputs(tiny(arch, task), inputs)
     out = outputs(model, inputs)
 
@@ -265,13 +270,13 @@ def test_method_trains_on_a_bf16_base(method, arch, task):
     rewrites = getattr(METHODS[method], "rewrites_base", lambda c: False)(config)
     model = tiny(arch, task).to(torch.float32 if rewrites else torch.bfloat16)
     model = METHODS[method].apply(model, config, context(model, task))
-    storage.trainable_in_fp32(model)
+    base.trainable_in_fp32(model)
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     assert {p.dtype for p in model.parameters() if not p.requires_grad} <= {torch.bfloat16}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(**batch(task, getattr(model, "peftkit_padding_side", "right"))).loss
+        loss = model(**batch(task, padding_side(method, arch, task))).loss
     loss.backward()
     optimizer.step()
     assert torch.isfinite(loss)

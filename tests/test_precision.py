@@ -57,7 +57,7 @@ def test_bf16_run_holds_the_base_in_bf16_and_trains_in_fp32(recipe_file, fp32_mi
 ])  # fmt: skip
 def test_which_bases_are_held_in_bf16(recipe_file, overrides, dtype):
     from peftkit.recipe import load_recipe
-    from peftkit.run import base_dtype
+    from peftkit.loading import base_dtype
 
     recipe = load_recipe(recipe_file(), ["train.precision=bf16", *overrides])
     assert str(base_dtype(recipe, recipe.train.precision)) == f"torch.{dtype}"

@@ -11,7 +11,7 @@ import torch
 from peftkit import quant
 from peftkit.errors import UserError
 from peftkit.methods import METHODS
-from peftkit.methods import base as storage
+from peftkit.methods import base, storage
 from peftkit.recipe import QuantizationSection
 
 from .conftest import peftkit
@@ -55,11 +55,11 @@ def test_lora_trains_on_a_quantized_base_and_round_trips(saved, tmp_path, arch, 
     assert type(head) is torch.nn.Linear and head.weight.dtype == torch.float32  # kept out of quantisation
     from transformers import AutoModel
 
-    from peftkit import bench
+    from peftkit import measure
 
     full = sum(p.numel() for p in AutoModel.from_pretrained(saved(arch, task)).parameters())
     heads = sum(p.numel() for p in head.parameters()) if head is not getattr(model, "lm_head", None) else 0
-    assert bench.parameter_counts(model)["total_params"] == full + heads  # 4-bit weights count unpacked
+    assert measure.parameter_counts(model)["total_params"] == full + heads  # 4-bit weights count unpacked
 
     method = METHODS["lora"]
     model = method.apply(model, method.Config(name="lora", **OPTIONS["lora"]), context(model, task))
@@ -253,7 +253,7 @@ def test_training_after_an_evaluation_pass_reaches_every_adapter_layer(bf16_nati
     """The bug this layout rule fixes: bitsandbytes' repacked kernel has no backward, so after one evaluation pass
     every LoRA gradient was None (autograd only warned) and training learned nothing but the head."""
     lora = METHODS["lora"]
-    context = storage.Context(head_modules=["classifier"], peft_task_type="SEQ_CLS", total_steps=10)
+    context = base.Context(head_modules=["classifier"], peft_task_type="SEQ_CLS", total_steps=10)
     model = lora.apply(load_4bit(wide_bert, inference=False), lora.Config(name="lora", r=4, dropout=0.0), context)
     evaluation_pass(model, bert_batch())
     assert not any(quant.is_repacked(m) for m in four_bit_layers(model).values())
@@ -271,12 +271,12 @@ def test_training_after_an_evaluation_pass_reaches_every_adapter_layer(bf16_nati
 def test_the_repacked_layout_computes_and_reads_back_as_the_same_weights(bf16_native, wide_bert):
     from bitsandbytes.functional import dequantize_4bit
 
-    from peftkit import bench
+    from peftkit import measure
 
     model = load_4bit(wide_bert, inference=True)
     layers = four_bit_layers(model)
     weights = {n: dequantize_4bit(m.weight.data, m.weight.quant_state).float() for n, m in layers.items()}
-    counts = bench.parameter_counts(model)
+    counts = measure.parameter_counts(model)
     training_layout = evaluation_pass(load_4bit(wide_bert, inference=False), bert_batch())
     repacked = evaluation_pass(model, bert_batch())  # repacks every layer, then multiplies in bf16
     assert all(quant.is_repacked(m) for m in layers.values())
@@ -284,7 +284,7 @@ def test_the_repacked_layout_computes_and_reads_back_as_the_same_weights(bf16_na
     for name, layer in layers.items():  # the scales were rounded to bf16: 2^-8 relative at most
         read = quant.repacked_weight(layer.weight.data, layer.weight.quant_state)
         assert (read - weights[name]).abs().max() <= 2**-8 * weights[name].abs().max()
-    assert bench.parameter_counts(model) == counts
+    assert measure.parameter_counts(model) == counts
     dense = quant.dequantize(model)  # what merge does with a quantised base
     for name, w in weights.items():  # every layer: 64- and 128-wide inputs (one and two scale blocks per row)
         linear = dense.get_submodule(name)
@@ -347,9 +347,9 @@ def test_a_4bit_run_trains_its_adapter_through_its_evaluations(wide_run):
 
 
 def test_merge_predict_and_eval_of_a_4bit_run_on_the_bf16_native_path(bf16_native, wide_run, tmp_path):
-    from peftkit import adapters
+    from peftkit import multi_adapter
     from peftkit.export import merge
-    from peftkit.run import load_trained
+    from peftkit.loading import load_trained
     from peftkit.tasks import classification
 
     report = merge(wide_run, tmp_path / "merged")
@@ -363,8 +363,8 @@ def test_merge_predict_and_eval_of_a_4bit_run_on_the_bf16_native_path(bf16_nativ
     import shutil
 
     twin = shutil.copytree(wide_run, tmp_path / "twin")
-    loaded = adapters.load([str(wide_run), str(twin)])  # one base, two adapters (the same weights under two names)
-    rows = adapters.predict(loaded, texts)
+    loaded = multi_adapter.load([str(wide_run), str(twin)])  # one base, two adapters (the same weights under two names)
+    rows = multi_adapter.predict(loaded, texts)
     for name in (wide_run.name, "twin"):
         assert [r[f"{name} label"] for r in rows] == [r["label"] for r in alone]
     assert any(quant.is_repacked(m) for m in four_bit_layers(loaded.model).values())

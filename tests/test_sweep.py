@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from peftkit import sweep
+from peftkit.experiments import sweep
 from peftkit.errors import UserError
 from peftkit.recipe import load_recipe
 

@@ -1,19 +1,10 @@
 """Method registry: the recipe's `method.name` -> the module that implements it.
 
-A method module defines (heavy imports stay inside functions, so `peftkit validate` starts fast):
-  Config                 its recipe section, with `name: Literal[...]` and its own options (defaults live there)
-  MERGEABLE              whether the trained update folds into the base weights
-  NOT_MERGEABLE_BECAUSE  when not: why, and what to do instead (shown by `peftkit merge`)
-  apply(model, config, context) -> model    freeze the base, add the method; only it and the head train
-  after_optimizer_step(model, step)         optional: called after each optimizer step (AdaLoRA)
-  rewrites_base(config) -> bool
-                         optional, default False: the method trains or rewrites the base's weights, which are
-                         then held in fp32 (full fine-tuning; LoRA's PiSSA/OLoRA init)
-  RESTORE_BEST_EPOCH     optional, default True: end on the best validation epoch's weights (else the last's)
-  training_state(model) -> dict, load_training_state(model, state)
-                         optional: training state outside the weights and the optimizer that checkpoints must
-                         hold for a resumed run to match an uninterrupted one (AdaLoRA's importance scores)
-Storage is shared (methods/base.py): peft's format for peft methods, peftkit's for its own.
+A method module follows `methods.base.Method` (Config, FORMAT, MERGEABLE, apply) and may define the optional
+hooks and settings listed with their defaults in `methods.base.OPTIONAL` (AdaLoRA's step hook and training
+state, the prompt methods' padding side, LoRA's own save, ...); tests/test_contracts.py checks every entry.
+Heavy imports stay inside functions, so `peftkit validate` starts fast. The helpers a method's `apply` uses are
+in methods/base.py; saving and loading adapters, in methods/storage.py.
 Adding a method = one new file + one line here.
 """
 
@@ -30,8 +21,9 @@ from peftkit.methods import (
     prompt_tuning,
     vera,
 )
+from peftkit.methods.base import Method
 
-METHODS = {
+METHODS: dict[str, Method] = {
     "lora": lora,
     "ia3": ia3,
     "loha": loha,

@@ -12,9 +12,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from peftkit.config import Section
+from peftkit.sections import Section
 from peftkit.methods.base import Context, peft_targets, peft_wrap
 
+FORMAT = "peft"  # peft's format: plain `PeftModel.from_pretrained` loads it
 MERGEABLE = True
 # The saved adapter is cut to the final rank pattern; an earlier epoch's weights predate the pruning and would
 # not be what is saved, so the run keeps the last epoch's adapter instead of the best one.

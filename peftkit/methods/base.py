@@ -1,20 +1,11 @@
-"""What every method shares: the context it is applied in, and the two adapter formats.
-
-- peft's format (adapter_config.json + adapter_model.safetensors) for every method peft can express, so plain
-  `PeftModel.from_pretrained(base, adapter_dir)` loads it.
-- peftkit's own format for the methods peft lacks or breaks (prefix tuning, bottleneck adapters):
-      peftkit_adapter.safetensors   every trainable tensor (method + task head), by its name in the model
-      peftkit_adapter.json          {"method": name, "config": the method's recipe section}
-  Loading = apply the method to a fresh base with that config, then copy the tensors in (names must match).
-- Full fine-tuning saves the whole model with `save_pretrained`.
+"""What the methods share: the context a method is applied in, and the helpers its `apply` uses (peft wrapping,
+target modules, freezing, refusals), plus the trainable tensors by name that checkpoints and the peftkit format
+hold. Saving and loading adapters is methods/storage.py.
 """
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-
-OWN_WEIGHTS = "peftkit_adapter.safetensors"
-OWN_CONFIG = "peftkit_adapter.json"
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 
 @dataclass
@@ -25,6 +16,54 @@ class Context:
     peft_task_type: str | None = None  # SEQ_CLS, CAUSAL_LM, ...: decides which PeftModel subclass wraps
     total_steps: int = 1000  # optimizer steps of the run (AdaLoRA schedules its rank budget over them)
     model_path: str | None = None  # resolved local path or Hub id of the base (prompt tuning's text init)
+
+
+@runtime_checkable
+class Method(Protocol):
+    """What a method module defines (methods/__init__.py registers it; tests/test_contracts.py checks each one).
+    Heavy imports stay inside its functions, so `peftkit validate` starts without torch."""
+
+    Config: ClassVar[type]  # its recipe section (a Section), with `name: Literal[...]` and its own options
+    FORMAT: ClassVar[Literal["peft", "peftkit", "full"]]  # how its adapter is saved (methods/storage.py)
+    MERGEABLE: ClassVar[bool]  # whether the trained update folds into the base weights
+
+    def apply(self, model: Any, config: Any, context: "Context") -> Any:
+        """Freeze the base and add the method; only the method's parameters and the task head train."""
+
+
+# What a method may define besides, and what holds when it does not. Read through `optional`, never getattr.
+OPTIONAL: dict[str, Any] = {
+    # str: when not MERGEABLE, why, and what to do instead (`peftkit merge` shows it; required then)
+    "NOT_MERGEABLE_BECAUSE": "",
+    # (config) -> bool: the method trains or rewrites the base's weights, which are then held in fp32
+    # (full fine-tuning; LoRA with PiSSA/OLoRA init or trained biases)
+    "rewrites_base": lambda config: False,
+    # (model, step): after each optimizer step, before gradients are cleared (AdaLoRA's rank allocation)
+    "after_optimizer_step": None,
+    # end on the best evaluation's trainable weights; False: on the last ones (AdaLoRA: its masks move)
+    "RESTORE_BEST_EPOCH": True,
+    # (model) -> dict and (model, dict): state outside the weights and the optimizer that a checkpoint must hold
+    # for a resumed run to match an uninterrupted one (AdaLoRA's importance scores)
+    "training_state": None,
+    "load_training_state": None,
+    # (context) -> "left" | None: the padding side the tokenizer must use with this method (prompt methods on
+    # decoder classifiers)
+    "padding_side": lambda context: None,
+    # (model, out): write the adapter itself instead of the format's default (LoRA's PiSSA/OLoRA conversion)
+    "save": None,
+}
+
+
+def optional(method: Method, hook: str) -> Any:
+    """The method's `hook`, or the default that holds when it does not define it (OPTIONAL)."""
+    return getattr(method, hook, OPTIONAL[hook])
+
+
+def save_peft(model, out: Path) -> None:
+    """peft's own save, weights in safetensors."""
+    # save_embedding_layers=False: the default "auto" looks the base up on the Hub to see if its vocabulary
+    # changed; peftkit never resizes the vocabulary.
+    model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
 
 
 def quantized_bits(model) -> int | None:
@@ -44,12 +83,11 @@ def refuse_quantized(method: str, model, bits: tuple[int, ...], why: str) -> Non
         raise UserError(f"{method} cannot train on a {found}-bit base: {why}")
 
 
-def pad_left_if_last_token_pooled(model, context: Context) -> None:
-    """A decoder classifier (head `score`) reads the last non-pad token, which it finds in input_ids; methods
-    that feed inputs_embeds (prompt tuning, p-tuning) hide them, so it reads the last position instead: pad on
-    the left so that the last position is a real token. The run applies it to the tokenizer (run.py)."""
-    if context.peft_task_type == "SEQ_CLS" and "score" in context.head_modules:
-        model.peftkit_padding_side = "left"
+def left_if_last_token_pooled(context: Context) -> str | None:
+    """The `padding_side` hook of methods that feed inputs_embeds (prompt tuning, p-tuning). A decoder classifier
+    (head `score`) reads the last non-pad token, which it finds in input_ids; those methods hide them, so it
+    reads the last position instead: pad on the left so that the last position is a real token."""
+    return "left" if context.peft_task_type == "SEQ_CLS" and "score" in context.head_modules else None
 
 
 def refuse_per_token_tasks(method: str, context: Context) -> None:
@@ -63,73 +101,6 @@ def refuse_per_token_tasks(method: str, context: Context) -> None:
             "per-token outputs, so it cannot tag tokens or point at answer spans; use prefix_tuning (it adds "
             "keys and values, not tokens), lora, or another method"
         )
-
-
-def format_of(model) -> str:
-    from peft import PeftModel
-
-    if isinstance(model, PeftModel):
-        return "peft"
-    return "full" if getattr(model, "peftkit_full", False) else "peftkit"
-
-
-def save(model, out: Path, method_config, base_model_name: str) -> str:
-    """Write the trained part of `model` into `out` in its method's format; returns the format's name."""
-    Path(out).mkdir(parents=True, exist_ok=True)
-    fmt = format_of(model)
-    if fmt == "peft":
-        for config in model.peft_config.values():
-            config.base_model_name_or_path = base_model_name  # as the user named it (a Hub id travels)
-        if hasattr(model, "peftkit_initial_lora"):  # PiSSA / OLoRA: moved W0, so convert (methods/lora.py)
-            from peftkit.methods.lora import save_for_original_base
-
-            save_for_original_base(model, out)
-        else:
-            # save_embedding_layers=False: the default "auto" looks the base up on the Hub to see if its
-            # vocabulary changed; peftkit never resizes the vocabulary.
-            model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
-    elif fmt == "full":
-        model.save_pretrained(out, safe_serialization=True)
-    else:
-        save_own(model, out, method_config.name, method_config)
-    return fmt
-
-
-def load(base_model, adapter_dir: Path, context: Context):
-    """`base_model` with the adapter in `adapter_dir` applied, whichever format it was saved in."""
-    import torch
-    from peft import PeftModel
-
-    adapter_dir = Path(adapter_dir)
-    if (adapter_dir / "adapter_config.json").is_file():
-        return PeftModel.from_pretrained(base_model, adapter_dir)
-    if (adapter_dir / OWN_CONFIG).is_file():
-        return load_own(base_model, adapter_dir, context)
-    return type(base_model).from_pretrained(adapter_dir, dtype=torch.float32)  # full fine-tuning: a whole model
-
-
-def load_weights(model, adapter_dir: Path) -> None:
-    """Copy the trained tensors saved in `adapter_dir` into `model`, to which the same method with the same options
-    was just applied (a run starting from a published adapter). Raises ValueError when they do not fit."""
-    from safetensors.torch import load_file
-
-    adapter_dir = Path(adapter_dir)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    if (adapter_dir / "adapter_config.json").is_file():
-        # peft saves names without the adapter name ("...lora_A.weight"); this puts them back under "default"
-        from peft import set_peft_model_state_dict
-        from peft.utils import load_peft_weights
-
-        result = set_peft_model_state_dict(model, load_peft_weights(str(adapter_dir), device="cpu"))
-        missing, unexpected = trainable & set(result.missing_keys), result.unexpected_keys
-    elif (adapter_dir / OWN_CONFIG).is_file():
-        return load_trainable(model, load_file(adapter_dir / OWN_WEIGHTS), adapter_dir)
-    else:  # full fine-tuning: the whole model (tied weights are stored once, so only unexpected names count)
-        tensors = {k: v for f in sorted(adapter_dir.glob("*.safetensors")) for k, v in load_file(f).items()}
-        result = model.load_state_dict(tensors, strict=False)
-        missing, unexpected = set(), result.unexpected_keys
-    if missing or unexpected:
-        raise ValueError(f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
 
 
 # --- peft -----------------------------------------------------------------------------------------------------
@@ -146,9 +117,9 @@ def peft_targets(model, requested, mapping_name: str, context: Context) -> list[
     """Requested target modules checked against the model, or peft's per-architecture default list."""
     from peft.utils import constants
 
-    from peftkit.methods import targets
+    from peftkit.methods.targets import resolve
 
-    return targets.resolve(model, requested, getattr(constants, mapping_name), context.head_modules)
+    return resolve(model, requested, getattr(constants, mapping_name), context.head_modules)
 
 
 # --- peftkit's own format -------------------------------------------------------------------------------------
@@ -188,24 +159,4 @@ def load_trainable(model, tensors: dict, source) -> None:
         )
     model.load_state_dict(tensors, strict=False)
 
-
-def save_own(model, out: Path, method_name: str, config) -> None:
-    from safetensors.torch import save_file
-
-    save_file(trainable_tensors(model), Path(out) / OWN_WEIGHTS, metadata={"format": "pt", "method": method_name})
-    info = {"method": method_name, "config": config.model_dump(mode="json")}
-    (Path(out) / OWN_CONFIG).write_text(json.dumps(info, indent=2), encoding="utf-8")
-
-
-def load_own(base, adapter_dir: Path, context: Context):
-    """A base with a peftkit-format adapter applied and its trained tensors loaded."""
-    from safetensors.torch import load_file
-
-    from peftkit.methods import METHODS
-
-    info = json.loads((Path(adapter_dir) / OWN_CONFIG).read_text())
-    method = METHODS[info["method"]]
-    model = method.apply(base, method.Config.model_validate(info["config"]), context)
-    load_trainable(model, load_file(Path(adapter_dir) / OWN_WEIGHTS), adapter_dir)
-    return model
 

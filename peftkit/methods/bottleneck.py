@@ -17,10 +17,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from peftkit.config import Section
+from peftkit.sections import Section
 from peftkit.errors import UserError
 from peftkit.methods.base import Context, train_only
 
+FORMAT = "peftkit"  # peftkit's own format (peft lacks or breaks this method)
 MERGEABLE = False
 NOT_MERGEABLE_BECAUSE = (
     "a bottleneck adapter has a non-linearity between its two layers, which no weight matrix can absorb. "

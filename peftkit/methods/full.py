@@ -7,9 +7,10 @@ lower than LoRA's (2e-5 .. 5e-5 is the usual range for BERT-sized models).
 
 from typing import Literal
 
-from peftkit.config import Section
+from peftkit.sections import Section
 from peftkit.methods.base import Context, refuse_quantized
 
+FORMAT = "full"  # the whole model, with save_pretrained
 MERGEABLE = False
 NOT_MERGEABLE_BECAUSE = (
     "full fine-tuning trains the weights themselves, so RUN_DIR/adapter already is a standalone model: load it "
@@ -30,5 +31,4 @@ def apply(model, config: Config, context: Context):
                      "trained; remove the quantization section, or use a parameter-efficient method such as lora")  # fmt: skip
     for param in model.parameters():
         param.requires_grad_(True)
-    model.peftkit_full = True  # base.format_of: saved whole, with save_pretrained
     return model

@@ -10,9 +10,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from peftkit.config import Section
+from peftkit.sections import Section
 from peftkit.methods.base import Context, peft_targets, peft_wrap
 
+FORMAT = "peft"  # peft's format: plain `PeftModel.from_pretrained` loads it
 MERGEABLE = True
 
 
@@ -31,7 +32,7 @@ class Config(Section):
 def apply(model, config: Config, context: Context):
     from peft import IA3Config
 
-    from peftkit.methods import targets
+    from peftkit.methods.targets import uses_conv1d
 
     modules = peft_targets(model, config.target_modules, "TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING", context)
     if config.feedforward_modules is None and config.target_modules is not None:
@@ -43,7 +44,7 @@ def apply(model, config: Config, context: Context):
     peft_config = IA3Config(
         target_modules=modules,
         feedforward_modules=[m for m in feedforward if m in modules],
-        fan_in_fan_out=targets.uses_conv1d(model, modules),
+        fan_in_fan_out=uses_conv1d(model, modules),
         modules_to_save=context.head_modules,
     )
     return peft_wrap(model, peft_config, context)

@@ -16,11 +16,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from peftkit.config import Section
+from peftkit.sections import Section
 from peftkit.errors import UserError
-from peftkit.methods import targets
-from peftkit.methods.base import Context, peft_targets, peft_wrap, refuse_quantized
+from peftkit.methods.targets import uses_conv1d
+from peftkit.methods.base import Context, peft_targets, peft_wrap, refuse_quantized, save_peft
 
+INITIAL = "_peftkit_initial_lora"  # the model attribute holding PiSSA / OLoRA's B0 A0 (_keep_initial_adapter)
+FORMAT = "peft"  # peft's format: plain `PeftModel.from_pretrained` loads it
 MERGEABLE = True
 
 
@@ -59,7 +61,7 @@ def apply(model, config: Config, context: Context):
     from peft import LoraConfig
 
     modules = peft_targets(model, config.target_modules, "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING", context)
-    if config.init == "olora" and targets.uses_conv1d(model, modules):
+    if config.init == "olora" and uses_conv1d(model, modules):
         raise UserError(
             "method.init olora: peft's OLoRA initialisation does not handle GPT-2-style Conv1D layers (the adapted "
             "model fails with a shape error); use init: pissa, or the default, on this model"
@@ -79,7 +81,7 @@ def apply(model, config: Config, context: Context):
         lora_dropout=config.dropout,
         target_modules=modules,
         bias=config.bias,
-        fan_in_fan_out=targets.uses_conv1d(model, modules),  # GPT-2 Conv1D stores W transposed
+        fan_in_fan_out=uses_conv1d(model, modules),  # GPT-2 Conv1D stores W transposed
         use_rslora=config.rslora,
         use_dora=config.dora,
         init_lora_weights=init,
@@ -92,11 +94,21 @@ def apply(model, config: Config, context: Context):
 
 
 def _keep_initial_adapter(model, init: str) -> None:
-    """PiSSA / OLoRA subtract their initial B0 A0 from W0; remember B0 A0 (before any step) for the export."""
+    """PiSSA / OLoRA subtract their initial B0 A0 from W0; remember B0 A0 (before any step) for the export. It
+    travels with the model (the export may happen in another function than `apply`), read only by `save`."""
     from peft import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(model, save_embedding_layers=False)  # no Hub lookup
-    model.peftkit_initial_lora = {k: v.detach().clone() for k, v in state.items() if ".lora_" in k}
+    setattr(model, INITIAL, {k: v.detach().clone() for k, v in state.items() if ".lora_" in k})
+
+
+def save(model, out: Path) -> None:
+    """The `save` hook (methods/base.py): a PiSSA / OLoRA adapter is converted for the original base; any other
+    LoRA is saved as peft saves it."""
+    if hasattr(model, INITIAL):
+        save_for_original_base(model, out)
+    else:
+        save_peft(model, out)
 
 
 def save_for_original_base(model, out: Path) -> None:
@@ -112,7 +124,7 @@ def save_for_original_base(model, out: Path) -> None:
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    initial = model.peftkit_initial_lora
+    initial = getattr(model, INITIAL)
     state = {}
     for key, value in get_peft_model_state_dict(model, save_embedding_layers=False).items():
         if ".lora_A." in key:

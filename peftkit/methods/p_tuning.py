@@ -9,9 +9,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from peftkit.config import Section
-from peftkit.methods.base import Context, pad_left_if_last_token_pooled, peft_wrap, refuse_per_token_tasks
+from peftkit.sections import Section
+from peftkit.methods.base import Context, left_if_last_token_pooled, peft_wrap, refuse_per_token_tasks
 
+FORMAT = "peft"  # peft's format: plain `PeftModel.from_pretrained` loads it
 MERGEABLE = False
 NOT_MERGEABLE_BECAUSE = (
     "p-tuning adds virtual input tokens, which no weight of the base model can absorb. Serve the base with the "
@@ -35,5 +36,7 @@ def apply(model, config: Config, context: Context):
         encoder_reparameterization_type=config.encoder.upper(),
         encoder_hidden_size=config.encoder_hidden_size or model.config.hidden_size,
     )
-    pad_left_if_last_token_pooled(model, context)
     return peft_wrap(model, peft_config, context)
+
+
+padding_side = left_if_last_token_pooled  # the hook (methods/base.py OPTIONAL)

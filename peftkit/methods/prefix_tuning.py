@@ -20,9 +20,10 @@ from typing import Literal
 
 from pydantic import Field
 
-from peftkit.config import Section
+from peftkit.sections import Section
 from peftkit.methods.base import Context, train_only
 
+FORMAT = "peftkit"  # peftkit's own format (peft lacks or breaks this method)
 MERGEABLE = False
 NOT_MERGEABLE_BECAUSE = (
     "prefix tuning adds learned key/value vectors to every attention layer, which cannot be folded into the "

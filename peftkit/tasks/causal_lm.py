@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from peftkit.config import Section
+from peftkit.sections import Section
 
 COLUMNS = {"text": False, "prompt": False, "response": False}  # text, or prompt + response (checked below)
 LABEL_ROLE = None

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from peftkit.config import Section
+from peftkit.sections import Section
 from peftkit.tasks.common import load_labelled_model
 
 COLUMNS = {"text": True, "text_pair": False, "label": True}

@@ -1,4 +1,42 @@
-"""What several tasks share."""
+"""What every task module defines (`Task`), and what several tasks share."""
+
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Task(Protocol):
+    """A task module (tasks/__init__.py registers it; tests/test_contracts.py checks each one). Heavy imports
+    stay inside its functions, so `peftkit validate` starts without torch."""
+
+    Config: ClassVar[type]  # its recipe section (a Section): `type: Literal[...]` plus its own options
+    COLUMNS: ClassVar[dict[str, bool]]  # roles it reads from the data -> required?; data.columns maps them
+    LABEL_ROLE: ClassVar[str | None]  # the column `data.labels` applies to (None: the task has no label set)
+    LABELS_PER_TOKEN: ClassVar[bool]  # that column holds a list, one label per token (else one per row)
+    SPLIT_BY: ClassVar[str | None]  # a column whose rows must stay in one split when splits are cut
+    METRICS: ClassVar[tuple[str, ...]]  # what compute_metrics returns; eval.metric_for_best is one of them
+    PEFT_TASK_TYPE: ClassVar[Literal["SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM"]]  # so plain peft loads it
+    AUTO_CLASS: ClassVar[str]  # the transformers Auto class with this task's head (model cards, `peftkit init`)
+    PIPELINE_TAG: ClassVar[str]  # the Hub's name for the task (model cards)
+    HEAD_MODULES: ClassVar[tuple[str, ...]]  # names the head may have: the ones present train in full, saved
+
+    def load_model(self, path: str, labels: list[str] | None, tokenizer: Any, **kwargs: Any) -> Any:
+        """The pretrained model with this task's head (a fresh one over `labels`)."""
+
+    def preprocess(self, splits: Any, tokenizer: Any, config: Any) -> Any:
+        """The splits (a DatasetDict) tokenized into model inputs and targets."""
+
+    def collator(self, tokenizer: Any) -> Any:
+        """Pads a list of encoded rows into a batch."""
+
+    def eval_outputs(self, outputs: Any, batch: dict) -> tuple[Any, Any]:
+        """(predictions, references) of one batch, as tensors to gather across processes."""
+
+    def compute_metrics(self, predictions: list, references: list, labels: list[str] | None, config: Any,
+                        features: Any = None) -> dict:  # fmt: skip
+        """The task's METRICS over a whole split."""
+
+    def predict(self, model: Any, tokenizer: Any, texts: list[str], config: Any) -> list[dict]:
+        """`peftkit predict`: one result row per input text."""
 
 
 def load_labelled_model(auto_class: str, path: str, labels: list[str], tokenizer, **kwargs):
@@ -12,7 +50,7 @@ def load_labelled_model(auto_class: str, path: str, labels: list[str], tokenizer
         label2id={name: i for i, name in enumerate(labels)},
         **kwargs,
     )
-    # Decoder models (GPT-2, Llama) need the pad id on the config, not only on the tokenizer (ASSETS.md pitfall).
+    # Decoder models (GPT-2, Llama) need the pad id on the config, not only on the tokenizer (their tokenizers have none, and the model reads it from the config).
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model

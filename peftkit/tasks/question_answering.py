@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from peftkit.config import Section
+from peftkit.sections import Section
 from peftkit.data import ROW
 from peftkit.errors import UserError
 

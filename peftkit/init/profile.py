@@ -36,7 +36,7 @@ def read_data(source: str, encoding: str | None):
     exactly as `peftkit run` will. A text file of `token tag` lines with an extension data.py does not know
     (e.g. WNUT's ner.txt) is recognised as CoNLL."""
     from peftkit import data
-    from peftkit.recipe import DataSection
+    from peftkit.sections import DataSection
 
     path = assets.resolve_file(source)
     fmt = None

@@ -2,7 +2,7 @@
 a report — JSON, a Markdown table and PNG plots — with the machine it ran on.
 
     variants -> one `peftkit run` each, in its own process (its memory peaks are its own)
-             -> the numbers each run wrote in metrics.json (measured in peftkit/bench.py, the one place)
+             -> the numbers each run wrote in metrics.json (measured in peftkit/measure.py, the one place)
              -> + model FLOPs utilisation against this machine's measured matmul peak -> report/
 
 A variant that cannot run (e.g. a method refused on a 4-bit base) is reported with its error; the others go on.
@@ -166,10 +166,10 @@ def measure_peaks() -> dict:
     measures before and after its runs and keeps the higher: one reading right after start-up came out 40% low."""
     import torch
 
-    from peftkit import bench
+    from peftkit import measure
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return {p: bench.matmul_peak_tflops(p, device) for p in ("fp32", "bf16")}
+    return {p: measure.matmul_peak_tflops(p, device) for p in ("fp32", "bf16")}
 
 
 def write_report(report: Path, rows: list[dict], about: dict, peaks: dict, steps: int) -> None:

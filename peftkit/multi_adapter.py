@@ -55,8 +55,8 @@ class Source:
 
 def read(refs, hub_dir=None) -> list[Source]:
     """The runs named by `refs` (folders or user/name[@revision]), with unique adapter names."""
-    from peftkit.hub import resolve_run
-    from peftkit.run import finished_adapter
+    from peftkit.sharing.hub import resolve_run
+    from peftkit.run_folder import finished_adapter
 
     sources, seen = [], set()
     for ref in refs:
@@ -113,7 +113,7 @@ def _load_onto_one_base(sources: list[Source], device, recipe=None):
     """One base (the first run's, or `recipe`'s), every source's adapter on it under its own name."""
     from peft import PeftModel
 
-    from peftkit.run import load_base
+    from peftkit.loading import load_base
     from peftkit.tasks import TASKS
 
     first = sources[0]
@@ -313,7 +313,7 @@ def combine(refs, weights: list[float], how: str, out: Path | None = None, densi
         del model
         # scored like `peftkit eval` scores it (the recipe's base, quantised if the runs' was), so the combination
         # is judged next to its sources and can be pushed with its results
-        from peftkit.run import evaluate_run
+        from peftkit.loading import evaluate_run
 
         atomic.write_text(folder / "metrics.json", json.dumps(evaluate_run(folder), indent=2))
     log.info("combined %d adapters (%s) into %s", len(sources), how, out)

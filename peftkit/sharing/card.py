@@ -7,6 +7,9 @@ import re
 from pathlib import Path
 
 from peftkit.errors import UserError
+from peftkit.recipe import Recipe
+from peftkit.run_folder import LOG, METRICS, TENSORBOARD
+from peftkit.tasks import TASKS
 
 LIBRARY = {"peft": "peft", "full": "transformers", "peftkit": "peftkit"}  # adapter format -> what loads it
 
@@ -14,16 +17,11 @@ LIBRARY = {"peft": "peft", "full": "transformers", "peftkit": "peftkit"}  # adap
 # --- the model card -------------------------------------------------------------------------------------------
 
 
-def model_card(run_dir: Path, repo_id: str, plot: bool = True):
-    """huggingface_hub's ModelCard: metadata the Hub indexes, then what was trained, how, and how well."""
+def model_card(recipe: Recipe, info: dict, metrics: dict, recipe_text: str, repo_id: str, plot: bool = True):
+    """huggingface_hub's ModelCard: metadata the Hub indexes, then what was trained, how, and how well. From a
+    finished run: its recipe, its adapter's peftkit.json (`info`), its metrics.json and its recipe.yaml's text."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    from peftkit.hub import finished_run
-    from peftkit.tasks import TASKS
-
-    run_dir = Path(run_dir)
-    _, recipe, info = finished_run(run_dir)
-    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
     task, method, base_model = info["task"], info["method"], info["base_model"]
     pipeline, auto_class = TASKS[task].PIPELINE_TAG, TASKS[task].AUTO_CLASS
     splits = [s for s in recipe.eval.splits if isinstance(metrics.get(s), dict)]
@@ -52,7 +50,7 @@ def model_card(run_dir: Path, repo_id: str, plot: bool = True):
     lines += ["## Training", "", f"- data: `{recipe.data.source}`", *_training_facts(metrics), ""]
     if plot:
         lines += ["![training curve](training_curve.png)", ""]
-    lines += ["## Recipe", "", "```yaml", (run_dir / "recipe.yaml").read_text(encoding="utf-8").rstrip(), "```", ""]
+    lines += ["## Recipe", "", "```yaml", recipe_text.rstrip(), "```", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
@@ -137,7 +135,7 @@ def training_curve(run_dir: Path, out: Path, metric: str) -> bool:
     except ImportError:
         return False
     run_dir = Path(run_dir)
-    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    metrics = json.loads((run_dir / METRICS).read_text(encoding="utf-8"))
     history = metrics.get("train", {}).get("history", [])
     losses = train_losses(run_dir)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -158,7 +156,7 @@ def training_curve(run_dir: Path, out: Path, metric: str) -> bool:
 def train_losses(run_dir: Path) -> list[tuple[int, float]]:
     """(step, loss) from the run's TensorBoard scalars; runs made before TensorBoard logging (or without the
     package) have them only in train.log, where the training loop writes 'step N  loss X' every log interval."""
-    events = Path(run_dir) / "tensorboard"
+    events = Path(run_dir) / TENSORBOARD
     if events.is_dir():
         try:
             from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -169,7 +167,7 @@ def train_losses(run_dir: Path) -> list[tuple[int, float]]:
             acc.Reload()
             if "train/loss" in acc.Tags().get("scalars", []):
                 return [(e.step, e.value) for e in acc.Scalars("train/loss")]
-    logged = Path(run_dir) / "train.log"
+    logged = Path(run_dir) / LOG
     if not logged.is_file():
         return []
     found = re.findall(r" step (\d+)\s+loss ([0-9.eE+-]+|nan|inf)", logged.read_text(encoding="utf-8"))

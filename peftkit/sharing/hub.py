@@ -17,14 +17,17 @@ first, then the local hub (--hub-dir or PEFTKIT_HUB_DIR), then the Hugging Face 
 The Hub token is huggingface_hub's own (HF_TOKEN, or `hf auth login`): peftkit never reads, prints or stores it.
 """
 
+import json
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from peftkit import atomic, card
+from peftkit import atomic
+from peftkit.sharing import card
 from peftkit.errors import UserError, did_you_mean
+from peftkit.run_folder import METRICS, RECIPE, adapter_folder, finished_adapter, finished_run
 
 log = logging.getLogger("peftkit")
 
@@ -48,15 +51,6 @@ def parse_ref(ref: str) -> tuple[str, str]:
     if "/" not in repo_id:
         raise UserError(f"'{repo_id}' has no namespace; use user/name (your user or organisation name first)")
     return repo_id, revision or DEFAULT_REVISION
-
-
-def adapter_folder(folder: Path) -> Path | None:
-    """Where the adapter of a run folder (adapter/) or of a pushed/pulled repo (the root) lies; None if neither."""
-    folder = Path(folder)
-    for candidate in (folder / "adapter", folder):
-        if (candidate / "peftkit.json").is_file() and (folder / "recipe.yaml").is_file():
-            return candidate
-    return None
 
 
 def resolve_run(ref, hub_dir: Path | str | None = None) -> Path:
@@ -106,33 +100,25 @@ def _download(repo_id: str, revision: str, searched: str) -> Path:
 # --- the folder a push uploads --------------------------------------------------------------------------------
 
 
-def finished_run(run_dir: Path):
-    """The adapter folder of a finished run (or of a pulled repo, to push it again) that has the metrics the
-    model card shows, as run.finished_adapter gives it (adapter folder, recipe, peftkit.json); or a clear error."""
-    from peftkit.run import finished_adapter
-
-    found = finished_adapter(run_dir)
-    if (Path(run_dir) / "metrics.json").is_file():
-        return found
-    raise UserError(f"{run_dir} has no metrics.json, which the model card is made from; push the folder "
-                    "`peftkit run` printed")  # fmt: skip
-
-
 def build_folder(run_dir: Path, out: Path, repo_id: str) -> list[str]:
     """Write the repo's files into `out`; returns notes for the user (e.g. a plot skipped)."""
     run_dir, out = Path(run_dir), Path(out)
-    adapter, recipe, _ = finished_run(run_dir)
+    adapter, recipe, info = finished_run(run_dir)
     for item in adapter.iterdir():  # the adapter's own README.md (peft's empty card) is replaced below
         if item.is_file() and item.name != "README.md":
             shutil.copy2(item, out / item.name)
-    for name in ("recipe.yaml", "metrics.json"):
+    for name in (RECIPE, METRICS):
         shutil.copy2(run_dir / name, out / name)
     notes = []
     if (run_dir / "combine.json").is_file():  # `peftkit combine`: no training, so no curve
         notes.append("training_curve.png skipped: a combination of adapters has no training of its own")
     elif not card.training_curve(run_dir, out / "training_curve.png", recipe.eval.metric_for_best):
         notes.append("training_curve.png skipped: matplotlib is not installed (pip install 'peftkit[bench]')")
-    card.model_card(run_dir, repo_id, plot=(out / "training_curve.png").is_file()).save(out / "README.md")
+    metrics = json.loads((run_dir / METRICS).read_text(encoding="utf-8"))
+    recipe_text = (run_dir / RECIPE).read_text(encoding="utf-8")
+    card.model_card(recipe, info, metrics, recipe_text, repo_id, plot=(out / "training_curve.png").is_file()).save(
+        out / "README.md"
+    )
     return notes
 
 
@@ -236,8 +222,6 @@ def _http_error(err, repo_id: str) -> UserError:
 
 def starting_adapter(recipe, labels) -> Path:
     """The adapter folder `model.adapter` names, checked against the recipe (before any model is loaded)."""
-    from peftkit.run import finished_adapter
-
     ref = recipe.model.adapter
     folder = resolve_run(ref)
     try:
@@ -271,10 +255,10 @@ def starting_adapter(recipe, labels) -> Path:
 
 def load_start(model, adapter: Path, ref: str) -> None:
     """Copy the checked adapter's trained tensors into `model` (the recipe's method just applied)."""
-    from peftkit.methods import base
+    from peftkit.methods import storage
 
     try:
-        base.load_weights(model, adapter)
+        storage.load_weights(model, adapter)
     except (ValueError, RuntimeError) as err:
         raise UserError(f"model.adapter: {ref} does not fit this model: {err}") from None
     log.info("model.adapter: starting from the trained adapter %s", ref)

@@ -1,7 +1,7 @@
 """`peftkit sweep RECIPE method.r=4,8,16 train.lr=1e-4,3e-4`: run every combination of the values given, then
 table the results (metric, time, memory, trainable share) and write the best run's recipe.
 
-    grid -> one full `peftkit run` per combination, each in its own process (benchmark.run_apart)
+    grid -> one full `peftkit run` per combination, each in its own process (bench.run_apart)
          -> results.json, results.md, best.yaml (the winner's fully resolved recipe) in the sweep folder
 
 The best run is chosen on validation (eval.metric_for_best), never on test: test stays the held-out estimate.
@@ -62,14 +62,14 @@ def name_of(overrides: list[str]) -> str:
 
 
 def run_all(recipe: Path, runs: list[list[str]], folder: Path, on_start=None) -> list[dict]:
-    from peftkit import benchmark
+    from peftkit.experiments import bench
 
     rows = []
     for overrides in runs:
         name = name_of(overrides)
         if on_start:
             on_start(name)
-        outcome = benchmark.run_apart(recipe, overrides, folder / "runs" / name)
+        outcome = bench.run_apart(recipe, overrides, folder / "runs" / name)
         if isinstance(outcome, str):
             rows.append({"run": name, "overrides": overrides, "error": outcome})
             continue
@@ -83,7 +83,7 @@ def run_all(recipe: Path, runs: list[list[str]], folder: Path, on_start=None) ->
             "selection": metrics[chosen][resolved["eval"]["metric_for_best"]],
             "test": metrics.get("test", {}).get(resolved["eval"]["metric_for_best"]),
             "train_seconds": metrics["train"]["seconds"],
-            "peak_memory_mib": benchmark.peak_mib(metrics["memory"]["train_peak"]),
+            "peak_memory_mib": bench.peak_mib(metrics["memory"]["train_peak"]),
             "trainable_share": metrics["trainable_share"],
         })  # fmt: skip
     return rows

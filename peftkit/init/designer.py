@@ -1,6 +1,6 @@
 """`peftkit init`: design a commented recipe from a data file and a model.
 
-    read the data (data_profile.py, through data.py's readers) -> column roles and task -> label set and counts
+    read the data (init/profile.py, through data.py's readers) -> column roles and task -> label set and counts
     -> the model's config, built on the meta device (no weights): size, layers, positions
     -> tokenize a sample: length distribution -> max_length
     -> method, precision, batch, learning rate for the model's size and this machine
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftkit import assets
-from peftkit.data_profile import assign_roles, blank, label_set, profile, read_data
+from peftkit.init.profile import assign_roles, blank, label_set, profile, read_data
 from peftkit.errors import UserError
 
 log = logging.getLogger("peftkit")
@@ -278,7 +278,7 @@ def _train_section(d: Design, task: str, facts: ModelFacts, m: dict, packing: bo
                    has_validation: bool) -> None:  # fmt: skip
     """train: a batch that fits the model's size and max_length, a rate for LoRA at that size, epochs that give
     about TARGET_STEPS optimizer steps."""
-    from peftkit.recipe import SplitSection, TrainSection
+    from peftkit.sections import SplitSection, TrainSection
 
     small = facts.params < 3e8
     budget = 8192 if small else 4096 if facts.params < 3e9 else 2048  # tokens per forward pass

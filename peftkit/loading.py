@@ -1,0 +1,115 @@
+"""Loading models: the recipe's base (quantised if it asks, with the task's head), the method's context, and a
+finished run's adapter on its base, for predicting, evaluating, merging and pushing.
+
+Used by the pipeline (run.py) and by every command that works on a finished run (export, multi_adapter, cli).
+"""
+
+import logging
+from pathlib import Path
+
+from peftkit import assets, data, train
+from peftkit.errors import UserError
+from peftkit.methods import METHODS, storage
+from peftkit.methods.base import Context, optional
+from peftkit.recipe import Recipe
+from peftkit.run_folder import finished_adapter
+from peftkit.tasks import TASKS
+
+log = logging.getLogger("peftkit")
+
+
+def method_context(recipe: Recipe, task, model, total_steps: int = 1000) -> Context:
+    return Context(
+        head_modules=[name for name in task.HEAD_MODULES if hasattr(model, name)],
+        peft_task_type=task.PEFT_TASK_TYPE,
+        total_steps=total_steps,
+        model_path=getattr(model, "name_or_path", None),  # where the base was loaded from
+    )
+
+
+def load_base(recipe: Recipe, task, labels, device, precision: str = "no", dequantize: bool = False,
+              inference: bool = False):
+    """(tokenizer, model) for the recipe's base model, quantised if the recipe asks, head freshly initialised.
+    `dequantize`: load the quantised weights, then turn them back into full-precision layers (for merging).
+    `inference`: the model will only predict, so a 4-bit base may take bitsandbytes' inference-only CPU
+    layout (quant.cpu_layout); False (the default) for training and for whatever must compute as training did."""
+    from transformers import AutoTokenizer
+
+    from peftkit import quant  # light: bitsandbytes is imported only when a recipe quantises
+
+    ref = assets.resolve_model(recipe.model.name)
+    common = {"revision": recipe.model.revision, "trust_remote_code": recipe.model.trust_remote_code}
+    if recipe.model.trust_remote_code:
+        log.warning("model.trust_remote_code is on: code from %s will run on this machine", recipe.model.name)
+    attn = recipe.model.attn_implementation
+    if attn == "auto":
+        # Measured (benchmarks/RESULTS.md): under bf16 autocast on CPU, SDPA's flash-attention backward is ~2.5x
+        # slower than eager attention; in fp32 on CPU and on GPUs SDPA is as fast or faster.
+        attn = "eager" if device.type == "cpu" and precision == "bf16" else "sdpa"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref, **common)
+        if tokenizer.pad_token is None:  # GPT-2 / Llama tokenizers have none; padding reuses end-of-sequence
+            tokenizer.pad_token = tokenizer.eos_token
+        kwargs = {**common, "attn_implementation": attn, "dtype": base_dtype(recipe, precision)}
+        if recipe.quantization:
+            kwargs.update(quant.load_kwargs(recipe.quantization, list(task.HEAD_MODULES), device, precision))
+        model = task.load_model(ref, labels, tokenizer, **kwargs)
+    except OSError as err:
+        raise assets.hub_error("model.name", recipe.model.name, err) from None
+    if recipe.quantization:
+        model = quant.dequantize(model) if dequantize else quant.prepare(model, inference)
+    return tokenizer, model
+
+
+def base_dtype(recipe: Recipe, precision: str):
+    """fp32, or bf16 for a frozen base the method leaves untouched in a bf16 run (model.dtype auto). Under autocast
+    every matmul runs in bf16 anyway, so an fp32 base only doubles the base's memory, and is cast again at every
+    use (autocast caches its casts of trainable weights only). Not fp16: its range is too small for the residual
+    stream of models pretrained in bf16, which fp16 autocast keeps in fp32. A quantised base keeps fp32 for the
+    layers that are not quantised, as peft's k-bit preparation wants them."""
+    import torch
+
+    method = METHODS[recipe.method.name]
+    if (recipe.model.dtype == "fp32" or precision != "bf16" or recipe.quantization
+            or optional(method, "rewrites_base")(recipe.method)):  # fmt: skip
+        return torch.float32
+    return torch.bfloat16
+
+
+def load_trained(run_dir: Path, device=None, dequantize: bool = False, recipe: Recipe | None = None,
+                 inference: bool = True):
+    """(recipe, task, tokenizer, model with its adapter, labels) of a finished run, ready for inference.
+    `dequantize`: a quantised base is turned back into full precision first; `recipe` replaces the run's own
+    (e.g. without its quantization section, for the adapter on the original full-precision base); `inference`
+    False: computing exactly as training did (load_base)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    adapter_dir, own_recipe, info = finished_adapter(run_dir)
+    recipe = recipe or own_recipe
+    task, labels = TASKS[recipe.task.type], info["labels"]
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    _, model = load_base(recipe, task, labels, device, dequantize=dequantize, inference=inference)
+    model = storage.load(model, adapter_dir, method_context(recipe, task, model))
+    return recipe, task, tokenizer, model.to(device).eval(), labels
+
+
+def evaluate_run(run_dir: Path, splits: list[str] | None = None) -> dict:
+    """{split: metrics} of a finished run's adapter on its recipe's data (`splits`: default eval.splits), computed
+    as in training (no inference-only 4-bit layout), so that they compare with the run's own metrics.json."""
+    recipe, task, tokenizer, model, labels = load_trained(run_dir, inference=False)
+    data_splits, _ = data.load(recipe.data, task)
+    splits = splits or recipe.eval.splits
+    if not splits:  # eval.splits: [] scores nothing
+        return {}
+    missing = [s for s in splits if s not in data_splits]
+    if missing:
+        raise UserError(f"--split {', '.join(missing)}: the data has only {', '.join(data_splits)}")
+    from datasets import DatasetDict
+
+    encoded = task.preprocess(DatasetDict({s: data_splits[s] for s in splits}), tokenizer, recipe.task)  # scored only
+    accelerator = train.make_accelerator(recipe.train.precision, 1)
+    model = accelerator.prepare(model)
+    return {split: train.evaluate(model, train.eval_loader(encoded[split], task.collator(tokenizer), recipe, accelerator),
+                                  task, labels, accelerator, recipe.task) for split in splits}  # fmt: skip

@@ -1,0 +1,1 @@
+"""`peftkit init`: a commented recipe designed from a data file and a model."""

@@ -9,6 +9,8 @@ UserError naming the rows and the recipe key that fixes it.
 from __future__ import annotations
 
 import logging
+import math
+import re
 from collections import Counter
 from typing import TYPE_CHECKING
 
@@ -283,6 +285,38 @@ def label_names(splits, role: str, per_token: bool = False):
     return splits.map(lambda b: {role: [to_str(v) for v in b[role]]}, batched=True)
 
 
+_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+
+
+def _number(name) -> int | float | None:
+    """The label's value when it is a number (int, float, or a string spelling one, such as "10" or "-0.5")."""
+    if isinstance(name, bool):
+        return None
+    if isinstance(name, (int, float)):
+        return name if math.isfinite(name) else None
+    if isinstance(name, str) and _NUMBER.fullmatch(name):
+        return float(name) if "." in name else int(name)
+    return None
+
+
+def label_order(names) -> list:
+    """The id order of a label set read from the data (data.labels not given), for `peftkit run` (data.load) and
+    `peftkit init` (data_profile.label_set, which writes it into the recipe as data.labels) alike:
+
+    - every name a number (ints or floats, or strings spelling them: "-1", "2", "10", "0.5"): by value, 1, 2, 10.
+      Numeric strings sort as numbers because data.load sees every label as a string: a csv column of ints and a
+      json column of the same numbers written as strings must get the same ids;
+    - otherwise as strings, with the tagging outside tag "O" first (id 0): "O", "B-LOC", "B-PER", "I-LOC", ...
+      A set mixing numbers and words ("1", "10", "2", "other") sorts as strings.
+
+    Ties ("1" and "01") keep string order. The names come back as given (ints stay ints). Each trained adapter
+    stores its own label list (peftkit.json "labels"), so a change to this order only affects new runs."""
+    values = [_number(name) for name in names]
+    if values and all(v is not None for v in values):
+        return sorted(names, key=lambda name: (_number(name), str(name)))
+    return sorted(names, key=lambda name: (str(name) != "O", str(name)))
+
+
 def _encode_labels(splits, cfg: DataSection, role: str, per_token: bool = False):
     """Map labels (one per row, or one per token when `per_token`) to ids in the label set's order."""
     from datasets import ClassLabel, List
@@ -300,7 +334,7 @@ def _encode_labels(splits, cfg: DataSection, role: str, per_token: bool = False)
         to_name = {n: n for n in names}
     else:
         found = {str(x) for split in splits.values() for v in split[role] if v is not None for x in items(v)}
-        names = sorted(found, key=lambda n: (n != "O", n))  # tagging: the outside tag "O" gets id 0
+        names = label_order(found)
         to_name = {n: n for n in names}
         log.info("labels read from the data: %s", ", ".join(names))
 

@@ -242,7 +242,4 @@ def label_set(splits, role: str, per_token: bool) -> tuple[list, Counter, int]:
                 missing += 1
                 continue
             counts.update(value if per_token else [value])
-    if per_token:  # as data.py orders a tag set read from the data: "O" first, then sorted
-        return sorted(counts, key=lambda n: (str(n) != "O", str(n))), counts, missing
-    numeric = all(isinstance(v, int) and not isinstance(v, bool) for v in counts)
-    return sorted(counts, key=(lambda v: v) if numeric else str), counts, missing
+    return data.label_order(counts), counts, missing  # the order `peftkit run` gives the same set

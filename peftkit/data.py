@@ -29,8 +29,10 @@ _SPLIT_ALIASES = {"valid": "validation", "dev": "validation", "val": "validation
 ROW = "source_row"  # 1-based row of the source split (a csv's data rows after its header; a conll's sentences)
 
 
-def load(cfg: DataSection, task):
-    """(DatasetDict with train/validation/test, label names or None)."""
+def load(cfg: DataSection, task, order: list[str] | None = None):
+    """(DatasetDict with train/validation/test, label names or None). `order`: a trained run's labels (its
+    peftkit.json), so its data is encoded with the ids the run was trained with, whatever order this version
+    would give a label set read from the data."""
     splits = read_source(cfg)
     splits = _select_columns(splits, cfg, task.COLUMNS)
     per_token = task.LABELS_PER_TOKEN
@@ -38,7 +40,7 @@ def load(cfg: DataSection, task):
     splits = splits.__class__({k: v.add_column(ROW, list(range(1, len(v) + 1))) for k, v in splits.items()})
     labels = None
     if task.LABEL_ROLE:
-        splits, labels = _encode_labels(splits, cfg, task.LABEL_ROLE, per_token)
+        splits, labels = _encode_labels(splits, cfg, task.LABEL_ROLE, per_token, order)
     splits = _check_text(splits, cfg.empty_texts)
     for name, split in splits.items():
         if len(split) == 0:
@@ -317,8 +319,9 @@ def label_order(names) -> list:
     return sorted(names, key=lambda name: (str(name) != "O", str(name)))
 
 
-def _encode_labels(splits, cfg: DataSection, role: str, per_token: bool = False):
-    """Map labels (one per row, or one per token when `per_token`) to ids in the label set's order."""
+def _encode_labels(splits, cfg: DataSection, role: str, per_token: bool = False, order: list[str] | None = None):
+    """Map labels (one per row, or one per token when `per_token`) to ids in the label set's order (`order`, a
+    trained run's, when given; labels outside it are unknown labels)."""
     from datasets import ClassLabel, List
 
     def items(value):  # the labels one row carries
@@ -336,7 +339,11 @@ def _encode_labels(splits, cfg: DataSection, role: str, per_token: bool = False)
         found = {str(x) for split in splits.values() for v in split[role] if v is not None for x in items(v)}
         names = label_order(found)
         to_name = {n: n for n in names}
-        log.info("labels read from the data: %s", ", ".join(names))
+        if order is None:
+            log.info("labels read from the data: %s", ", ".join(names))
+    if order is not None:
+        names = list(order)
+        to_name = {raw: name for raw, name in to_name.items() if name in names}
 
     unknown, bad_rows = Counter(), []
     for split in splits.values():

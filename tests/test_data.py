@@ -194,3 +194,14 @@ def test_numeric_labels_get_numeric_ids_in_run_and_init_alike(tmp_path, written)
     names, counts, missing = data_profile.label_set(profiled, "sentiment", per_token=False)
     assert [str(n) for n in names] == labels and missing == 0 and sum(counts.values()) == 90
 
+
+def test_a_trained_runs_order_is_kept(tmp_path):
+    """`peftkit eval` passes the run's stored labels: data read with another order is encoded with the run's ids."""
+    rows = [{"review": f"review number {i}", "sentiment": (1, 2, 10)[i % 3]} for i in range(90)]
+    path = write_csv(tmp_path / "stars.csv", rows)
+    splits, labels = data.load(DataSection(source=str(path), columns={"text": "review", "label": "sentiment"}), TASK,
+                               order=["1", "10", "2"])  # fmt: skip
+    assert labels == ["1", "10", "2"]
+    for split in splits.values():
+        for text, label in zip(split["text"], split["label"]):
+            assert labels[label] == str((1, 2, 10)[int(text.split()[-1]) % 3])

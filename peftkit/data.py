@@ -228,13 +228,15 @@ def _select_columns(splits, cfg: DataSection, roles: dict[str, bool]):
     return splits.rename_columns({c: r for c, r in mapping.items() if c != r})
 
 
+def blank(value) -> bool:
+    """An empty or missing text (None, or only whitespace)."""
+    return value is None or not str(value).strip()
+
+
 def _check_text(splits, empty_texts: str):
     """Empty or missing texts fail with their row numbers, or are dropped and counted (data.empty_texts)."""
     columns = [c for c in ("text", "text_pair", "question", "context", "prompt", "response")
                if c in splits["train"].column_names]  # fmt: skip
-
-    def blank(value) -> bool:
-        return value is None or not str(value).strip()
 
     for name, split in splits.items():
         if "tokens" in split.column_names:

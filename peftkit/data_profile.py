@@ -225,11 +225,6 @@ def _text_column(columns, values, given, taken: set[str]) -> tuple[str, str]:
     return longest.name, f"the longest text column, mean {longest.mean_chars:.0f} characters"
 
 
-def blank(value) -> bool:
-    """An empty or missing text."""
-    return value is None or not str(value).strip()
-
-
 def label_set(splits, role: str, per_token: bool) -> tuple[list, Counter, int]:
     """(labels in id order, count of each, rows without a label), over every row of every split."""
     from peftkit import data

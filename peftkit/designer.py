@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftkit import assets
-from peftkit.data_profile import assign_roles, blank, label_set, profile, read_data
+from peftkit.data import blank
+from peftkit.data_profile import assign_roles, label_set, profile, read_data
 from peftkit.errors import UserError
 
 log = logging.getLogger("peftkit")

@@ -41,7 +41,7 @@ def load(cfg: DataSection, task, order: list[str] | None = None):
     labels = None
     if task.LABEL_ROLE:
         splits, labels = _encode_labels(splits, cfg, task.LABEL_ROLE, per_token, order)
-    splits = _check_text(splits, cfg.empty_texts)
+    splits = _check_text(splits, cfg.empty_texts, task.TEXT_ROLES)
     for name, split in splits.items():
         if len(split) == 0:
             raise UserError(f"data: no rows of the source's {name} split are left after leaving out the rows logged "
@@ -233,10 +233,10 @@ def blank(value) -> bool:
     return value is None or not str(value).strip()
 
 
-def _check_text(splits, empty_texts: str):
-    """Empty or missing texts fail with their row numbers, or are dropped and counted (data.empty_texts)."""
-    columns = [c for c in ("text", "text_pair", "question", "context", "prompt", "response")
-               if c in splits["train"].column_names]  # fmt: skip
+def _check_text(splits, empty_texts: str, roles):
+    """Empty or missing texts in the task's text `roles` (its TEXT_ROLES) fail with their row numbers, or are
+    dropped and counted (data.empty_texts)."""
+    columns = [c for c in roles if c in splits["train"].column_names]
 
     for name, split in splits.items():
         if "tokens" in split.column_names:

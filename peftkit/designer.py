@@ -235,7 +235,7 @@ def _data_section(d: Design, source, splits, fmt, encoding, module, cols, roles,
                   f"reward ignoring '{rare}'")  # fmt: skip
         d.summary.append(f"{len(labels)} labels: " + ", ".join(f"{v} ({counts[v]:,})" for v in labels[:12])
                          + (" ..." if len(labels) > 12 else ""))  # fmt: skip
-    text_roles = [r for r in ("text", "text_pair", "question", "context", "prompt", "response") if r in roles]
+    text_roles = [r for r in module.TEXT_ROLES if r in roles]
     empty = sum(1 for s in splits.values() for r in text_roles for v in s[roles[r]] if blank(v))
     if empty:
         d.set("data", "empty_texts", "drop", f"{empty:,} row(s) have an empty text")

@@ -68,6 +68,13 @@ def test_missing_column_names_the_fix(sentiment_csv):
         load(source=str(sentiment_csv), columns={"txt": "review"})
 
 
+def test_each_tasks_text_roles_are_among_its_columns():
+    """data.load's empty-text check reads the task's TEXT_ROLES, so a role missing from COLUMNS is never checked."""
+    for name, task in TASKS.items():
+        assert set(task.TEXT_ROLES) <= set(task.COLUMNS), name
+        assert task.LABEL_ROLE not in task.TEXT_ROLES, name
+
+
 def test_empty_text_names_the_source_row(tmp_path):
     rows = sentiment_rows(40)
     rows[12]["review"] = "  "

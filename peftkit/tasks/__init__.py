@@ -3,6 +3,7 @@
 A task module defines, with heavy imports kept inside its functions:
   Config            its recipe section (`type: Literal[...]` plus its own options)
   COLUMNS           roles it reads from the data (role -> required?); data.columns maps roles to source columns
+  TEXT_ROLES        those of COLUMNS that hold text: an empty one fails or is dropped (data.empty_texts)
   LABEL_ROLE        the column that `data.labels` applies to (None when the task has no label set)
   LABELS_PER_TOKEN  whether that column holds one label per row or a list, one per token
   SPLIT_BY          a column whose rows must stay in one split when splits are cut (None: split row by row)

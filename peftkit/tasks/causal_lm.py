@@ -17,6 +17,7 @@ from pydantic import Field
 from peftkit.config import Section
 
 COLUMNS = {"text": False, "prompt": False, "response": False}  # text, or prompt + response (checked below)
+TEXT_ROLES = ("text", "prompt", "response")
 LABEL_ROLE = None
 LABELS_PER_TOKEN = False
 SPLIT_BY = None

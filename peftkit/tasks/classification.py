@@ -13,6 +13,7 @@ from peftkit.config import Section
 from peftkit.tasks.common import load_labelled_model
 
 COLUMNS = {"text": True, "text_pair": False, "label": True}
+TEXT_ROLES = ("text", "text_pair")
 LABEL_ROLE = "label"
 SPLIT_BY = None  # rows are independent: split them one by one
 LABELS_PER_TOKEN = False

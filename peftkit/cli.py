@@ -28,13 +28,16 @@ HubDir = Annotated[Optional[Path], typer.Option(help="Local directory hub to pul
                                                 "$PEFTKIT_HUB_DIR), before the Hugging Face Hub.")]  # fmt: skip
 
 
+def _replace(what: str):
+    """The --overwrite option (alias --force) of a command that refuses to replace an existing `what`."""
+    return typer.Option("--overwrite", "--force", help=f"Replace an existing {what}.")
+
+
 @app.command()
 def run(
     recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")],
     overrides: Overrides = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", "--force", help="Replace an existing run folder of the same name.")
-    ] = False,
+    overwrite: Annotated[bool, _replace("run folder of the same name")] = False,
     resume: Annotated[
         bool, typer.Option(help="Continue an interrupted run (its .partial folder) from its newest checkpoint.")
     ] = False,
@@ -181,7 +184,7 @@ def _cell(value) -> str:
 def merge(
     run_dir: RunDir,
     out: Annotated[Path, typer.Argument(help="Folder for the merged standalone model.")],
-    overwrite: Annotated[bool, typer.Option("--overwrite", "--force", help="Replace an existing output folder.")] = False,
+    overwrite: Annotated[bool, _replace("output folder")] = False,
     tolerance: Annotated[Optional[float], typer.Option(help="Max abs logit difference accepted.")] = None,
     requantize: Annotated[
         bool, typer.Option(help="Runs on an 8/4-bit base: store the merged model quantised again (lossy; reported).")
@@ -230,7 +233,7 @@ def bench(
     set_: Annotated[
         Optional[list[str]], typer.Option("--set", help="A section.key=value override for every variant (repeat).")
     ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", "--force", help="Replace an existing report.")] = False,
+    overwrite: Annotated[bool, _replace("report")] = False,
 ):
     """Measure recipes (x methods x 8/4-bit) for a fixed number of steps: throughput, memory, trainable share,
     adapter size, metric and model FLOPs utilisation, into report.json, report.md and PNG plots."""
@@ -269,7 +272,7 @@ def sweep(
     recipe: Annotated[Path, typer.Argument(help="The recipe to vary.")],
     grid: Annotated[list[str], typer.Argument(help="key=value1,value2,... to vary, e.g. method.r=4,8 train.lr=1e-4,3e-4")],
     out: Annotated[Optional[Path], typer.Option(help="Sweep folder (default: runs/sweep-RECIPE).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", "--force", help="Replace an existing sweep folder.")] = False,
+    overwrite: Annotated[bool, _replace("sweep folder")] = False,
 ):
     """Run every combination of the values given (full runs), then table metric, time, memory and trainable
     share, and write the best run's recipe (chosen on validation) as best.yaml."""
@@ -341,7 +344,7 @@ def init(
                                     "default: told from the data.")  # fmt: skip
     ] = None,
     out: Annotated[Path, typer.Option(help="The recipe file to write.")] = Path("recipe.yaml"),
-    force: Annotated[bool, typer.Option("--force", "--overwrite", help="Replace an existing recipe file.")] = False,
+    force: Annotated[bool, _replace("recipe file")] = False,
     text_column: Annotated[Optional[str], typer.Option(help="The column holding the text.")] = None,
     label_column: Annotated[Optional[str], typer.Option(help="The column holding the label (or the tags).")] = None,
     column: Annotated[
@@ -392,7 +395,7 @@ def combine(
         Optional[int], typer.Option(help="*svd: rank of the result (default: the largest rank combined).")
     ] = None,
     out: Annotated[Optional[Path], typer.Option(help="The new run folder (default: RUN_A+RUN_B-HOW next to RUN_A).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", "--force", help="Replace an existing output folder.")] = False,
+    overwrite: Annotated[bool, _replace("output folder")] = False,
     hub_dir: HubDir = None,
 ):
     """Combine LoRA adapters with peft's add_weighted_adapter into a new run folder that predict, eval and merge

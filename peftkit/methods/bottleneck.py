@@ -1,5 +1,5 @@
 """Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021) — peftkit's own, because peft has none and
-the `adapters` library pins transformers 4.x (shared/ASSETS.md).
+the `adapters` library pins transformers 4.x (~=4.57), and peftkit runs on transformers 5.
 
 A small two-layer network is added on the output of a sublayer, before its residual connection:
 

@@ -61,7 +61,8 @@ def eval_outputs(outputs, batch):
 def compute_metrics(predictions, references, labels: list[str], config: Config | None = None, features=None) -> dict:
     import evaluate
 
-    # evaluate.load("accuracy") fetches from the Hub; these local modules work offline (ASSETS.md).
+    # evaluate.load("accuracy") fetches the metric script from the Hub and fails offline; these local modules
+    # load offline (peftkit/metrics/).
     accuracy = evaluate.load(str(_METRIC_DIR / "accuracy.py"))
     f1 = evaluate.load(str(_METRIC_DIR / "f1.py"))
     ids = list(range(len(labels)))

@@ -120,8 +120,8 @@ def _check_encoding(path, fmt: str, encoding: str) -> None:
                 decoder.decode(line)
             except UnicodeDecodeError as err:
                 raise UserError(
-                    f"data.source: line {number} of {path.name} is not valid {encoding} (byte {err.object[err.start]:#04x}"
-                    f" at position {err.start + 1}); {fix}"
+                    f"data.source: line {number} of {path.name} is not valid {encoding} "
+                    f"(byte {err.object[err.start]:#04x} at position {err.start + 1}); {fix}"
                 ) from None
 
 

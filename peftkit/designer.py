@@ -92,7 +92,9 @@ def inspect_model(name: str, task: str, labels: list | None) -> ModelFacts:
         with init_empty_weights():
             model = getattr(transformers, TASKS[task].AUTO_CLASS).from_config(config)
     except ValueError as err:
-        raise UserError(f"--model {name}: a {config.model_type} model has no {task} head in transformers ({err})")
+        raise UserError(
+            f"--model {name}: a {config.model_type} model has no {task} head in transformers ({err})"
+        ) from None
     model.tie_weights()  # init_empty_weights leaves tied embeddings apart: they would count twice
     output = model.get_output_embeddings()
     output_layer = [n for n, m in model.named_modules() if output is not None and m is output]  # lm_head: not adapted

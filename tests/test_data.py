@@ -53,7 +53,8 @@ def test_label_mapping_merges_raw_values(tmp_path):
 def test_unknown_labels_fail_or_drop(tmp_path):
     rows = sentiment_rows(60) + [{"review": "a plot summary", "sentiment": "plot"}] * 7
     path = write_csv(tmp_path / "mixed.csv", rows)
-    with pytest.raises(UserError, match=r"7 row\(s\) have labels not in data.labels: 'plot' \(7\).*unknown_labels: drop"):
+    match = r"7 row\(s\) have labels not in data.labels: 'plot' \(7\).*unknown_labels: drop"
+    with pytest.raises(UserError, match=match):
         load(source=str(path), labels=["neg", "pos"])
     splits, _ = load(source=str(path), labels=["neg", "pos"], unknown_labels="drop")
     assert sum(len(s) for s in splits.values()) == 60

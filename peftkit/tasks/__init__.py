@@ -10,8 +10,8 @@ A task module defines, with heavy imports kept inside its functions:
   METRICS           names of what `compute_metrics` returns; eval.metric_for_best must be one of them
   PEFT_TASK_TYPE    peft's task type, so a saved adapter loads with plain `PeftModel.from_pretrained`
   HEAD_MODULES      names the head may have (the ones the model has are trained in full and saved)
-  load_model(path, labels, tokenizer, **kwargs), preprocess(splits, tokenizer, config),
-  collator(tokenizer), eval_outputs(outputs, batch), compute_metrics(preds, refs, labels, config, features), predict(...)
+  load_model(path, labels, tokenizer, **kwargs), preprocess(splits, tokenizer, config), collator(tokenizer),
+  eval_outputs(outputs, batch), compute_metrics(preds, refs, labels, config, features), predict(...)
 Adding a task = one new file + one line here.
 """
 

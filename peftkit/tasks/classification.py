@@ -38,7 +38,7 @@ def preprocess(splits, tokenizer, config: Config):
     """Tokenize without padding (the collator pads each batch to its own longest sequence)."""
 
     def encode(batch):
-        pair = batch["text_pair"] if "text_pair" in batch else None
+        pair = batch.get("text_pair")
         encoded = tokenizer(batch["text"], pair, truncation=True, max_length=config.max_length)
         encoded["labels"] = batch["label"]
         return encoded

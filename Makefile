@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 # the other kind (PEFTKIT_CPU_BF16=native on a CPU without native bf16, =emulated on one with it).
 KIND_TESTS ?= tests/test_precision.py tests/test_quant.py tests/test_bench.py tests/test_cli.py
 
-.PHONY: demo test test-other-kind venv clean
+.PHONY: demo test test-other-kind lint venv clean
 
 venv: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ test: venv
 
 test-other-kind: venv
 	PEFTKIT_CPU_BF16=$$($(BIN)/python -m peftkit.cpu_kind --other) $(BIN)/python -m pytest -q $(KIND_TESTS)
+
+# The checks .pre-commit-config.yaml runs on each commit, over the whole tree, changing nothing.
+lint: venv
+	$(BIN)/ruff check peftkit tests && $(BIN)/ruff format --check peftkit tests
 
 clean:
 	rm -rf $(VENV) runs

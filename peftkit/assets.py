@@ -68,7 +68,7 @@ def from_gguf(path: Path) -> str:
 
     transformers loads GGUF by dequantising to fp32, but refuses to save such a model (it still carries the GGUF
     quantizer); with the quantizer cleared it saves as an ordinary folder that every loader understands,
-    bitsandbytes included (shared/ASSETS.md)."""
+    bitsandbytes included."""
     from peftkit import atomic
 
     cache = Path(os.environ.get("PEFTKIT_CACHE", Path.home() / ".cache" / "peftkit")) / "models" / path.stem

@@ -28,13 +28,16 @@ HubDir = Annotated[Optional[Path], typer.Option(help="Local directory hub to pul
                                                 "$PEFTKIT_HUB_DIR), before the Hugging Face Hub.")]  # fmt: skip
 
 
+def _replace(what: str):
+    """The --overwrite option (alias --force) of a command that refuses to replace an existing `what`."""
+    return typer.Option("--overwrite", "--force", help=f"Replace an existing {what}.")
+
+
 @app.command()
 def run(
     recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")],
     overrides: Overrides = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", "--force", help="Replace an existing run folder of the same name.")
-    ] = False,
+    overwrite: Annotated[bool, _replace("run folder of the same name")] = False,
     resume: Annotated[
         bool, typer.Option(help="Continue an interrupted run (its .partial folder) from its newest checkpoint.")
     ] = False,
@@ -181,7 +184,7 @@ def _cell(value) -> str:
 def merge(
     run_dir: RunDir,
     out: Annotated[Path, typer.Argument(help="Folder for the merged standalone model.")],
-    overwrite: Annotated[bool, typer.Option("--overwrite", "--force", help="Replace an existing output folder.")] = False,
+    overwrite: Annotated[bool, _replace("output folder")] = False,
     tolerance: Annotated[Optional[float], typer.Option(help="Max abs logit difference accepted.")] = None,
     requantize: Annotated[
         bool, typer.Option(help="Runs on an 8/4-bit base: store the merged model quantised again (lossy; reported).")
@@ -192,7 +195,6 @@ def merge(
     dequantised and the merged model saved in full precision."""
     _quiet_libraries()
     from peftkit.export import merge as merge_run
-
     from peftkit.sharing.hub import resolve_run
 
     report = merge_run(resolve_run(run_dir, hub_dir), out, overwrite=overwrite, tolerance=tolerance,
@@ -230,7 +232,7 @@ def bench(
     set_: Annotated[
         Optional[list[str]], typer.Option("--set", help="A section.key=value override for every variant (repeat).")
     ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", "--force", help="Replace an existing report.")] = False,
+    overwrite: Annotated[bool, _replace("report")] = False,
 ):
     """Measure recipes (x methods x 8/4-bit) for a fixed number of steps: throughput, memory, trainable share,
     adapter size, metric and model FLOPs utilisation, into report.json, report.md and PNG plots."""
@@ -259,7 +261,8 @@ def bench(
             continue
         table.add_row(r["variant"], f"{r['samples_per_s']:.1f}", f"{r['tokens_per_s']:.0f}",
                       f"{r['peak_memory_mib']:,.0f}", f"{100 * r['trainable_share']:.2f}%",
-                      f"{r['metric']['value']:.4f}", f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-")  # fmt: skip
+                      f"{r['metric']['value']:.4f}",
+                      f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-")  # fmt: skip
     console.print(table)
     console.print(f"report: [bold]{out}[/] (report.json, report.md, memory.png, throughput.png, "
                   "metric_vs_trainable.png; each variant's run folder under runs/)")  # fmt: skip
@@ -268,9 +271,11 @@ def bench(
 @app.command()
 def sweep(
     recipe: Annotated[Path, typer.Argument(help="The recipe to vary.")],
-    grid: Annotated[list[str], typer.Argument(help="key=value1,value2,... to vary, e.g. method.r=4,8 train.lr=1e-4,3e-4")],
+    grid: Annotated[
+        list[str], typer.Argument(help="key=value1,value2,... to vary, e.g. method.r=4,8 train.lr=1e-4,3e-4")
+    ],
     out: Annotated[Optional[Path], typer.Option(help="Sweep folder (default: runs/sweep-RECIPE).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", "--force", help="Replace an existing sweep folder.")] = False,
+    overwrite: Annotated[bool, _replace("sweep folder")] = False,
 ):
     """Run every combination of the values given (full runs), then table metric, time, memory and trainable
     share, and write the best run's recipe (chosen on validation) as best.yaml."""
@@ -296,7 +301,8 @@ def sweep(
             continue
         name = " ".join(o for o in r["overrides"] if o.split("=")[0] in varied) + (" (best)" if r is winner else "")
         table.add_row(name, f"{r['selection']:.4f}", "-" if r["test"] is None else f"{r['test']:.4f}",
-                      f"{r['train_seconds']:.0f}", f"{r['peak_memory_mib']:,.0f}", f"{100 * r['trainable_share']:.2f}%")  # fmt: skip
+                      f"{r['train_seconds']:.0f}", f"{r['peak_memory_mib']:,.0f}",
+                      f"{100 * r['trainable_share']:.2f}%")  # fmt: skip
     console.print(table)
     if winner is None:
         raise UserError(f"sweep: every run failed (see {out / 'results.md'})")
@@ -308,12 +314,19 @@ def sweep(
 def push(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
     repo: Annotated[str, typer.Option(help="Target repo, user/name (your user or organisation first).")],
-    private: Annotated[bool, typer.Option(help="Create the Hub repo private (an existing repo keeps its visibility).")] = False,
-    revision: Annotated[Optional[str], typer.Option(help="Branch to push to (created if missing); default main.")] = None,
-    hub_dir: Annotated[
-        Optional[Path], typer.Option(help="Push to this local directory hub (DIR/user/name/revision) instead of the Hub.")
+    private: Annotated[
+        bool, typer.Option(help="Create the Hub repo private (an existing repo keeps its visibility).")
+    ] = False,
+    revision: Annotated[
+        Optional[str], typer.Option(help="Branch to push to (created if missing); default main.")
     ] = None,
-    dry_run: Annotated[bool, typer.Option(help="List the files and sizes that would be uploaded, and where; upload nothing.")] = False,
+    hub_dir: Annotated[
+        Optional[Path],
+        typer.Option(help="Push to this local directory hub (DIR/user/name/revision) instead of the Hub."),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option(help="List the files and sizes that would be uploaded, and where; upload nothing.")
+    ] = False,
     message: Annotated[Optional[str], typer.Option(help="Commit message.")] = None,
 ):
     """Upload a run's adapter with a generated model card (metadata, recipe, results, training curve) to the Hugging
@@ -342,7 +355,7 @@ def init(
                                     "default: told from the data.")  # fmt: skip
     ] = None,
     out: Annotated[Path, typer.Option(help="The recipe file to write.")] = Path("recipe.yaml"),
-    force: Annotated[bool, typer.Option("--force", "--overwrite", help="Replace an existing recipe file.")] = False,
+    force: Annotated[bool, _replace("recipe file")] = False,
     text_column: Annotated[Optional[str], typer.Option(help="The column holding the text.")] = None,
     label_column: Annotated[Optional[str], typer.Option(help="The column holding the label (or the tags).")] = None,
     column: Annotated[
@@ -385,15 +398,19 @@ def combine(
                                               "and labels.")],  # fmt: skip
     weights: Annotated[str, typer.Option(help="One weight per run, comma-separated, e.g. 0.7,0.3.")],
     how: Annotated[str, typer.Option(help="peft's combination: linear, cat, svd, ties, ties_svd, dare_linear, "
-                                     "dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd.")],
+                                     "dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, "
+                                     "magnitude_prune_svd.")],  # fmt: skip
     density: Annotated[
-        Optional[float], typer.Option(help="ties, dare_* and magnitude_prune*: fraction of each update kept, in (0, 1].")
+        Optional[float],
+        typer.Option(help="ties, dare_* and magnitude_prune*: fraction of each update kept, in (0, 1]."),
     ] = None,
     svd_rank: Annotated[
         Optional[int], typer.Option(help="*svd: rank of the result (default: the largest rank combined).")
     ] = None,
-    out: Annotated[Optional[Path], typer.Option(help="The new run folder (default: RUN_A+RUN_B-HOW next to RUN_A).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", "--force", help="Replace an existing output folder.")] = False,
+    out: Annotated[
+        Optional[Path], typer.Option(help="The new run folder (default: RUN_A+RUN_B-HOW next to RUN_A).")
+    ] = None,
+    overwrite: Annotated[bool, _replace("output folder")] = False,
     hub_dir: HubDir = None,
 ):
     """Combine LoRA adapters with peft's add_weighted_adapter into a new run folder that predict, eval and merge

@@ -9,6 +9,8 @@ UserError naming the rows and the recipe key that fixes it.
 from __future__ import annotations
 
 import logging
+import math
+import re
 from collections import Counter
 from typing import TYPE_CHECKING
 
@@ -27,8 +29,10 @@ _SPLIT_ALIASES = {"valid": "validation", "dev": "validation", "val": "validation
 ROW = "source_row"  # 1-based row of the source split (a csv's data rows after its header; a conll's sentences)
 
 
-def load(cfg: DataSection, task):
-    """(DatasetDict with train/validation/test, label names or None)."""
+def load(cfg: DataSection, task, order: list[str] | None = None):
+    """(DatasetDict with train/validation/test, label names or None). `order`: a trained run's labels (its
+    peftkit.json), so its data is encoded with the ids the run was trained with, whatever order this version
+    would give a label set read from the data."""
     splits = read_source(cfg)
     splits = _select_columns(splits, cfg, task.COLUMNS)
     per_token = task.LABELS_PER_TOKEN
@@ -36,8 +40,8 @@ def load(cfg: DataSection, task):
     splits = splits.__class__({k: v.add_column(ROW, list(range(1, len(v) + 1))) for k, v in splits.items()})
     labels = None
     if task.LABEL_ROLE:
-        splits, labels = _encode_labels(splits, cfg, task.LABEL_ROLE, per_token)
-    splits = _check_text(splits, cfg.empty_texts)
+        splits, labels = _encode_labels(splits, cfg, task.LABEL_ROLE, per_token, order)
+    splits = _check_text(splits, cfg.empty_texts, task.TEXT_ROLES)
     for name, split in splits.items():
         if len(split) == 0:
             raise UserError(f"data: no rows of the source's {name} split are left after leaving out the rows logged "
@@ -116,8 +120,8 @@ def _check_encoding(path, fmt: str, encoding: str) -> None:
                 decoder.decode(line)
             except UnicodeDecodeError as err:
                 raise UserError(
-                    f"data.source: line {number} of {path.name} is not valid {encoding} (byte {err.object[err.start]:#04x}"
-                    f" at position {err.start + 1}); {fix}"
+                    f"data.source: line {number} of {path.name} is not valid {encoding} "
+                    f"(byte {err.object[err.start]:#04x} at position {err.start + 1}); {fix}"
                 ) from None
 
 
@@ -224,13 +228,15 @@ def _select_columns(splits, cfg: DataSection, roles: dict[str, bool]):
     return splits.rename_columns({c: r for c, r in mapping.items() if c != r})
 
 
-def _check_text(splits, empty_texts: str):
-    """Empty or missing texts fail with their row numbers, or are dropped and counted (data.empty_texts)."""
-    columns = [c for c in ("text", "text_pair", "question", "context", "prompt", "response")
-               if c in splits["train"].column_names]  # fmt: skip
+def blank(value) -> bool:
+    """An empty or missing text (None, or only whitespace)."""
+    return value is None or not str(value).strip()
 
-    def blank(value) -> bool:
-        return value is None or not str(value).strip()
+
+def _check_text(splits, empty_texts: str, roles):
+    """Empty or missing texts in the task's text `roles` (its TEXT_ROLES) fail with their row numbers, or are
+    dropped and counted (data.empty_texts)."""
+    columns = [c for c in roles if c in splits["train"].column_names]
 
     for name, split in splits.items():
         if "tokens" in split.column_names:
@@ -283,8 +289,41 @@ def label_names(splits, role: str, per_token: bool = False):
     return splits.map(lambda b: {role: [to_str(v) for v in b[role]]}, batched=True)
 
 
-def _encode_labels(splits, cfg: DataSection, role: str, per_token: bool = False):
-    """Map labels (one per row, or one per token when `per_token`) to ids in the label set's order."""
+_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?")
+
+
+def _number(name) -> int | float | None:
+    """The label's value when it is a number (int, float, or a string spelling one, such as "10" or "-0.5")."""
+    if isinstance(name, bool):
+        return None
+    if isinstance(name, (int, float)):
+        return name if math.isfinite(name) else None
+    if isinstance(name, str) and _NUMBER.fullmatch(name):
+        return float(name) if "." in name else int(name)
+    return None
+
+
+def label_order(names) -> list:
+    """The id order of a label set read from the data (data.labels not given), for `peftkit run` (data.load) and
+    `peftkit init` (init/profile.py label_set, which writes it into the recipe as data.labels) alike:
+
+    - every name a number (ints or floats, or strings spelling them: "-1", "2", "10", "0.5"): by value, 1, 2, 10.
+      Numeric strings sort as numbers because data.load sees every label as a string: a csv column of ints and a
+      json column of the same numbers written as strings must get the same ids;
+    - otherwise as strings, with the tagging outside tag "O" first (id 0): "O", "B-LOC", "B-PER", "I-LOC", ...
+      A set mixing numbers and words ("1", "10", "2", "other") sorts as strings.
+
+    Ties ("1" and "01") keep string order. The names come back as given (ints stay ints). Each trained adapter
+    stores its own label list (peftkit.json "labels"), so a change to this order only affects new runs."""
+    values = [_number(name) for name in names]
+    if values and all(v is not None for v in values):
+        return sorted(names, key=lambda name: (_number(name), str(name)))
+    return sorted(names, key=lambda name: (str(name) != "O", str(name)))
+
+
+def _encode_labels(splits, cfg: DataSection, role: str, per_token: bool = False, order: list[str] | None = None):
+    """Map labels (one per row, or one per token when `per_token`) to ids in the label set's order (`order`, a
+    trained run's, when given; labels outside it are unknown labels)."""
     from datasets import ClassLabel, List
 
     def items(value):  # the labels one row carries
@@ -300,9 +339,13 @@ def _encode_labels(splits, cfg: DataSection, role: str, per_token: bool = False)
         to_name = {n: n for n in names}
     else:
         found = {str(x) for split in splits.values() for v in split[role] if v is not None for x in items(v)}
-        names = sorted(found, key=lambda n: (n != "O", n))  # tagging: the outside tag "O" gets id 0
+        names = label_order(found)
         to_name = {n: n for n in names}
-        log.info("labels read from the data: %s", ", ".join(names))
+        if order is None:
+            log.info("labels read from the data: %s", ", ".join(names))
+    if order is not None:
+        names = list(order)
+        to_name = {raw: name for raw, name in to_name.items() if name in names}
 
     unknown, bad_rows = Counter(), []
     for split in splits.values():

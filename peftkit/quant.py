@@ -22,7 +22,8 @@ def load_kwargs(cfg: QuantizationSection, head_modules: list[str], device, preci
     from transformers import BitsAndBytesConfig
 
     # The freshly initialised head must stay out of quantisation: bitsandbytes crashes on it (BERT: "'Parameter'
-    # object has no attribute 'CB'") and it is trained in full precision anyway. The pooler feeds it (ASSETS.md).
+    # object has no attribute 'CB'" in 8-bit, a bare AssertionError in 4-bit) and it is trained in full precision
+    # anyway. BERT's pooler, which feeds it, is kept out too: classifier + pooler is the skip list seen to load.
     # Giving a skip list replaces transformers' default one, which keeps the output layer (`lm_head`, tied to the
     # input embeddings in GPT-2) in full precision; quantising it crashes the same way, so it is listed too.
     skip = [*head_modules, "pooler", "lm_head"]

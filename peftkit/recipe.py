@@ -179,7 +179,10 @@ def _describe(error: dict[str, Any]) -> str:
         if kind == "union_tag_not_found":
             return f"'{where}.{tag}' is missing; choose one of: {', '.join(registry)}"
         bad = error["ctx"]["tag"]
-        return f"{where}.{tag}: unknown {loc[-1]} '{bad}'{did_you_mean(bad, registry)}; choose one of: {', '.join(registry)}"
+        return (
+            f"{where}.{tag}: unknown {loc[-1]} '{bad}'{did_you_mean(bad, registry)}; "
+            f"choose one of: {', '.join(registry)}"
+        )
     if kind == "value_error":
         return str(error["ctx"]["error"]) if "ctx" in error else error["msg"]
     message = error["msg"].replace("Input should be", "expected")

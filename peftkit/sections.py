@@ -83,7 +83,8 @@ class DataSection(Section):
     labels: list[str | int] | dict[str | int, str] | None = Field(
         None,
         description="The label set, in id order; or a mapping raw value -> label name (several raw values may "
-        "share a name). Omitted: the sorted distinct values found in the training data.",
+        "share a name). Omitted: the distinct values found in the data, numbers by value (1, 2, 10; also when "
+        "written as text), anything else sorted as text with a tagging's outside tag O first.",
     )
     unknown_labels: Literal["error", "drop"] = Field(
         "error", description="What to do with rows whose label is not in `labels`: fail, or drop and report."

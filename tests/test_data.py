@@ -53,7 +53,8 @@ def test_label_mapping_merges_raw_values(tmp_path):
 def test_unknown_labels_fail_or_drop(tmp_path):
     rows = sentiment_rows(60) + [{"review": "a plot summary", "sentiment": "plot"}] * 7
     path = write_csv(tmp_path / "mixed.csv", rows)
-    with pytest.raises(UserError, match=r"7 row\(s\) have labels not in data.labels: 'plot' \(7\).*unknown_labels: drop"):
+    match = r"7 row\(s\) have labels not in data.labels: 'plot' \(7\).*unknown_labels: drop"
+    with pytest.raises(UserError, match=match):
         load(source=str(path), labels=["neg", "pos"])
     splits, _ = load(source=str(path), labels=["neg", "pos"], unknown_labels="drop")
     assert sum(len(s) for s in splits.values()) == 60
@@ -66,6 +67,13 @@ def test_missing_column_names_the_fix(sentiment_csv):
     assert "column 'reveiw'" in message and "did you mean 'review'" in message and "data.columns.text" in message
     with pytest.raises(UserError, match="unknown role"):
         load(source=str(sentiment_csv), columns={"txt": "review"})
+
+
+def test_each_tasks_text_roles_are_among_its_columns():
+    """data.load's empty-text check reads the task's TEXT_ROLES, so a role missing from COLUMNS is never checked."""
+    for name, task in TASKS.items():
+        assert set(task.TEXT_ROLES) <= set(task.COLUMNS), name
+        assert task.LABEL_ROLE not in task.TEXT_ROLES, name
 
 
 def test_empty_text_names_the_source_row(tmp_path):
@@ -157,3 +165,51 @@ def test_nothing_left_after_filtering_is_an_error_not_an_empty_split(tmp_path):
         load(source=str(path), empty_texts="drop")
     with pytest.raises(UserError, match="no rows of the source's train split are left"):
         load(source=str(write_csv(tmp_path / "r.csv", sentiment_rows(30))), labels=["x"], unknown_labels="drop")
+
+
+# --- the label set's id order: one rule (data.label_order) for `peftkit run` and `peftkit init` ---------------
+
+
+def test_label_order_rule():
+    assert data.label_order([10, 2, 1]) == [1, 2, 10]
+    assert data.label_order(["10", "2", "1", "-3"]) == ["-3", "1", "2", "10"]  # numbers, though written as text
+    assert data.label_order([2.5, 1.0, 10.0]) == [1.0, 2.5, 10.0]
+    assert data.label_order(["pos", "neg", "neutral"]) == ["neg", "neutral", "pos"]
+    assert data.label_order(["I-PER", "B-PER", "O", "B-LOC"]) == ["O", "B-LOC", "B-PER", "I-PER"]  # "O" is id 0
+    assert data.label_order(["10", "2", "other"]) == ["10", "2", "other"]  # not all numbers: as strings
+    assert data.label_order([True, False]) == [False, True]  # booleans are not numbers here
+
+
+@pytest.mark.parametrize("written", ["int", "str"])
+def test_numeric_labels_get_numeric_ids_in_run_and_init_alike(tmp_path, written):
+    """1, 2, 10 as ints (a csv) or as strings (json): ids 0, 1, 2 in that order, not the strings' "1", "10", "2",
+    and `peftkit init`'s label list (init/profile.py label_set, written into the recipe) is the order data.load gives."""
+    from peftkit.init import profile
+
+    rows = [{"review": f"review number {i}", "sentiment": (1, 2, 10)[i % 3]} for i in range(90)]
+    if written == "int":
+        path = write_csv(tmp_path / "stars.csv", rows)
+    else:
+        path = tmp_path / "stars.jsonl"
+        path.write_text("".join(json.dumps(dict(r, sentiment=str(r["sentiment"]))) + "\n" for r in rows))
+    splits, labels = load(source=str(path))
+    assert labels == ["1", "2", "10"]
+    for split in splits.values():
+        for text, label in zip(split["text"], split["label"]):
+            assert labels[label] == str((1, 2, 10)[int(text.split()[-1]) % 3])
+
+    profiled, _ = profile.read_data(str(path), None)
+    names, counts, missing = profile.label_set(profiled, "sentiment", per_token=False)
+    assert [str(n) for n in names] == labels and missing == 0 and sum(counts.values()) == 90
+
+
+def test_a_trained_runs_order_is_kept(tmp_path):
+    """`peftkit eval` passes the run's stored labels: data read with another order is encoded with the run's ids."""
+    rows = [{"review": f"review number {i}", "sentiment": (1, 2, 10)[i % 3]} for i in range(90)]
+    path = write_csv(tmp_path / "stars.csv", rows)
+    splits, labels = data.load(DataSection(source=str(path), columns={"text": "review", "label": "sentiment"}), TASK,
+                               order=["1", "10", "2"])  # fmt: skip
+    assert labels == ["1", "10", "2"]
+    for split in splits.values():
+        for text, label in zip(split["text"], split["label"]):
+            assert labels[label] == str((1, 2, 10)[int(text.split()[-1]) % 3])

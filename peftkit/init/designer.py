@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peftkit import assets
-from peftkit.init.profile import assign_roles, blank, label_set, profile, read_data
+from peftkit.data import blank
+from peftkit.init.profile import assign_roles, label_set, profile, read_data
 from peftkit.errors import UserError
 
 log = logging.getLogger("peftkit")
@@ -91,7 +92,9 @@ def inspect_model(name: str, task: str, labels: list | None) -> ModelFacts:
         with init_empty_weights():
             model = getattr(transformers, TASKS[task].AUTO_CLASS).from_config(config)
     except ValueError as err:
-        raise UserError(f"--model {name}: a {config.model_type} model has no {task} head in transformers ({err})")
+        raise UserError(
+            f"--model {name}: a {config.model_type} model has no {task} head in transformers ({err})"
+        ) from None
     model.tie_weights()  # init_empty_weights leaves tied embeddings apart: they would count twice
     output = model.get_output_embeddings()
     output_layer = [n for n, m in model.named_modules() if output is not None and m is output]  # lm_head: not adapted
@@ -234,7 +237,7 @@ def _data_section(d: Design, source, splits, fmt, encoding, module, cols, roles,
                   f"reward ignoring '{rare}'")  # fmt: skip
         d.summary.append(f"{len(labels)} labels: " + ", ".join(f"{v} ({counts[v]:,})" for v in labels[:12])
                          + (" ..." if len(labels) > 12 else ""))  # fmt: skip
-    text_roles = [r for r in ("text", "text_pair", "question", "context", "prompt", "response") if r in roles]
+    text_roles = [r for r in module.TEXT_ROLES if r in roles]
     empty = sum(1 for s in splits.values() for r in text_roles for v in s[roles[r]] if blank(v))
     if empty:
         d.set("data", "empty_texts", "drop", f"{empty:,} row(s) have an empty text")

@@ -225,11 +225,6 @@ def _text_column(columns, values, given, taken: set[str]) -> tuple[str, str]:
     return longest.name, f"the longest text column, mean {longest.mean_chars:.0f} characters"
 
 
-def blank(value) -> bool:
-    """An empty or missing text."""
-    return value is None or not str(value).strip()
-
-
 def label_set(splits, role: str, per_token: bool) -> tuple[list, Counter, int]:
     """(labels in id order, count of each, rows without a label), over every row of every split."""
     from peftkit import data
@@ -242,7 +237,4 @@ def label_set(splits, role: str, per_token: bool) -> tuple[list, Counter, int]:
                 missing += 1
                 continue
             counts.update(value if per_token else [value])
-    if per_token:  # as data.py orders a tag set read from the data: "O" first, then sorted
-        return sorted(counts, key=lambda n: (str(n) != "O", str(n))), counts, missing
-    numeric = all(isinstance(v, int) and not isinstance(v, bool) for v in counts)
-    return sorted(counts, key=(lambda v: v) if numeric else str), counts, missing
+    return data.label_order(counts), counts, missing  # the order `peftkit run` gives the same set

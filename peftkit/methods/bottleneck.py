@@ -1,5 +1,5 @@
 """Bottleneck adapters (Houlsby et al. 2019; Pfeiffer et al. 2021) — peftkit's own, because peft has none and
-the `adapters` library pins transformers 4.x (shared/ASSETS.md).
+the `adapters` library pins transformers 4.x (~=4.57), and peftkit runs on transformers 5.
 
 A small two-layer network is added on the output of a sublayer, before its residual connection:
 
@@ -74,7 +74,7 @@ def apply(model, config: Config, context: Context):
         def forward(self, h):
             return h + self.up(self.act(self.down(h)))
 
-    for name, module in _targets(model, config, context):
+    for _, module in _targets(model, config, context):
         width = module.nf if hasattr(module, "nf") else module.out_features  # GPT-2 Conv1D: nf
         module.add_module(ATTR, Bottleneck(width).to(module.weight.device))
         module.register_forward_hook(lambda mod, args, out: getattr(mod, ATTR)(out))
@@ -93,7 +93,9 @@ def _targets(model, config: Config, context: Context):
             f"method.bottleneck: no default layers for model type '{model_type}'; set method.attention_modules "
             f"and method.ffn_modules (regexes over module names), e.g. from: {', '.join(names[:12])} ..."
         )
-    patterns = [("method.ffn_modules", ffn)] + ([("method.attention_modules", attention)] if config.style == "houlsby" else [])
+    patterns = [("method.ffn_modules", ffn)]
+    if config.style == "houlsby":
+        patterns.append(("method.attention_modules", attention))
     modules = dict(model.named_modules())
     chosen = []
     for key, pattern in patterns:

@@ -1,5 +1,6 @@
 """Prefix tuning (Li & Liang 2021) — peftkit's own, because peft's fails on transformers 5 for everything but
-causal LM ("Model does not support past key values", shared/ASSETS.md).
+causal LM (BERT and GPT-2 classification: "Model does not support past key values which are required for prefix
+tuning"; transformers 5 renamed `past_key_values` to `cache`).
 
 Every attention layer attends to P learned key/value vectors in front of the sequence's own:
 
@@ -97,7 +98,8 @@ def apply(model, config: Config, context: Context):
 
     name = f"peftkit_prefix_{next(_names)}"
     AttentionInterface.register(name, attention)
-    # Without a mask function under the same name, padding masks silently arrive as None (ASSETS.md).
+    # Without a mask function under the same name the attention function gets attention_mask=None even when the
+    # batch has padding, so padding would silently stop being masked.
     AttentionMaskInterface.register(name, sdpa_mask)
     model.set_attn_implementation(name)
     train_only(model, lambda n: n.startswith(ATTR + ".") or f".{ATTR}." in n, context)

@@ -17,6 +17,7 @@ from pydantic import Field
 from peftkit.sections import Section
 
 COLUMNS = {"text": False, "prompt": False, "response": False}  # text, or prompt + response (checked below)
+TEXT_ROLES = ("text", "prompt", "response")
 LABEL_ROLE = None
 LABELS_PER_TOKEN = False
 SPLIT_BY = None
@@ -149,7 +150,9 @@ def predict(model, tokenizer, texts: list[str], config: Config) -> list[dict]:
         prompt_ids, _ = prompt_and_full(tokenizer, text, None, use_template)
         ids = torch.tensor([prompt_ids], device=device)
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=config.max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-        results.append({"prompt": text, "generated": tokenizer.decode(out[0, len(prompt_ids) :], skip_special_tokens=True)})
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=config.max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        generated = tokenizer.decode(out[0, len(prompt_ids) :], skip_special_tokens=True)
+        results.append({"prompt": text, "generated": generated})
     return results

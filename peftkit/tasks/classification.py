@@ -13,6 +13,7 @@ from peftkit.sections import Section
 from peftkit.tasks.common import load_labelled_model
 
 COLUMNS = {"text": True, "text_pair": False, "label": True}
+TEXT_ROLES = ("text", "text_pair")
 LABEL_ROLE = "label"
 SPLIT_BY = None  # rows are independent: split them one by one
 LABELS_PER_TOKEN = False
@@ -37,7 +38,7 @@ def preprocess(splits, tokenizer, config: Config):
     """Tokenize without padding (the collator pads each batch to its own longest sequence)."""
 
     def encode(batch):
-        pair = batch["text_pair"] if "text_pair" in batch else None
+        pair = batch.get("text_pair")
         encoded = tokenizer(batch["text"], pair, truncation=True, max_length=config.max_length)
         encoded["labels"] = batch["label"]
         return encoded
@@ -60,7 +61,8 @@ def eval_outputs(outputs, batch):
 def compute_metrics(predictions, references, labels: list[str], config: Config | None = None, features=None) -> dict:
     import evaluate
 
-    # evaluate.load("accuracy") fetches from the Hub; these local modules work offline (ASSETS.md).
+    # evaluate.load("accuracy") fetches the metric script from the Hub and fails offline; these local modules
+    # load offline (peftkit/metrics/).
     accuracy = evaluate.load(str(_METRIC_DIR / "accuracy.py"))
     f1 = evaluate.load(str(_METRIC_DIR / "f1.py"))
     ids = list(range(len(labels)))

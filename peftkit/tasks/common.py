@@ -10,6 +10,7 @@ class Task(Protocol):
 
     Config: ClassVar[type]  # its recipe section (a Section): `type: Literal[...]` plus its own options
     COLUMNS: ClassVar[dict[str, bool]]  # roles it reads from the data -> required?; data.columns maps them
+    TEXT_ROLES: ClassVar[tuple[str, ...]]  # those of COLUMNS that hold text: an empty one fails or is dropped
     LABEL_ROLE: ClassVar[str | None]  # the column `data.labels` applies to (None: the task has no label set)
     LABELS_PER_TOKEN: ClassVar[bool]  # that column holds a list, one label per token (else one per row)
     SPLIT_BY: ClassVar[str | None]  # a column whose rows must stay in one split when splits are cut
@@ -50,7 +51,8 @@ def load_labelled_model(auto_class: str, path: str, labels: list[str], tokenizer
         label2id={name: i for i, name in enumerate(labels)},
         **kwargs,
     )
-    # Decoder models (GPT-2, Llama) need the pad id on the config, not only on the tokenizer (their tokenizers have none, and the model reads it from the config).
+    # Decoder models (GPT-2, Llama) need the pad id on the config, not only on the tokenizer: their classification
+    # heads read it to find each row's last token, and refuse batches of more than one row without it.
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model

@@ -20,6 +20,7 @@ from peftkit.data import ROW
 from peftkit.errors import UserError
 
 COLUMNS = {"question": True, "context": True, "answers": True, "id": False}
+TEXT_ROLES = ("question", "context")
 LABEL_ROLE = None  # no label set: answers are spans of the context
 LABELS_PER_TOKEN = False
 SPLIT_BY = "context"  # questions on one paragraph stay in one split: no test paragraph is seen in training

@@ -15,6 +15,7 @@ from peftkit.sections import Section
 from peftkit.tasks.common import load_labelled_model
 
 COLUMNS = {"tokens": True, "tags": True}
+TEXT_ROLES = ()  # tokens are checked as lists: none empty, one tag each
 LABEL_ROLE = "tags"
 SPLIT_BY = None  # rows are independent: split them one by one
 LABELS_PER_TOKEN = True

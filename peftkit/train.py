@@ -58,12 +58,14 @@ def make_accelerator(precision_choice: str, grad_accum: int, cpu: bool = False):
     return accelerator
 
 
-def make_loader(dataset, collate, batch_size: int, shuffle: bool, group_by_length: bool, seed: int):
-    """Batches padded to their own longest example; grouping similar lengths keeps that padding small."""
+def make_loader(dataset, collate, batch_size: int, shuffle: bool, group_by_length: bool, seed: int, generator=None):
+    """Batches padded to their own longest example; grouping similar lengths keeps that padding small.
+    `generator`: the shuffle's random source, for a caller that keeps it (fit checkpoints its state); by default a
+    new one seeded with `seed`."""
     import torch
     from torch.utils.data import DataLoader
 
-    generator = torch.Generator().manual_seed(seed)
+    generator = generator if generator is not None else torch.Generator().manual_seed(seed)
     lengths = [len(ids) for ids in dataset["input_ids"]] if group_by_length else None
     if shuffle and group_by_length:
         # transformers' sampler: shuffle, then sort within mega-batches of 50 batches, so each batch holds
@@ -71,15 +73,11 @@ def make_loader(dataset, collate, batch_size: int, shuffle: bool, group_by_lengt
         from transformers.trainer_pt_utils import LengthGroupedSampler
 
         sampler = LengthGroupedSampler(batch_size, lengths=lengths, generator=generator)
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate)
-        loader.peftkit_generator = generator  # checkpoints save its state (checkpoint.py)
-        return loader
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate)
     if group_by_length:  # evaluation: order does not matter, so sort outright
         order = sorted(range(len(lengths)), key=lengths.__getitem__)
         return DataLoader(dataset, batch_size=batch_size, sampler=order, collate_fn=collate)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate)
-    loader.peftkit_generator = generator
-    return loader
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate)
 
 
 def total_steps(train_rows: int, cfg, processes: int = 1) -> int:
@@ -109,8 +107,9 @@ def fit(model, splits, collate, task, recipe, accelerator, labels, method=None, 
     after_step = getattr(method, "after_optimizer_step", None)
     restore_best = getattr(method, "RESTORE_BEST_EPOCH", True)
     state_of = getattr(method, "training_state", None)
-    train_loader = make_loader(splits["train"], collate, cfg.batch_size, True, cfg.group_by_length, cfg.seed)
-    generator = train_loader.peftkit_generator  # the shuffle's: its state at an epoch's start is saved
+    generator = torch.Generator().manual_seed(cfg.seed)  # the shuffle's: checkpoints hold its state
+    train_loader = make_loader(splits["train"], collate, cfg.batch_size, True, cfg.group_by_length, cfg.seed,
+                               generator=generator)  # fmt: skip
     val_loader = (
         make_loader(splits["validation"], collate, recipe.eval.batch_size, False, True, cfg.seed)
         if "validation" in splits

@@ -7,48 +7,61 @@ scaler, random states and the position in the data — never the frozen base.
         state.safetensors       the tensors of the optimizer, scheduler, scaler and RNG states ...
         state.json              ... and the rest of those states, with a reference to each tensor: no pickle
                                 (the method's own training state too, where it has one: AdaLoRA's scores)
-        progress.json           step, epoch, batches done in the epoch, history, best score
+        progress.json           step, epoch, batches done in the epoch, history, best score, processes
+
+All of it is one TrainingState (training_state.py) and the states of an Optimization: save() writes them, load()
+reads them back.
 
 A checkpoint is written under a temporary name and renamed when complete, so a folder named step-N is whole;
 the last `train.keep_checkpoints` are kept.
 """
 
+from __future__ import annotations
+
 import json
 import random
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from peftkit.training_state import Optimization, TrainingState
+
+if TYPE_CHECKING:
+    import torch
 
 DIR = "checkpoints"
+RNG = ("torch_rng", "cuda_rng", "python_rng")  # state.json's keys for TrainingState.rng
 
 
-def save(run_dir: Path, keep: int, model, optimizer, scheduler, scaler, generator_state, progress: dict,
-         best_state: dict | None, method_state: dict | None = None) -> Path:  # fmt: skip
-    import torch
+def save(run_dir: Path, keep: int, model: torch.nn.Module, optimization: Optimization, state: TrainingState) -> Path:
+    """Write `state` whole (its `rng` taken by the caller: rng_now()) with `model`'s trainable tensors and
+    `optimization`'s states, as <run_dir>/checkpoints/step-<state.step>."""
     from safetensors.torch import save_file
 
     from peftkit.methods.base import trainable_tensors
 
     root = Path(run_dir) / DIR
-    final = root / f"step-{progress['step']:06d}"
+    final = root / f"step-{state.step:06d}"
     tmp = root / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(trainable_tensors(model), tmp / "trainable.safetensors")
-    if best_state is not None:  # already CPU copies (trainable_tensors)
-        save_file(best_state, tmp / "best.safetensors")
-    state = {
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python_rng": random.getstate(),
-        "data_generator": generator_state,  # the shuffle generator at the start of progress["epoch"]
-        "method": method_state,
+    if state.best_state is not None:  # already CPU copies (trainable_tensors)
+        save_file(state.best_state, tmp / "best.safetensors")
+    states = {
+        "optimizer": optimization.optimizer.state_dict(),
+        "scheduler": optimization.scheduler.state_dict(),
+        "scaler": optimization.scaler.state_dict() if optimization.scaler is not None else None,
+        **{key: state.rng[key] for key in RNG},
+        "data_generator": state.data_generator,  # the shuffle generator at the start of state.epoch
+        "method": state.method_state,
     }
     tensors: dict = {}
-    (tmp / "state.json").write_text(json.dumps(_to_json(state, tensors)), encoding="utf-8")
+    (tmp / "state.json").write_text(json.dumps(_to_json(states, tensors)), encoding="utf-8")
     save_file(tensors, tmp / "state.safetensors")
+    progress = {"step": state.step, "epoch": state.epoch, "batches": state.batches, "history": state.history,
+                "best_score": state.best_score, "best_epoch": state.best_epoch,
+                "processes": state.processes}  # fmt: skip
     (tmp / "progress.json").write_text(json.dumps(progress, indent=2), encoding="utf-8")
     if final.exists():
         shutil.rmtree(final)
@@ -64,25 +77,30 @@ def latest(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(folder: Path, model, optimizer, scheduler, scaler) -> dict:
-    """Put the checkpoint's weights and optimizer/scheduler/scaler states in place; returns progress.json plus
-    the states the loop restores itself (RNG, data generator, best tensors, the method's training state)."""
+def load(folder: Path, model: torch.nn.Module, optimization: Optimization) -> TrainingState:
+    """Put the checkpoint's weights and optimizer/scheduler/scaler states in place; returns the training state it
+    holds, whose random states, data generator, best tensors and method state the loop restores itself."""
     from safetensors.torch import load_file
 
     from peftkit.methods.base import load_trainable
 
     load_trainable(model, load_file(folder / "trainable.safetensors"), folder)
-    state = _from_json(json.loads((folder / "state.json").read_text()), load_file(folder / "state.safetensors"))
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
+    states = _from_json(json.loads((folder / "state.json").read_text()), load_file(folder / "state.safetensors"))
+    optimization.optimizer.load_state_dict(states["optimizer"])
+    optimization.scheduler.load_state_dict(states["scheduler"])
+    if optimization.scaler is not None and states["scaler"] is not None:
+        optimization.scaler.load_state_dict(states["scaler"])
     progress = json.loads((folder / "progress.json").read_text())
     best = folder / "best.safetensors"
-    progress["best_state"] = load_file(best) if best.exists() else None
-    progress["rng"] = state
-    progress["method_state"] = state.get("method")  # .get: checkpoints written before it was saved
-    return progress
+    return TrainingState(
+        step=progress["step"], epoch=progress["epoch"], batches=progress["batches"], history=progress["history"],
+        best_score=progress["best_score"], best_epoch=progress["best_epoch"],
+        best_state=load_file(best) if best.exists() else None,
+        data_generator=states["data_generator"],
+        rng={key: states[key] for key in RNG},
+        method_state=states.get("method"),  # .get: checkpoints written before it was saved
+        processes=progress.get("processes", 1),  # likewise
+    )  # fmt: skip
 
 
 def _to_json(value, tensors: dict):
@@ -115,13 +133,23 @@ def _from_json(value, tensors: dict):
     return content
 
 
-def restore_rng(state: dict) -> None:
+def rng_now() -> dict:
+    """This process's random states (torch's, every CUDA device's, Python's): TrainingState.rng."""
     import torch
 
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"]:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    random.setstate(state["python_rng"])
+    return {"torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python_rng": random.getstate()}  # fmt: skip
+
+
+def restore_rng(rng: dict) -> None:
+    """Put back the random states rng_now() took."""
+    import torch
+
+    torch.set_rng_state(rng["torch_rng"])
+    if rng["cuda_rng"]:
+        torch.cuda.set_rng_state_all(rng["cuda_rng"])
+    random.setstate(rng["python_rng"])
 
 
 def remove(run_dir: Path) -> None:

@@ -80,8 +80,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
                         before[split] = train.evaluate(model, train.eval_loader(encoded[split], collate, recipe,
                                                        accelerator), task, labels, accelerator, recipe.task)  # fmt: skip
                     log.info("before training, %s: %s", split, train.short(before[split]))
-            result = train.fit(model, encoded, collate, task, recipe, accelerator, labels, method, run_dir=run_dir,
-                               resume=resume_from)  # fmt: skip
+            job = train.Job(model, encoded, collate, task, recipe, accelerator, labels, method, run_dir=run_dir)
+            result = train.fit(job, resume=resume_from)
             memory["train_peak"] = measure.peak_memory(accelerator.device)  # training and its validation passes
 
             final = {}

@@ -4,12 +4,29 @@ precision, evaluation each epoch, and the best trainable weights (by eval.metric
 The same loop runs on one CPU, one GPU, or several processes started by `accelerate launch` / torchrun.
 """
 
+from __future__ import annotations
+
 import logging
 import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peftkit import cpu_kind, measure
 from peftkit.errors import UserError
+from peftkit.methods.base import Method, optional
+from peftkit.tasks.common import Task
+from peftkit.training_state import Optimization, TrainingState
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+    from datasets import Dataset
+    from rich.progress import Progress
+    from torch.utils.data import DataLoader
+
+    from peftkit.recipe import Recipe, TrainSection
 
 log = logging.getLogger("peftkit")
 
@@ -58,12 +75,15 @@ def make_accelerator(precision_choice: str, grad_accum: int, cpu: bool = False):
     return accelerator
 
 
-def make_loader(dataset, collate, batch_size: int, shuffle: bool, group_by_length: bool, seed: int):
-    """Batches padded to their own longest example; grouping similar lengths keeps that padding small."""
+def make_loader(dataset: Dataset, collate: Callable, batch_size: int, shuffle: bool, group_by_length: bool, seed: int,
+                generator: torch.Generator | None = None) -> DataLoader:  # fmt: skip
+    """Batches padded to their own longest example; grouping similar lengths keeps that padding small.
+    `generator`: the shuffle's random source, for a caller that keeps it (fit checkpoints its state); by default a
+    new one seeded with `seed`."""
     import torch
     from torch.utils.data import DataLoader
 
-    generator = torch.Generator().manual_seed(seed)
+    generator = generator if generator is not None else torch.Generator().manual_seed(seed)
     lengths = [len(ids) for ids in dataset["input_ids"]] if group_by_length else None
     if shuffle and group_by_length:
         # transformers' sampler: shuffle, then sort within mega-batches of 50 batches, so each batch holds
@@ -71,15 +91,11 @@ def make_loader(dataset, collate, batch_size: int, shuffle: bool, group_by_lengt
         from transformers.trainer_pt_utils import LengthGroupedSampler
 
         sampler = LengthGroupedSampler(batch_size, lengths=lengths, generator=generator)
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate)
-        loader.peftkit_generator = generator  # checkpoints save its state (checkpoint.py)
-        return loader
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate)
     if group_by_length:  # evaluation: order does not matter, so sort outright
         order = sorted(range(len(lengths)), key=lengths.__getitem__)
         return DataLoader(dataset, batch_size=batch_size, sampler=order, collate_fn=collate)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate)
-    loader.peftkit_generator = generator
-    return loader
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate)
 
 
 def eval_loader(split, collate, recipe, accelerator):
@@ -87,169 +103,275 @@ def eval_loader(split, collate, recipe, accelerator):
     return accelerator.prepare(make_loader(split, collate, recipe.eval.batch_size, False, True, recipe.train.seed))
 
 
-def total_steps(train_rows: int, cfg, processes: int = 1) -> int:
+def total_steps(train_rows: int, cfg: TrainSection, processes: int = 1) -> int:
     """Optimizer steps of a run: what the scheduler, and AdaLoRA's rank budget, plan over. With several
     processes each takes its own train.batch_size per step, so an epoch has `processes` times fewer steps."""
     batches = math.ceil(train_rows / (cfg.batch_size * processes))
     return cfg.max_steps or cfg.epochs * math.ceil(batches / cfg.grad_accum)
 
 
-def fit(model, splits, collate, task, recipe, accelerator, labels, method=None, run_dir: Path | None = None,
-        resume: Path | None = None) -> dict:
-    """Train `model` (already wrapped by its method) in place; returns the history and throughput.
-    `method`: the method's module, for its optional hooks (methods/__init__.py): `after_optimizer_step` runs after
-    each optimizer step, before gradients are cleared (AdaLoRA); RESTORE_BEST_EPOCH False ends with the last
-    epoch's trainable weights instead of the best validation epoch's; `training_state` goes into checkpoints.
-    `run_dir`: where checkpoints go (train.checkpoint_every, and every epoch end); `resume`: a checkpoint to
-    continue from, so that the result is the one the uninterrupted run would have given (bit for bit in one
-    process; with several, the checkpoint holds the main process's random state, which all of them resume
-    with, so dropout masks differ from the uninterrupted run's)."""
+@dataclass
+class Job:
+    """What fit() is given: fixed for the whole run."""
+
+    model: torch.nn.Module  # already wrapped by its method
+    splits: Mapping[str, Dataset]  # encoded: "train", and "validation" when there is one to score each epoch
+    collate: Callable
+    task: Task  # eval_outputs, compute_metrics
+    recipe: Recipe
+    accelerator: Accelerator
+    labels: list[str] | None  # the task's label names (None for tasks without: causal_lm)
+    method: Method | None = None  # the method's module, for its optional hooks (MethodHooks)
+    run_dir: Path | None = None  # where checkpoints go (train.checkpoint_every, and every epoch end); None: nowhere
+
+
+@dataclass(frozen=True)
+class MethodHooks:
+    """The optional hooks of a method (methods/base.py OPTIONAL) that the loop calls: `after_optimizer_step` runs
+    after each optimizer step, before gradients are cleared (AdaLoRA); `restore_best_epoch` False ends with the
+    last epoch's trainable weights instead of the best validation epoch's; `training_state` goes into
+    checkpoints and `load_training_state` puts it back."""
+
+    after_optimizer_step: Callable | None = None
+    restore_best_epoch: bool = True
+    training_state: Callable | None = None
+    load_training_state: Callable | None = None
+
+    @classmethod
+    def of(cls, method: Method | None) -> MethodHooks:
+        if method is None:
+            return cls()
+        names = ("after_optimizer_step", "RESTORE_BEST_EPOCH", "training_state", "load_training_state")
+        return cls(*(optional(method, name) for name in names))
+
+
+def fit(job: Job, resume: Path | None = None) -> dict:
+    """Train `job.model` in place; returns the history, the kept epoch, the steps and the throughput.
+    `resume`: a checkpoint to continue from, so that the result is the one the uninterrupted run would have given
+    (bit for bit in one process; with several, the checkpoint holds the main process's random state, which all of
+    them resume with, so dropout masks differ from the uninterrupted run's)."""
+    loop = _Loop(job)
+    state = loop.resume(resume) if resume is not None else TrainingState(processes=job.accelerator.num_processes)
+    log.info("training: %d epoch(s), %d optimizer steps, %d per epoch", loop.epochs, loop.total, loop.steps_per_epoch)
+    scalars = _scalar_writer(job.run_dir, loop.cfg.tensorboard and job.accelerator.is_main_process)
+    with _progress(job.accelerator) as progress, scalars:
+        report = _Report(progress, scalars, loop.total, state.step)
+        while state.epoch <= loop.epochs and state.step < loop.total:
+            loop.train_epoch(state, report)
+            loop.end_epoch(state, report)
+    loop.keep_best(state)
+    rates = loop.meter.rates(job.accelerator)
+    return {"history": state.history, "best_epoch": state.best_epoch, "steps": state.step, **rates,
+            "processes": job.accelerator.num_processes}  # fmt: skip
+
+
+class _Loop:
+    """One run's training, wired once: the prepared model, optimizer, scheduler and loaders, the schedule, the
+    throughput meter. Its methods advance a TrainingState, which they are given; they keep none of their own."""
+
+    def __init__(self, job: Job) -> None:
+        import torch
+        from transformers import get_scheduler
+
+        cfg, accelerator = job.recipe.train, job.accelerator
+        self.job, self.cfg, self.hooks = job, cfg, MethodHooks.of(job.method)
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # the shuffle's: checkpoints hold its state
+        train_loader = make_loader(job.splits["train"], job.collate, cfg.batch_size, True, cfg.group_by_length,
+                                   cfg.seed, generator=self.generator)  # fmt: skip
+        val_loader = (
+            make_loader(job.splits["validation"], job.collate, job.recipe.eval.batch_size, False, True, cfg.seed)
+            if "validation" in job.splits
+            else None
+        )
+        optimizer = _optimizer(job.model, cfg)
+        self.model, optimizer, self.train_loader = accelerator.prepare(job.model, optimizer, train_loader)
+        self.val_loader = accelerator.prepare(val_loader) if val_loader is not None else None
+
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.grad_accum)
+        self.total = total_steps(len(job.splits["train"]), cfg, accelerator.num_processes)
+        self.epochs = math.ceil(self.total / self.steps_per_epoch)
+        scheduler_name = {"constant": "constant_with_warmup"}.get(cfg.scheduler, cfg.scheduler)
+        scheduler = get_scheduler(scheduler_name, optimizer, int(cfg.warmup_ratio * self.total), self.total)
+        self.optimization = Optimization(optimizer, accelerator.prepare(scheduler), accelerator.scaler)
+        self.inner = accelerator.unwrap_model(self.model)  # parameter names without DDP's "module." prefix
+        self.meter, self.losses = measure.Throughput(), _Losses(accelerator)
+
+    def resume(self, folder: Path) -> TrainingState:
+        """The state of the checkpoint in `folder`, its weights and optimizer states put in place."""
+        from peftkit import checkpoint
+
+        accelerator = self.job.accelerator
+        state = checkpoint.load(folder, self.inner, self.optimization)
+        if state.processes != accelerator.num_processes:  # its batch positions and schedule were planned for theirs
+            raise UserError(f"--resume: {folder} was written by a run in {state.processes} process(es), this one has "
+                            f"{accelerator.num_processes}; resume with --processes {state.processes}, or pass "
+                            "--overwrite to start over")  # fmt: skip
+        if state.method_state is not None:
+            self.hooks.load_training_state(self.inner, state.method_state)
+            state.method_state = None
+        self.generator.set_state(state.data_generator)
+        log.info("resumed from %s: step %d of %d, epoch %d", folder.name, state.step, self.total, state.epoch)
+        return state
+
+    def train_epoch(self, state: TrainingState, report: _Report) -> None:
+        """Train on state.epoch's batches from state.batches on (0, or where the interrupted run stopped), until the
+        epoch or the run's steps end; checkpoints every train.checkpoint_every steps."""
+        from peftkit import checkpoint
+
+        if state.rng is not None and state.batches == 0:  # resuming at an epoch boundary
+            checkpoint.restore_rng(state.rng)
+            state.rng = None
+        state.data_generator = self.generator.get_state()  # before this epoch's shuffle draws from it
+        self.model.train()
+        self.losses.reset()
+        for index, batch in enumerate(self.train_loader):
+            if index < state.batches:  # resuming mid-epoch: these batches were trained on before the interruption
+                continue
+            if state.rng is not None:  # ... and the random state is the one the interrupted run had here
+                checkpoint.restore_rng(state.rng)
+                state.rng = None
+            state.batches = index + 1
+            if not self.train_batch(state, batch):  # accumulating gradients: no optimizer step yet
+                continue
+            if state.step % self.cfg.log_every == 0 or state.step == self.total:
+                loss = self.losses.mean()  # the only host sync: once per log interval
+                _check_finite(loss, state.step, self.job.run_dir, self.cfg, precision_of(self.job.accelerator))
+                report.step(state.step, loss, self.optimization.scheduler.get_last_lr()[0],
+                            self.meter.rates(self.job.accelerator))  # fmt: skip
+                self.losses.reset()
+            report.advance()
+            if state.step >= self.total:
+                break
+            every = self.cfg.checkpoint_every
+            if self.job.run_dir is not None and every and state.step % every == 0:
+                self.save(state)
+
+    def train_batch(self, state: TrainingState, batch: dict) -> bool:
+        """One forward and backward pass; returns whether it ended with an optimizer step (counted in state.step)."""
+        accelerator, model, cfg = self.job.accelerator, self.model, self.cfg
+        optimizer, scheduler = self.optimization.optimizer, self.optimization.scheduler
+        with accelerator.accumulate(model):
+            loss = model(**model_inputs(batch)).loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            if accelerator.sync_gradients:
+                scheduler.step()
+                if self.hooks.after_optimizer_step is not None:
+                    self.hooks.after_optimizer_step(self.inner, state.step + 1)
+            optimizer.zero_grad(set_to_none=True)
+        self.losses.add(loss)
+        self.meter.update(batch)
+        if accelerator.sync_gradients:
+            state.step += 1
+        return accelerator.sync_gradients
+
+    def end_epoch(self, state: TrainingState, report: _Report) -> None:
+        """Score the epoch on validation and keep the best weights so far, then move to the next epoch (and
+        checkpoint its start unless the run is over)."""
+        recipe, entry = self.job.recipe, {"epoch": state.epoch, "step": state.step}
+        if self.val_loader is not None:
+            with self.meter.paused():  # throughput is the training's own
+                entry["validation"] = evaluate(self.model, self.val_loader, self.job.task, self.job.labels,
+                                               self.job.accelerator, recipe.task)  # fmt: skip
+            sign = -1 if recipe.eval.metric_for_best in LOWER_IS_BETTER else 1
+            score = sign * entry["validation"][recipe.eval.metric_for_best]
+            if score > state.best_score and self.hooks.restore_best_epoch:
+                from peftkit.methods.base import trainable_tensors
+
+                state.best_score, state.best_epoch = score, state.epoch
+                state.best_state = trainable_tensors(self.inner)
+            report.epoch(state.epoch, state.step, entry["validation"])
+        state.history.append(entry)
+        state.epoch, state.batches = state.epoch + 1, 0
+        state.data_generator = self.generator.get_state()
+        if self.job.run_dir is not None and state.step < self.total:
+            self.save(state)
+
+    def save(self, state: TrainingState) -> None:
+        """A checkpoint of `state`, with the random states and the method's training state as they are now. Only
+        ever of a healthy run: the losses since the last log, and the weights, are checked first."""
+        import torch
+
+        from peftkit import checkpoint
+
+        accelerator = self.job.accelerator
+        with self.meter.paused():
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            finite = torch.stack([p.detach().isfinite().all() for p in params]).all().item()
+            _check_finite(self.losses.mean() if finite else math.nan, state.step, self.job.run_dir, self.cfg,
+                          precision_of(accelerator))  # fmt: skip
+            if accelerator.is_main_process:  # the weights are the same in every process (gradients are averaged)
+                taken = self.hooks.training_state(self.inner) if self.hooks.training_state is not None else None
+                now = replace(state, rng=checkpoint.rng_now(), method_state=taken)
+                checkpoint.save(self.job.run_dir, self.cfg.keep_checkpoints, self.inner, self.optimization, now)
+            accelerator.wait_for_everyone()
+
+    def keep_best(self, state: TrainingState) -> None:
+        """End on the best validation epoch's trainable weights, where they were kept."""
+        from peftkit.methods.base import load_trainable
+
+        if state.best_state is not None:
+            load_trainable(self.inner, state.best_state, f"the adapter of epoch {state.best_epoch}")
+            log.info("kept the adapter of epoch %d (best validation %s)", state.best_epoch,
+                     self.job.recipe.eval.metric_for_best)  # fmt: skip
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainSection) -> torch.optim.Optimizer:
     import torch
-    from transformers import get_scheduler
 
-    from peftkit import checkpoint
-    from peftkit.methods.base import load_trainable, trainable_tensors
-
-    cfg = recipe.train
-    after_step = getattr(method, "after_optimizer_step", None)
-    restore_best = getattr(method, "RESTORE_BEST_EPOCH", True)
-    state_of = getattr(method, "training_state", None)
-    train_loader = make_loader(splits["train"], collate, cfg.batch_size, True, cfg.group_by_length, cfg.seed)
-    generator = train_loader.peftkit_generator  # the shuffle's: its state at an epoch's start is saved
-    val_loader = (
-        make_loader(splits["validation"], collate, recipe.eval.batch_size, False, True, cfg.seed)
-        if "validation" in splits
-        else None
-    )
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 else decay).append(param)  # biases and norms take no weight decay
-    optimizer = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
     )
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    if val_loader is not None:
-        val_loader = accelerator.prepare(val_loader)
 
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum)
-    total = total_steps(len(splits["train"]), cfg, accelerator.num_processes)
-    epochs = math.ceil(total / steps_per_epoch)
-    scheduler_name = {"constant": "constant_with_warmup"}.get(cfg.scheduler, cfg.scheduler)
-    scheduler = get_scheduler(scheduler_name, optimizer, int(cfg.warmup_ratio * total), total)
-    scheduler = accelerator.prepare(scheduler)
 
-    best_name = recipe.eval.metric_for_best
-    sign = -1 if best_name in LOWER_IS_BETTER else 1
-    best_score, best_state, best_epoch = -math.inf, None, None
-    history, meter, step, first_epoch, skip, rng = [], measure.Throughput(), 0, 1, 0, None
-    inner = accelerator.unwrap_model(model)  # parameter names without DDP's "module." prefix
-    if resume is not None:
-        done = checkpoint.load(resume, inner, optimizer, scheduler, accelerator.scaler)
-        theirs = done.get("processes", 1)
-        if theirs != accelerator.num_processes:  # its batch positions and schedule were planned for theirs
-            raise UserError(f"--resume: {resume} was written by a run in {theirs} process(es), this one has "
-                            f"{accelerator.num_processes}; resume with --processes {theirs}, or pass --overwrite "
-                            "to start over")  # fmt: skip
-        if done["method_state"] is not None:
-            method.load_training_state(inner, done["method_state"])
-        step, first_epoch, skip, history = done["step"], done["epoch"], done["batches"], done["history"]
-        best_score, best_epoch, best_state = done["best_score"], done["best_epoch"], done["best_state"]
-        generator.set_state(done["rng"]["data_generator"])
-        rng = done["rng"]
-        log.info("resumed from %s: step %d of %d, epoch %d", resume.name, step, total, first_epoch)
-    log.info("training: %d epoch(s), %d optimizer steps, %d per epoch", epochs, total, steps_per_epoch)
+class _Losses:
+    """The training loss summed since the last log, kept where it is computed: read only when logged or
+    checkpointed."""
 
-    def save_checkpoint(epoch: int, batches: int, epoch_generator_state) -> None:
-        # a checkpoint is only ever written of a healthy run: the losses since the last log, and the weights
-        params = [p for p in model.parameters() if p.requires_grad]
-        finite = torch.stack([p.detach().isfinite().all() for p in params]).all().item()
-        _check_finite(mean_loss(running, seen) if finite else math.nan, step, run_dir, cfg, precision_of(accelerator))
-        progress = {"step": step, "epoch": epoch, "batches": batches, "history": history,
-                    "best_score": best_score, "best_epoch": best_epoch, "processes": accelerator.num_processes}  # fmt: skip
-        if accelerator.is_main_process:  # the weights are the same in every process (gradients are averaged)
-            method_state = state_of(inner) if state_of is not None else None
-            checkpoint.save(run_dir, cfg.keep_checkpoints, inner, optimizer, scheduler, accelerator.scaler,
-                            epoch_generator_state, progress, best_state, method_state)  # fmt: skip
-        accelerator.wait_for_everyone()
+    def __init__(self, accelerator: Accelerator) -> None:
+        self.accelerator = accelerator
+        self.reset()
 
-    def mean_loss(running, seen: int) -> float:
+    def reset(self) -> None:
+        import torch
+
+        self.running, self.seen = torch.zeros((), device=self.accelerator.device), 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.running += loss.detach()
+        self.seen += 1
+
+    def mean(self) -> float:
         # the mean over every process (one all-reduce), so that each process takes the same NaN decision
-        return accelerator.reduce(running, "mean").item() / seen if seen else 0.0
+        return self.accelerator.reduce(self.running, "mean").item() / self.seen if self.seen else 0.0
 
-    scalars = _scalar_writer(run_dir, cfg.tensorboard and accelerator.is_main_process)
-    with _progress(accelerator) as progress, scalars:
-        bar = progress.add_task("train", total=total, completed=step, loss=float("nan"), rate="")
-        for epoch in range(first_epoch, epochs + 1):
-            if step >= total:
-                break
-            if rng is not None and skip == 0:  # resuming at an epoch boundary
-                checkpoint.restore_rng(rng)
-                rng = None
-            epoch_generator_state = generator.get_state()  # before this epoch's shuffle draws from it
-            model.train()
-            running, seen = torch.zeros((), device=accelerator.device), 0
-            for index, batch in enumerate(train_loader):
-                if index < skip:  # resuming mid-epoch: these batches were trained on before the interruption
-                    continue
-                if rng is not None:  # ... and the random state is the one the interrupted run had here
-                    checkpoint.restore_rng(rng)
-                    rng = None
-                with accelerator.accumulate(model):
-                    loss = model(**model_inputs(batch)).loss
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
-                    if accelerator.sync_gradients:
-                        scheduler.step()
-                        if after_step is not None:
-                            after_step(inner, step + 1)
-                    optimizer.zero_grad(set_to_none=True)
-                running += loss.detach()
-                seen += 1
-                meter.update(batch)
-                if not accelerator.sync_gradients:
-                    continue
-                step += 1
-                if step % cfg.log_every == 0 or step == total:
-                    loss_now = mean_loss(running, seen)  # the only host sync: once per log interval
-                    _check_finite(loss_now, step, run_dir, cfg, precision_of(accelerator))
-                    rates = meter.rates(accelerator)
-                    rate = f"{rates['samples_per_s']:.3g} samples/s, {rates['tokens_per_s']:.4g} tok/s"
-                    progress.update(bar, loss=loss_now, rate=rate)
-                    log.debug("step %d  loss %.4f  lr %.2e  %s", step, loss_now, scheduler.get_last_lr()[0], rate)
-                    scalars.add(step, {"train/loss": loss_now, "train/lr": scheduler.get_last_lr()[0],
-                                       "train/samples_per_s": rates["samples_per_s"],
-                                       "train/tokens_per_s": rates["tokens_per_s"]})  # fmt: skip
-                    running, seen = torch.zeros((), device=accelerator.device), 0
-                progress.update(bar, advance=1)
-                if step >= total:
-                    break
-                if run_dir is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                    with meter.paused():
-                        save_checkpoint(epoch, index + 1, epoch_generator_state)
-            skip = 0
-            entry = {"epoch": epoch, "step": step}
-            if val_loader is not None:
-                with meter.paused():  # throughput is the training's own
-                    entry["validation"] = evaluate(model, val_loader, task, labels, accelerator, recipe.task)
-                score = sign * entry["validation"][best_name]
-                if score > best_score and restore_best:
-                    best_score, best_epoch = score, epoch
-                    best_state = trainable_tensors(inner)
-                log.info("epoch %d: %s", epoch, short(entry["validation"]))
-                scalars.add(step, {f"validation/{k}": v for k, v in entry["validation"].items()})
-            history.append(entry)
-            if run_dir is not None and step < total:
-                with meter.paused():
-                    save_checkpoint(epoch + 1, 0, generator.get_state())
 
-    if best_state is not None:
-        load_trainable(inner, best_state, f"the adapter of epoch {best_epoch}")
-        log.info("kept the adapter of epoch %d (best validation %s)", best_epoch, best_name)
-    rates = meter.rates(accelerator)
-    return {"history": history, "best_epoch": best_epoch, "steps": step, **rates, "processes": accelerator.num_processes}
+class _Report:
+    """What a run shows as it trains: the progress bar, the log (train.log) and the TensorBoard scalars."""
+
+    def __init__(self, progress: Progress, scalars: _Scalars, total: int, done: int) -> None:
+        self.progress, self.scalars = progress, scalars
+        self.bar = progress.add_task("train", total=total, completed=done, loss=float("nan"), rate="")
+
+    def step(self, step: int, loss: float, lr: float, rates: dict) -> None:
+        rate = f"{rates['samples_per_s']:.3g} samples/s, {rates['tokens_per_s']:.4g} tok/s"
+        self.progress.update(self.bar, loss=loss, rate=rate)
+        log.debug("step %d  loss %.4f  lr %.2e  %s", step, loss, lr, rate)
+        self.scalars.add(step, {"train/loss": loss, "train/lr": lr, "train/samples_per_s": rates["samples_per_s"],
+                                "train/tokens_per_s": rates["tokens_per_s"]})  # fmt: skip
+
+    def advance(self) -> None:
+        self.progress.update(self.bar, advance=1)
+
+    def epoch(self, epoch: int, step: int, metrics: dict) -> None:
+        log.info("epoch %d: %s", epoch, short(metrics))
+        self.scalars.add(step, {f"validation/{k}": v for k, v in metrics.items()})
 
 
 class _Scalars:

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from peftkit import assets, bench, train
+from peftkit import assets, measure, train
 
 
 def lora_model(attn: str):
@@ -52,7 +52,7 @@ def main():
     cpu = torch.device("cpu")
     native_bf16 = train.resolve_precision("auto", cpu) == "bf16"
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    peak = {p: bench.matmul_peak_tflops(p, cpu) for p in ("fp32", "bf16")}  # what `peftkit bench` divides by
+    peak = {p: measure.matmul_peak_tflops(p, cpu) for p in ("fp32", "bf16")}  # what `peftkit bench` divides by
     print(f"matmul: fp32 {peak['fp32']:.3f} TFLOP/s, bf16 {peak['bf16']:.4f} "
           f"TFLOP/s (native bf16: {native_bf16})\n")  # fmt: skip
     models = {attn: lora_model(attn) for attn in ("eager", "sdpa")}

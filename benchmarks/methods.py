@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from peftkit import data, run, train
+from peftkit import data, loading, train
 from peftkit.methods import METHODS
 from peftkit.recipe import load_recipe
 from peftkit.tasks import TASKS
@@ -29,8 +29,8 @@ def build(name: str):
     task, method = TASKS[recipe.task.type], METHODS[recipe.method.name]
     splits, labels = data.load(recipe.data, task)
     torch.manual_seed(0)
-    tokenizer, model = run.load_base(recipe, task, labels, torch.device("cpu"), "no")
-    model = method.apply(model, recipe.method, run.method_context(recipe, task, model))
+    tokenizer, model = loading.load_base(recipe, task, labels, torch.device("cpu"), "no")
+    model = method.apply(model, recipe.method, loading.method_context(recipe, task, model))
     tokenizer.padding_side = getattr(model, "peftkit_padding_side", tokenizer.padding_side)
     encoded = task.preprocess(splits, tokenizer, recipe.task)
     loader = train.make_loader(encoded["train"], task.collator(tokenizer), recipe.train.batch_size, True, True, 0)

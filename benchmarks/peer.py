@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from peftkit.benchmark import peak_mib  # reserved on CUDA, resident set size on CPU
+from peftkit.experiments.bench import peak_mib  # reserved on CUDA, resident set size on CPU
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "sentiment-lora.yaml"
@@ -53,7 +53,7 @@ def peer(steps: int, tuned: bool) -> dict:
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               TrainerCallback, TrainingArguments)  # fmt: skip
 
-    from peftkit import assets, bench, data
+    from peftkit import assets, data, measure
     from peftkit import train as loop
     from peftkit.recipe import load_recipe
     from peftkit.tasks import TASKS
@@ -71,7 +71,7 @@ def peer(steps: int, tuned: bool) -> dict:
 
     class PeakFromHere(TrainerCallback):  # training's peak, apart from loading
         def on_train_begin(self, *args, **kwargs):
-            bench.reset_peak_memory(device)
+            measure.reset_peak_memory(device)
 
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
@@ -83,7 +83,7 @@ def peer(steps: int, tuned: bool) -> dict:
                           callbacks=[PeakFromHere()])  # fmt: skip
         result = trainer.train()
     return {"samples_per_s": result.metrics["train_samples_per_second"],
-            "peak_mib": peak_mib(bench.peak_memory(device)), "bf16": tuned and native_bf16}  # fmt: skip
+            "peak_mib": peak_mib(measure.peak_memory(device)), "bf16": tuned and native_bf16}  # fmt: skip
 
 
 def measure(variant: str, steps: int) -> dict:

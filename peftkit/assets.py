@@ -12,6 +12,7 @@ import logging
 import os
 from pathlib import Path
 
+from peftkit import atomic
 from peftkit.errors import UserError
 
 log = logging.getLogger("peftkit")
@@ -69,8 +70,6 @@ def from_gguf(path: Path) -> str:
     transformers loads GGUF by dequantising to fp32, but refuses to save such a model (it still carries the GGUF
     quantizer); with the quantizer cleared it saves as an ordinary folder that every loader understands,
     bitsandbytes included."""
-    from peftkit import atomic
-
     cache = Path(os.environ.get("PEFTKIT_CACHE", Path.home() / ".cache" / "peftkit")) / "models" / path.stem
     if (cache / "config.json").is_file():
         return str(cache)

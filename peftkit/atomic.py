@@ -40,11 +40,15 @@ def check(target: Path, overwrite: bool, keep_failed: bool = False, resume: bool
     """Refuse, with the fix, to replace a finished folder or an unfinished one without being told to."""
     target, partial = Path(target), partial_of(target)
     if target.exists() and not overwrite:
-        raise UserError(f"{target} already exists; pass --overwrite (or --force) to replace it, or choose another output folder")
+        raise UserError(
+            f"{target} already exists; pass --overwrite (or --force) to replace it, or choose another output folder"
+        )
     if partial.exists() and not resume and not overwrite:
         fix = "--resume to continue it from its last checkpoint, or --overwrite to start over"
-        raise UserError(f"{partial} holds an unfinished earlier run or export; pass "
-                        + (fix if keep_failed else "--overwrite to start over"))  # fmt: skip
+        raise UserError(
+            f"{partial} holds an unfinished earlier run or export; pass "
+            + (fix if keep_failed else "--overwrite to start over")
+        )
 
 
 def write_text(path: Path, text: str) -> None:

@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from peftkit.methods.base import load_trainable, trainable_tensors
 from peftkit.training_state import Optimization, TrainingState
 
 if TYPE_CHECKING:
@@ -37,8 +38,6 @@ def save(run_dir: Path, keep: int, model: torch.nn.Module, optimization: Optimiz
     """Write `state` whole (its `rng` taken by the caller: rng_now()) with `model`'s trainable tensors and
     `optimization`'s states, as <run_dir>/checkpoints/step-<state.step>."""
     from safetensors.torch import save_file
-
-    from peftkit.methods.base import trainable_tensors
 
     root = Path(run_dir) / DIR
     final = root / f"step-{state.step:06d}"
@@ -59,9 +58,15 @@ def save(run_dir: Path, keep: int, model: torch.nn.Module, optimization: Optimiz
     tensors: dict = {}
     (tmp / "state.json").write_text(json.dumps(_to_json(states, tensors)), encoding="utf-8")
     save_file(tensors, tmp / "state.safetensors")
-    progress = {"step": state.step, "epoch": state.epoch, "batches": state.batches, "history": state.history,
-                "best_score": state.best_score, "best_epoch": state.best_epoch,
-                "processes": state.processes}  # fmt: skip
+    progress = {
+        "step": state.step,
+        "epoch": state.epoch,
+        "batches": state.batches,
+        "history": state.history,
+        "best_score": state.best_score,
+        "best_epoch": state.best_epoch,
+        "processes": state.processes,
+    }
     (tmp / "progress.json").write_text(json.dumps(progress, indent=2), encoding="utf-8")
     if final.exists():
         shutil.rmtree(final)
@@ -82,8 +87,6 @@ def load(folder: Path, model: torch.nn.Module, optimization: Optimization) -> Tr
     holds, whose random states, data generator, best tensors and method state the loop restores itself."""
     from safetensors.torch import load_file
 
-    from peftkit.methods.base import load_trainable
-
     load_trainable(model, load_file(folder / "trainable.safetensors"), folder)
     states = _from_json(json.loads((folder / "state.json").read_text()), load_file(folder / "state.safetensors"))
     optimization.optimizer.load_state_dict(states["optimizer"])
@@ -93,14 +96,18 @@ def load(folder: Path, model: torch.nn.Module, optimization: Optimization) -> Tr
     progress = json.loads((folder / "progress.json").read_text())
     best = folder / "best.safetensors"
     return TrainingState(
-        step=progress["step"], epoch=progress["epoch"], batches=progress["batches"], history=progress["history"],
-        best_score=progress["best_score"], best_epoch=progress["best_epoch"],
+        step=progress["step"],
+        epoch=progress["epoch"],
+        batches=progress["batches"],
+        history=progress["history"],
+        best_score=progress["best_score"],
+        best_epoch=progress["best_epoch"],
         best_state=load_file(best) if best.exists() else None,
         data_generator=states["data_generator"],
         rng={key: states[key] for key in RNG},
         method_state=states.get("method"),  # .get: checkpoints written before it was saved
         processes=progress.get("processes", 1),  # likewise
-    )  # fmt: skip
+    )
 
 
 def _to_json(value, tensors: dict):
@@ -122,7 +129,7 @@ def _to_json(value, tensors: dict):
 
 
 def _from_json(value, tensors: dict):
-    (kind, content), = value.items()
+    ((kind, content),) = value.items()
     if kind == "tensor":
         return tensors[content]
     if kind == "dict":
@@ -137,9 +144,11 @@ def rng_now() -> dict:
     """This process's random states (torch's, every CUDA device's, Python's): TrainingState.rng."""
     import torch
 
-    return {"torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python_rng": random.getstate()}  # fmt: skip
+    return {
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python_rng": random.getstate(),
+    }
 
 
 def restore_rng(rng: dict) -> None:

@@ -22,10 +22,19 @@ console = Console(soft_wrap=True)  # long paths and messages stay whole (and gre
 errors = Console(stderr=True, soft_wrap=True)
 
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="section.key=value overrides, e.g. train.epochs=1")]
-RunDir = Annotated[Path, typer.Argument(help="A finished run folder (what `peftkit run` printed), or a pushed adapter: "
-                                         "user/name[@revision] from --hub-dir or the Hugging Face Hub.")]  # fmt: skip
-HubDir = Annotated[Optional[Path], typer.Option(help="Local directory hub to pull user/name from (default: "
-                                                "$PEFTKIT_HUB_DIR), before the Hugging Face Hub.")]  # fmt: skip
+RunDir = Annotated[
+    Path,
+    typer.Argument(
+        help="A finished run folder (what `peftkit run` printed), or a pushed adapter: "
+        "user/name[@revision] from --hub-dir or the Hugging Face Hub."
+    ),
+]
+HubDir = Annotated[
+    Optional[Path],
+    typer.Option(
+        help="Local directory hub to pull user/name from (default: $PEFTKIT_HUB_DIR), before the Hugging Face Hub."
+    ),
+]
 
 
 def _replace(what: str):
@@ -42,8 +51,12 @@ def run(
         bool, typer.Option(help="Continue an interrupted run (its .partial folder) from its newest checkpoint.")
     ] = False,
     processes: Annotated[
-        int, typer.Option(min=1, help="Data parallelism: train in N processes (N GPUs, or N CPU processes), "
-                          "started with torchrun. train.batch_size is per process.")  # fmt: skip
+        int,
+        typer.Option(
+            min=1,
+            help="Data parallelism: train in N processes (N GPUs, or N CPU processes), "
+            "started with torchrun. train.batch_size is per process.",
+        ),
     ] = 1,
 ):
     """Train the recipe's method on its task and data, evaluate, and export the adapter."""
@@ -110,8 +123,8 @@ def evaluate(
 ):
     """Evaluate a finished run's adapter on one split of its recipe's data."""
     _quiet_libraries()
-    from peftkit.sharing.hub import resolve_run
     from peftkit.loading import evaluate_run
+    from peftkit.sharing.hub import resolve_run
 
     _metrics_table(evaluate_run(resolve_run(run_dir, hub_dir), [split]), [split])
 
@@ -126,9 +139,12 @@ def predict(
     ] = None,
     hub_dir: HubDir = None,
     adapter: Annotated[
-        Optional[list[str]], typer.Option(help="Another finished run of the same base model, quantization and task: "
-                                          "its adapter goes onto the same loaded base, one column group per run "
-                                          "(repeat).")  # fmt: skip
+        Optional[list[str]],
+        typer.Option(
+            help="Another finished run of the same base model, quantization and task: "
+            "its adapter goes onto the same loaded base, one column group per run "
+            "(repeat)."
+        ),
     ] = None,
 ):
     """Run a finished run's adapter on texts given inline or in a file; with --adapter, several runs' adapters on
@@ -142,8 +158,8 @@ def predict(
         raise UserError("nothing to predict: give texts as arguments or --file FILE")
     _quiet_libraries()
     from peftkit import multi_adapter
-    from peftkit.sharing.hub import resolve_run
     from peftkit.loading import load_trained
+    from peftkit.sharing.hub import resolve_run
 
     if adapter:
         loaded = multi_adapter.load([run_dir, *adapter], hub_dir)
@@ -197,8 +213,9 @@ def merge(
     from peftkit.export import merge as merge_run
     from peftkit.sharing.hub import resolve_run
 
-    report = merge_run(resolve_run(run_dir, hub_dir), out, overwrite=overwrite, tolerance=tolerance,
-                       requantize=requantize)  # fmt: skip
+    report = merge_run(
+        resolve_run(run_dir, hub_dir), out, overwrite=overwrite, tolerance=tolerance, requantize=requantize
+    )
     console.print(
         f"merged model: [bold]{report['output']}[/]  max abs logit difference {report['max_abs_diff']:.3g} "
         f"(tolerance {report['tolerance']:g})"
@@ -259,13 +276,20 @@ def bench(
         if "error" in r:
             table.add_row(r["variant"], f"failed: {r['error']}")
             continue
-        table.add_row(r["variant"], f"{r['samples_per_s']:.1f}", f"{r['tokens_per_s']:.0f}",
-                      f"{r['peak_memory_mib']:,.0f}", f"{100 * r['trainable_share']:.2f}%",
-                      f"{r['metric']['value']:.4f}",
-                      f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-")  # fmt: skip
+        table.add_row(
+            r["variant"],
+            f"{r['samples_per_s']:.1f}",
+            f"{r['tokens_per_s']:.0f}",
+            f"{r['peak_memory_mib']:,.0f}",
+            f"{100 * r['trainable_share']:.2f}%",
+            f"{r['metric']['value']:.4f}",
+            f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-",
+        )
     console.print(table)
-    console.print(f"report: [bold]{out}[/] (report.json, report.md, memory.png, throughput.png, "
-                  "metric_vs_trainable.png; each variant's run folder under runs/)")  # fmt: skip
+    console.print(
+        f"report: [bold]{out}[/] (report.json, report.md, memory.png, throughput.png, "
+        "metric_vs_trainable.png; each variant's run folder under runs/)"
+    )
 
 
 @app.command()
@@ -289,8 +313,9 @@ def sweep(
     with atomic.building(out, overwrite) as folder:
         with _runs_progress() as progress:
             task = progress.add_task("sweep", total=len(runs))
-            rows = sweeps.run_all(recipe, runs, folder,
-                                  on_start=lambda name: progress.update(task, description=name, advance=0))  # fmt: skip
+            rows = sweeps.run_all(
+                recipe, runs, folder, on_start=lambda name: progress.update(task, description=name, advance=0)
+            )
             progress.update(task, completed=len(runs))
         winner = sweeps.best(rows)
         sweeps.write(folder, rows, winner)
@@ -300,14 +325,21 @@ def sweep(
             table.add_row(" ".join(r["overrides"]), f"failed: {r['error']}")
             continue
         name = " ".join(o for o in r["overrides"] if o.split("=")[0] in varied) + (" (best)" if r is winner else "")
-        table.add_row(name, f"{r['selection']:.4f}", "-" if r["test"] is None else f"{r['test']:.4f}",
-                      f"{r['train_seconds']:.0f}", f"{r['peak_memory_mib']:,.0f}",
-                      f"{100 * r['trainable_share']:.2f}%")  # fmt: skip
+        table.add_row(
+            name,
+            f"{r['selection']:.4f}",
+            "-" if r["test"] is None else f"{r['test']:.4f}",
+            f"{r['train_seconds']:.0f}",
+            f"{r['peak_memory_mib']:,.0f}",
+            f"{100 * r['trainable_share']:.2f}%",
+        )
     console.print(table)
     if winner is None:
         raise UserError(f"sweep: every run failed (see {out / 'results.md'})")
-    console.print(f"best on validation {winner['metric']}: {' '.join(winner['overrides'])}; its recipe: "
-                  f"[bold]{out / 'best.yaml'}[/] (results.json, results.md, runs/ beside it)")  # fmt: skip
+    console.print(
+        f"best on validation {winner['metric']}: {' '.join(winner['overrides'])}; its recipe: "
+        f"[bold]{out / 'best.yaml'}[/] (results.json, results.md, runs/ beside it)"
+    )
 
 
 @app.command()
@@ -333,8 +365,9 @@ def push(
     Face Hub (token: HF_TOKEN or `hf auth login`) or to a local directory hub."""
     from peftkit.sharing import hub
 
-    report = hub.push(run_dir, repo, private=private, revision=revision, hub_dir=hub_dir, dry_run=dry_run,
-                      message=message)  # fmt: skip
+    report = hub.push(
+        run_dir, repo, private=private, revision=revision, hub_dir=hub_dir, dry_run=dry_run, message=message
+    )
     for note in report["notes"]:
         errors.print(f"note: {note}", markup=False)
     table = Table("file", "bytes")
@@ -351,8 +384,10 @@ def init(
     data: Annotated[str, typer.Argument(help="A csv/tsv/json/jsonl/parquet/CoNLL file, or pkg://PACKAGE/PATH.")],
     model: Annotated[str, typer.Option(help="The model: a local folder, a Hub id, or pkg://PACKAGE/PATH.")],
     task: Annotated[
-        Optional[str], typer.Option(help="classification, token_classification, question_answering or causal_lm; "
-                                    "default: told from the data.")  # fmt: skip
+        Optional[str],
+        typer.Option(
+            help="classification, token_classification, question_answering or causal_lm; default: told from the data."
+        ),
     ] = None,
     out: Annotated[Path, typer.Option(help="The recipe file to write.")] = Path("recipe.yaml"),
     force: Annotated[bool, _replace("recipe file")] = False,
@@ -394,12 +429,18 @@ def init(
 
 @app.command()
 def combine(
-    runs: Annotated[list[str], typer.Argument(help="Finished LoRA runs of the same base model, quantization, task "
-                                              "and labels.")],  # fmt: skip
+    runs: Annotated[
+        list[str], typer.Argument(help="Finished LoRA runs of the same base model, quantization, task and labels.")
+    ],
     weights: Annotated[str, typer.Option(help="One weight per run, comma-separated, e.g. 0.7,0.3.")],
-    how: Annotated[str, typer.Option(help="peft's combination: linear, cat, svd, ties, ties_svd, dare_linear, "
-                                     "dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, "
-                                     "magnitude_prune_svd.")],  # fmt: skip
+    how: Annotated[
+        str,
+        typer.Option(
+            help="peft's combination: linear, cat, svd, ties, ties_svd, dare_linear, "
+            "dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, "
+            "magnitude_prune_svd."
+        ),
+    ],
     density: Annotated[
         Optional[float],
         typer.Option(help="ties, dare_* and magnitude_prune*: fraction of each update kept, in (0, 1]."),
@@ -425,19 +466,26 @@ def combine(
             raise UserError(f"--weights {weights}: '{item}' is not a number; give one per run, e.g. 0.7,0.3") from None
     multi_adapter.check_combination(how, parsed, len(runs), density, svd_rank)  # before any model is loaded
     _quiet_libraries()
-    report = multi_adapter.combine(runs, parsed, how, out, density=density, svd_rank=svd_rank, overwrite=overwrite,
-                              hub_dir=hub_dir)  # fmt: skip
+    report = multi_adapter.combine(
+        runs, parsed, how, out, density=density, svd_rank=svd_rank, overwrite=overwrite, hub_dir=hub_dir
+    )
     columns = [(split, k) for split, m in report["metrics"].items() for k, v in m.items() if isinstance(v, float)]
     table = Table("run", "weight", *[f"{split} {k}" for split, k in columns])
     for source in report["sources"]:
         values = [source["metrics"].get(split, {}).get(k) for split, k in columns]
-        table.add_row(Path(source["run"]).name, f"{source['weight']:g}",
-                      *["-" if v is None else f"{v:.4f}" for v in values])  # fmt: skip
-    table.add_row(f"[bold]{Path(report['output']).name}[/]", report["how"],
-                  *[f"{report['metrics'][split][k]:.4f}" for split, k in columns])  # fmt: skip
+        table.add_row(
+            Path(source["run"]).name, f"{source['weight']:g}", *["-" if v is None else f"{v:.4f}" for v in values]
+        )
+    table.add_row(
+        f"[bold]{Path(report['output']).name}[/]",
+        report["how"],
+        *[f"{report['metrics'][split][k]:.4f}" for split, k in columns],
+    )
     console.print(table)
-    console.print(f"combined ({report['how']}, rank {report['rank']}; heads: {report['heads']}): "
-                  f"[bold]{report['output']}[/]  (scored on the recipe's eval splits: metrics.json)")  # fmt: skip
+    console.print(
+        f"combined ({report['how']}, rank {report['rank']}; heads: {report['heads']}): "
+        f"[bold]{report['output']}[/]  (scored on the recipe's eval splits: metrics.json)"
+    )
 
 
 def _runs_progress():
@@ -486,8 +534,12 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:
         if not is_out_of_memory(err):
             raise
-        errors.print(f"error: out of memory ({err}). Lower eval.batch_size (eval, predict) or use a machine with "
-                     "more memory (merge holds the base in full precision)", markup=False, style="red")  # fmt: skip
+        errors.print(
+            f"error: out of memory ({err}). Lower eval.batch_size (eval, predict) or use a machine with "
+            "more memory (merge holds the base in full precision)",
+            markup=False,
+            style="red",
+        )
         sys.exit(2)
     except KeyboardInterrupt:
         errors.print("interrupted: nothing was exported (an unfinished run keeps its .partial folder)")

@@ -23,8 +23,16 @@ if TYPE_CHECKING:  # annotations only: recipe.py imports the task registry, whos
 log = logging.getLogger("peftkit")
 
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".zip")
-_FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".conll": "conll",
-            ".iob": "conll", ".bio": "conll"}  # fmt: skip
+_FORMATS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".conll": "conll",
+    ".iob": "conll",
+    ".bio": "conll",
+}
 _SPLIT_ALIASES = {"valid": "validation", "dev": "validation", "val": "validation"}
 ROW = "source_row"  # 1-based row of the source split (a csv's data rows after its header; a conll's sentences)
 
@@ -44,8 +52,10 @@ def load(cfg: DataSection, task, order: list[str] | None = None):
     splits = _check_text(splits, cfg.empty_texts, task.TEXT_ROLES)
     for name, split in splits.items():
         if len(split) == 0:
-            raise UserError(f"data: no rows of the source's {name} split are left after leaving out the rows logged "
-                            "above (empty texts, unknown labels); check data.columns and data.labels")  # fmt: skip
+            raise UserError(
+                f"data: no rows of the source's {name} split are left after leaving out the rows logged "
+                "above (empty texts, unknown labels); check data.columns and data.labels"
+            )
     splits = _make_splits(splits, cfg, stratify=None if per_token else task.LABEL_ROLE, group=task.SPLIT_BY)
     if cfg.max_samples:
         splits = splits.__class__({k: v.select(range(min(cfg.max_samples, len(v)))) for k, v in splits.items()})
@@ -75,8 +85,12 @@ def read_source(cfg: DataSection):
         squad = _read_squad(path, required=fmt == "squad")
         if squad is not None:
             return DatasetDict({"train": squad})
-    builder, options = {"csv": ("csv", {}), "tsv": ("csv", {"sep": "\t"}), "json": ("json", {}),
-                        "parquet": ("parquet", {})}[fmt]  # fmt: skip
+    builder, options = {
+        "csv": ("csv", {}),
+        "tsv": ("csv", {"sep": "\t"}),
+        "json": ("json", {}),
+        "parquet": ("parquet", {}),
+    }[fmt]
     if builder == "csv":
         options["encoding"] = cfg.encoding
     try:
@@ -187,10 +201,17 @@ def _read_squad(path, required: bool):
     for paragraph in paragraphs:
         for qa in paragraph["qas"]:
             answers = [] if qa.get("is_impossible") else qa.get("answers", [])
-            rows.append({
-                "id": str(qa["id"]), "question": qa["question"], "context": paragraph["context"],
-                "answers": {"text": [a["text"] for a in answers], "answer_start": [a["answer_start"] for a in answers]},
-            })  # fmt: skip
+            rows.append(
+                {
+                    "id": str(qa["id"]),
+                    "question": qa["question"],
+                    "context": paragraph["context"],
+                    "answers": {
+                        "text": [a["text"] for a in answers],
+                        "answer_start": [a["answer_start"] for a in answers],
+                    },
+                }
+            )
     return Dataset.from_list(rows)
 
 
@@ -249,11 +270,17 @@ def _check_text(splits, empty_texts: str, roles):
                     f"any header); remove or fill them, or set data.empty_texts: drop to leave them out"
                 )
             if bad:
-                log.info("data: dropped %d row(s) of %s with an empty '%s' (source rows %s)", len(bad), name, column,
-                         _rows(bad))  # fmt: skip
+                log.info(
+                    "data: dropped %d row(s) of %s with an empty '%s' (source rows %s)",
+                    len(bad),
+                    name,
+                    column,
+                    _rows(bad),
+                )
     if empty_texts == "drop":
-        splits = splits.filter(lambda b: [not any(blank(b[c][i]) for c in columns) for i in range(len(b[ROW]))],
-                               batched=True)  # fmt: skip
+        splits = splits.filter(
+            lambda b: [not any(blank(b[c][i]) for c in columns) for i in range(len(b[ROW]))], batched=True
+        )
     return splits
 
 
@@ -263,8 +290,11 @@ def _check_tokens(split):
     if empty:
         raise UserError(f"data: {len(empty)} sentence(s) have no tokens (source sentences {_rows(empty)}); remove them")
     if "tags" in split.column_names:
-        bad = [(row, len(tok), len(tag)) for row, tok, tag in zip(split[ROW], split["tokens"], split["tags"])
-               if len(tok) != len(tag)]  # fmt: skip
+        bad = [
+            (row, len(tok), len(tag))
+            for row, tok, tag in zip(split[ROW], split["tokens"], split["tags"])
+            if len(tok) != len(tag)
+        ]
         if bad:
             row, n_tokens, n_tags = bad[0]
             raise UserError(

@@ -5,8 +5,10 @@ import json
 import logging
 from pathlib import Path
 
-from peftkit import __version__, atomic
+from peftkit import __version__, atomic, quant
 from peftkit.errors import UserError
+from peftkit.loading import load_trained
+from peftkit.methods import METHODS, storage
 from peftkit.run_folder import INFO
 
 log = logging.getLogger("peftkit")
@@ -16,12 +18,16 @@ def save_adapter(model, tokenizer, out: Path, recipe, labels) -> None:
     """The trained part in its method's format (methods/storage.py): peft's, so plain `PeftModel.from_pretrained`
     loads it, head included; peftkit's own for prefix tuning and bottleneck adapters; the whole model for full
     fine-tuning. Plus the tokenizer, and peftkit.json with what the formats do not hold (task, labels)."""
-    from peftkit.methods import storage
-
     fmt = storage.save(model, out, recipe.method, recipe.model.name)
     tokenizer.save_pretrained(out)
-    info = {"peftkit_version": __version__, "task": recipe.task.type, "method": recipe.method.name,
-            "format": fmt, "base_model": recipe.model.name, "labels": labels}  # fmt: skip
+    info = {
+        "peftkit_version": __version__,
+        "task": recipe.task.type,
+        "method": recipe.method.name,
+        "format": fmt,
+        "base_model": recipe.model.name,
+        "labels": labels,
+    }
     (out / INFO).write_text(json.dumps(info, indent=2), encoding="utf-8")
 
 
@@ -30,8 +36,9 @@ def adapter_bytes(adapter_dir: Path) -> int:
     return sum(f.stat().st_size for f in Path(adapter_dir).glob("*.safetensors"))
 
 
-def merge(run_dir: Path, out: Path, overwrite: bool = False, tolerance: float | None = None,
-          requantize: bool = False) -> dict:
+def merge(
+    run_dir: Path, out: Path, overwrite: bool = False, tolerance: float | None = None, requantize: bool = False
+) -> dict:
     """Fold the adapter into the base weights, save a standalone model (safetensors), reload it from disk and
     compare its logits with the unmerged model's on a fixed batch. Fails above the tolerance; the output
     folder then never appears.
@@ -42,9 +49,6 @@ def merge(run_dir: Path, out: Path, overwrite: bool = False, tolerance: float | 
     trained (quantised base + adapter) and from the adapter on the original full-precision base. Re-quantising
     the merged model is lossy too; it happens only with `requantize`, and its error is reported."""
     import torch
-
-    from peftkit.methods import METHODS
-    from peftkit.loading import load_trained
 
     # computed as in training (no inference-only 4-bit layout, quant.cpu_layout): the reference is what was trained
     recipe, task, tokenizer, model, _ = load_trained(run_dir, torch.device("cpu"), inference=False)
@@ -80,8 +84,11 @@ def merge(run_dir: Path, out: Path, overwrite: bool = False, tolerance: float | 
             _, _, _, reference, _ = load_trained(run_dir, torch.device("cpu"), recipe=full_precision)
             report["vs_full_precision_base"] = _max_diff(merged_logits, _logits(reference, batch))
             del reference
-            log.info("merged (full precision) vs quantised base + adapter: %.3g; vs original base + adapter: %.3g",
-                     report["vs_quantized_base"], report["vs_full_precision_base"])  # fmt: skip
+            log.info(
+                "merged (full precision) vs quantised base + adapter: %.3g; vs original base + adapter: %.3g",
+                report["vs_quantized_base"],
+                report["vs_full_precision_base"],
+            )
             if requantize:
                 report["requantized_vs_quantized_base"] = _requantize(tmp, type(merged), recipe, task, batch, trained)
     return report
@@ -91,8 +98,6 @@ def _requantize(folder: Path, model_class, recipe, task, batch, trained) -> floa
     """Replace the merged model in `folder` by its 8/4-bit copy (the recipe's quantization settings); returns its
     max abs logit difference from the quantised base + adapter that was trained."""
     import torch
-
-    from peftkit import quant
 
     kwargs = quant.load_kwargs(recipe.quantization, list(task.HEAD_MODULES), torch.device("cpu"))
     model = model_class.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()

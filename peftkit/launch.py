@@ -15,6 +15,8 @@ import os
 import sys
 import uuid
 
+from peftkit.errors import UserError
+
 log = logging.getLogger("peftkit")
 LAUNCHED = "PEFTKIT_LAUNCHED"  # set for the processes that launch() starts
 
@@ -41,15 +43,19 @@ def launch(processes: int, args: list[str]) -> int:
         # torchrun would give each process 1 thread; on CPU the cores are shared between the processes instead
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
     elif torch.cuda.is_available() and torch.cuda.device_count() < processes:  # NCCL takes one GPU per process
-        from peftkit.errors import UserError
-
         count = torch.cuda.device_count()
         raise UserError(f"--processes {processes}: this machine has {count} GPU(s); use --processes {count} or fewer")
     # the agent's own log lines repeat what the failing process printed; its exit code is reported below
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0",  # torchrun --standalone
-                          max_restarts=0)  # fmt: skip
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=processes,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",  # torchrun --standalone
+        max_restarts=0,
+    )
     os.environ[LAUNCHED] = "1"
     try:
         elastic_launch(config, sys.executable)("-m", "peftkit", *args)

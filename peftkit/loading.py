@@ -7,7 +7,7 @@ Used by the pipeline (run.py) and by every command that works on a finished run 
 import logging
 from pathlib import Path
 
-from peftkit import assets, data, train
+from peftkit import assets, data, quant, train
 from peftkit.errors import UserError
 from peftkit.methods import METHODS, storage
 from peftkit.methods.base import Context, optional
@@ -27,15 +27,14 @@ def method_context(recipe: Recipe, task, model, total_steps: int = 1000) -> Cont
     )
 
 
-def load_base(recipe: Recipe, task, labels, device, precision: str = "no", dequantize: bool = False,
-              inference: bool = False):
+def load_base(
+    recipe: Recipe, task, labels, device, precision: str = "no", dequantize: bool = False, inference: bool = False
+):
     """(tokenizer, model) for the recipe's base model, quantised if the recipe asks, head freshly initialised.
     `dequantize`: load the quantised weights, then turn them back into full-precision layers (for merging).
     `inference`: the model will only predict, so a 4-bit base may take bitsandbytes' inference-only CPU
     layout (quant.cpu_layout); False (the default) for training and for whatever must compute as training did."""
     from transformers import AutoTokenizer
-
-    from peftkit import quant  # light: bitsandbytes is imported only when a recipe quantises
 
     ref = assets.resolve_model(recipe.model.name)
     common = {"revision": recipe.model.revision, "trust_remote_code": recipe.model.trust_remote_code}
@@ -70,14 +69,19 @@ def base_dtype(recipe: Recipe, precision: str):
     import torch
 
     method = METHODS[recipe.method.name]
-    if (recipe.model.dtype == "fp32" or precision != "bf16" or recipe.quantization
-            or optional(method, "rewrites_base")(recipe.method)):  # fmt: skip
+    if (
+        recipe.model.dtype == "fp32"
+        or precision != "bf16"
+        or recipe.quantization
+        or optional(method, "rewrites_base")(recipe.method)
+    ):
         return torch.float32
     return torch.bfloat16
 
 
-def load_trained(run_dir: Path, device=None, dequantize: bool = False, recipe: Recipe | None = None,
-                 inference: bool = True):
+def load_trained(
+    run_dir: Path, device=None, dequantize: bool = False, recipe: Recipe | None = None, inference: bool = True
+):
     """(recipe, task, tokenizer, model with its adapter, labels) of a finished run, ready for inference.
     `dequantize`: a quantised base is turned back into full precision first; `recipe` replaces the run's own
     (e.g. without its quantization section, for the adapter on the original full-precision base); `inference`
@@ -111,5 +115,14 @@ def evaluate_run(run_dir: Path, splits: list[str] | None = None) -> dict:
     encoded = task.preprocess(DatasetDict({s: data_splits[s] for s in splits}), tokenizer, recipe.task)  # scored only
     accelerator = train.make_accelerator(recipe.train.precision, 1)
     model = accelerator.prepare(model)
-    return {split: train.evaluate(model, train.eval_loader(encoded[split], task.collator(tokenizer), recipe, accelerator),
-                                  task, labels, accelerator, recipe.task) for split in splits}  # fmt: skip
+    return {
+        split: train.evaluate(
+            model,
+            train.eval_loader(encoded[split], task.collator(tokenizer), recipe, accelerator),
+            task,
+            labels,
+            accelerator,
+            recipe.task,
+        )
+        for split in splits
+    }

@@ -1,5 +1,6 @@
 """The one place where throughput and memory are measured, so every number peftkit reports agrees."""
 
+import contextlib
 import math
 import resource
 import sys
@@ -47,8 +48,12 @@ class Throughput:
             summed = accelerator.reduce(torch.tensor([samples, tokens], device=accelerator.device), "sum")
             samples, tokens = (int(v) for v in summed.tolist())
             seconds = accelerator.reduce(torch.tensor(seconds, device=accelerator.device), "max").item()
-        return {"samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds, "seconds": seconds,
-                "tokens": tokens}  # fmt: skip
+        return {
+            "samples_per_s": samples / seconds,
+            "tokens_per_s": tokens / seconds,
+            "seconds": seconds,
+            "tokens": tokens,
+        }
 
 
 def peak_memory(device) -> dict:
@@ -75,10 +80,8 @@ def reset_peak_memory(device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        try:
+        with contextlib.suppress(OSError):  # other systems: the peak stays the lifetime one
             Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
-        except OSError:
-            pass  # other systems: the peak stays the lifetime one
 
 
 def memory_now(device) -> dict:

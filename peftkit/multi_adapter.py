@@ -22,16 +22,40 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftkit import atomic
+from peftkit import atomic, export
 from peftkit.errors import UserError, did_you_mean
+from peftkit.loading import evaluate_run, load_base
+from peftkit.recipe import validate
+from peftkit.run_folder import finished_adapter
+from peftkit.sharing.hub import resolve_run
+from peftkit.tasks import TASKS
 
 log = logging.getLogger("peftkit")
 
 # peft's combination types (LoraModel.add_weighted_adapter) and what each needs
-COMBINATIONS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
-                "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")  # fmt: skip
-NEEDS_DENSITY = {"ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd", "magnitude_prune",
-                 "magnitude_prune_svd"}  # fmt: skip
+COMBINATIONS = (
+    "linear",
+    "cat",
+    "svd",
+    "ties",
+    "ties_svd",
+    "dare_linear",
+    "dare_ties",
+    "dare_linear_svd",
+    "dare_ties_svd",
+    "magnitude_prune",
+    "magnitude_prune_svd",
+)
+NEEDS_DENSITY = {
+    "ties",
+    "ties_svd",
+    "dare_linear",
+    "dare_ties",
+    "dare_linear_svd",
+    "dare_ties_svd",
+    "magnitude_prune",
+    "magnitude_prune_svd",
+}
 NEEDS_EQUAL_RANK = {"linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"}  # they mix A and B as they are
 COMBINED = "default"  # peft saves the adapter named "default" at the folder's root (others go in a subfolder)
 
@@ -55,9 +79,6 @@ class Source:
 
 def read(refs, hub_dir=None) -> list[Source]:
     """The runs named by `refs` (folders or user/name[@revision]), with unique adapter names."""
-    from peftkit.sharing.hub import resolve_run
-    from peftkit.run_folder import finished_adapter
-
     sources, seen = [], set()
     for ref in refs:
         run_dir = resolve_run(ref, hub_dir)
@@ -79,11 +100,16 @@ def check_shared_base(sources: list[Source], purpose: str) -> None:
     for s in sources:
         fmt, method = s.info["format"], s.info["method"]
         if fmt != "peft":
-            why = ("is a whole fine-tuned model, not an adapter on the shared base" if fmt == "full" else
-                   f"is saved in peftkit's own format ({method} changes the base model's layers in place, so it "
-                   "cannot sit next to other adapters on one base)")  # fmt: skip
-            raise UserError(f"{purpose}: run {s.ref} ({method}) {why}; only adapters in peft's format can share a "
-                            f"base. Use `peftkit predict {s.ref}` on its own")  # fmt: skip
+            why = (
+                "is a whole fine-tuned model, not an adapter on the shared base"
+                if fmt == "full"
+                else f"is saved in peftkit's own format ({method} changes the base model's layers in place, so it "
+                "cannot sit next to other adapters on one base)"
+            )
+            raise UserError(
+                f"{purpose}: run {s.ref} ({method}) {why}; only adapters in peft's format can share a "
+                f"base. Use `peftkit predict {s.ref}` on its own"
+            )
     for s in sources[1:]:
         for what, mine, theirs in (
             ("base model", _base(s), _base(first)),
@@ -91,9 +117,11 @@ def check_shared_base(sources: list[Source], purpose: str) -> None:
             ("task", s.recipe.task.type, first.recipe.task.type),
         ):
             if mine != theirs:
-                raise UserError(f"{purpose}: runs {first.ref} and {s.ref} differ in {what} ({theirs} vs {mine}); "
-                                f"adapters share a base only when trained on the same base model, quantization and "
-                                f"task: give runs that match, or use each one on its own")  # fmt: skip
+                raise UserError(
+                    f"{purpose}: runs {first.ref} and {s.ref} differ in {what} ({theirs} vs {mine}); "
+                    f"adapters share a base only when trained on the same base model, quantization and "
+                    f"task: give runs that match, or use each one on its own"
+                )
 
 
 def _base(s: Source) -> str:
@@ -112,9 +140,6 @@ def _peft_config(s: Source) -> dict:
 def _load_onto_one_base(sources: list[Source], device, recipe=None):
     """One base (the first run's, or `recipe`'s), every source's adapter on it under its own name."""
     from peft import PeftModel
-
-    from peftkit.loading import load_base
-    from peftkit.tasks import TASKS
 
     first = sources[0]
     recipe = recipe or first.recipe
@@ -151,13 +176,17 @@ def load(refs, hub_dir=None, device=None) -> Loaded:
     types = {s.ref: _peft_config(s)["peft_type"] for s in sources}
     if len(set(types.values())) > 1:
         listed = ", ".join(f"{ref} ({t.lower()})" for ref, t in types.items())
-        raise UserError(f"predict: the runs use different peft methods ({listed}); a peft model holds adapters of "
-                        "one method type only. Give runs of one method, or predict with each on its own")  # fmt: skip
+        raise UserError(
+            f"predict: the runs use different peft methods ({listed}); a peft model holds adapters of "
+            "one method type only. Give runs of one method, or predict with each on its own"
+        )
     sizes = {s.ref: len(s.labels or []) for s in sources}
     if len(set(sizes.values())) > 1:
         listed = ", ".join(f"{ref} ({n} labels)" for ref, n in sizes.items())
-        raise UserError(f"predict: the runs' heads differ in size ({listed}); peft copies the base's one head for "
-                        "every adapter, so all must have the same number of labels. Predict with each on its own")  # fmt: skip
+        raise UserError(
+            f"predict: the runs' heads differ in size ({listed}); peft copies the base's one head for "
+            "every adapter, so all must have the same number of labels. Predict with each on its own"
+        )
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = _load_onto_one_base(sources, device)
     tokenizers = {s.name: AutoTokenizer.from_pretrained(s.adapter_dir) for s in sources}
@@ -176,8 +205,6 @@ def use(loaded: Loaded, source: Source) -> None:
 def predict(loaded: Loaded, items: list[str], **options) -> list[dict]:
     """Each run's predictions for `items`, one row per item: the input, then each run's outputs under
     "<run> <field>" (e.g. "sentiment-a label")."""
-    from peftkit.tasks import TASKS
-
     task = TASKS[loaded.recipe.task.type]
     per_run = {}
     for s in loaded.sources:
@@ -200,24 +227,31 @@ def predict(loaded: Loaded, items: list[str], **options) -> list[dict]:
 def check_combination(how: str, weights: list[float], runs: int, density: float | None, svd_rank: int | None) -> None:
     """The options, checked before anything is loaded."""
     if how not in COMBINATIONS:
-        raise UserError(f"--how {how}: not one of peft's combinations{did_you_mean(how, COMBINATIONS)}; choose "
-                        f"one of {', '.join(COMBINATIONS)}")  # fmt: skip
+        raise UserError(
+            f"--how {how}: not one of peft's combinations{did_you_mean(how, COMBINATIONS)}; choose "
+            f"one of {', '.join(COMBINATIONS)}"
+        )
     if runs < 2:
         raise UserError("combine: give at least two runs to combine")
     if len(weights) != runs:
         raise UserError(f"--weights: {len(weights)} weight(s) for {runs} runs; give one per run, in the runs' order")
     if how in NEEDS_DENSITY:
         if density is None:
-            raise UserError(f"--how {how} prunes each update to a fraction of its entries: give --density in (0, 1], "
-                            "e.g. --density 0.5")  # fmt: skip
+            raise UserError(
+                f"--how {how} prunes each update to a fraction of its entries: give --density in (0, 1], "
+                "e.g. --density 0.5"
+            )
         if not 0 < density <= 1:
             raise UserError(f"--density {density:g}: must be in (0, 1] (the fraction of entries kept)")
     elif density is not None:
-        raise UserError(f"--density is for the pruning combinations ({', '.join(sorted(NEEDS_DENSITY))}); "
-                        f"--how {how} keeps every entry: leave --density out")  # fmt: skip
+        raise UserError(
+            f"--density is for the pruning combinations ({', '.join(sorted(NEEDS_DENSITY))}); "
+            f"--how {how} keeps every entry: leave --density out"
+        )
     if svd_rank is not None and not how.endswith("svd"):
-        raise UserError(f"--svd-rank is for the combinations that end in svd; --how {how} does not truncate: leave "
-                        "it out")  # fmt: skip
+        raise UserError(
+            f"--svd-rank is for the combinations that end in svd; --how {how} does not truncate: leave it out"
+        )
     if svd_rank is not None and svd_rank < 1:
         raise UserError(f"--svd-rank {svd_rank}: must be at least 1")
 
@@ -229,28 +263,39 @@ def _check_combinable(sources: list[Source], how: str, weights: list[float]) -> 
     for s in sources:
         method = s.recipe.method
         if s.info["method"] != "lora":
-            raise UserError(f"combine: run {s.ref} is {s.info['method']}; peft's add_weighted_adapter combines LoRA "
-                            "adapters only (method.name: lora)")  # fmt: skip
+            raise UserError(
+                f"combine: run {s.ref} is {s.info['method']}; peft's add_weighted_adapter combines LoRA "
+                "adapters only (method.name: lora)"
+            )
         if method.dora:
-            raise UserError(f"combine: run {s.ref} uses DoRA; add_weighted_adapter combines the low-rank matrices "
-                            "but not DoRA's magnitude vectors, so the result would be wrong: combine plain LoRA runs")  # fmt: skip
+            raise UserError(
+                f"combine: run {s.ref} uses DoRA; add_weighted_adapter combines the low-rank matrices "
+                "but not DoRA's magnitude vectors, so the result would be wrong: combine plain LoRA runs"
+            )
         if method.bias != "none":
-            raise UserError(f"combine: run {s.ref} trained biases (method.bias: {method.bias}); they live in the "
-                            "base layers, which add_weighted_adapter does not combine: combine runs with bias: none")  # fmt: skip
+            raise UserError(
+                f"combine: run {s.ref} trained biases (method.bias: {method.bias}); they live in the "
+                "base layers, which add_weighted_adapter does not combine: combine runs with bias: none"
+            )
     if how in NEEDS_EQUAL_RANK:
         ranks = {s.ref: _rank(_peft_config(s)) for s in sources}
         if len(set(ranks.values())) > 1:
             listed = ", ".join(f"{ref} r={r}" for ref, r in ranks.items())
-            raise UserError(f"--how {how} mixes the A and B matrices entry by entry, so the ranks must be equal "
-                            f"({listed}); use --how cat (rank {sum(ranks.values())}, exact) or svd (--svd-rank)")  # fmt: skip
+            raise UserError(
+                f"--how {how} mixes the A and B matrices entry by entry, so the ranks must be equal "
+                f"({listed}); use --how cat (rank {sum(ranks.values())}, exact) or svd (--svd-rank)"
+            )
     for s in sources:
         if s.labels != first.labels:
-            raise UserError(f"combine: runs {first.ref} and {s.ref} have different labels ({first.labels} vs "
-                            f"{s.labels}); their heads can only be averaged over the same labels in the same order")  # fmt: skip
-    if _has_head(first):
-        if any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise UserError(f"--weights {','.join(f'{w:g}' for w in weights)}: the task heads are averaged with the "
-                            "weights, which needs them non-negative and not all zero (a head cannot be subtracted)")  # fmt: skip
+            raise UserError(
+                f"combine: runs {first.ref} and {s.ref} have different labels ({first.labels} vs "
+                f"{s.labels}); their heads can only be averaged over the same labels in the same order"
+            )
+    if _has_head(first) and (any(w < 0 for w in weights) or sum(weights) <= 0):
+        raise UserError(
+            f"--weights {','.join(f'{w:g}' for w in weights)}: the task heads are averaged with the "
+            "weights, which needs them non-negative and not all zero (a head cannot be subtracted)"
+        )
 
 
 def _rank(config: dict) -> int:
@@ -273,10 +318,13 @@ def _take_heads_aside(model, names: list[str]) -> dict:
         if not present:
             continue
         if len(present) != len(names):  # cannot happen with one task; said plainly should it ever
-            raise UserError(f"combine: only some of the runs have a trained copy of this head ({wrapper}); their "
-                            "heads cannot be averaged")  # fmt: skip
-        heads[wrapper] = [{k: v.detach().clone() for k, v in wrapper.modules_to_save[n].state_dict().items()}
-                          for n in names]  # fmt: skip
+            raise UserError(
+                f"combine: only some of the runs have a trained copy of this head ({wrapper}); their "
+                "heads cannot be averaged"
+            )
+        heads[wrapper] = [
+            {k: v.detach().clone() for k, v in wrapper.modules_to_save[n].state_dict().items()} for n in names
+        ]
         for n in names:
             wrapper.delete_adapter(n, None)
     return heads
@@ -299,8 +347,16 @@ def default_out(sources: list[Source], how: str) -> Path:
     return parent / ("+".join(re.sub(r"[^\w.@-]", "_", s.label) for s in sources) + f"-{how}")
 
 
-def combine(refs, weights: list[float], how: str, out: Path | None = None, density: float | None = None,
-            svd_rank: int | None = None, overwrite: bool = False, hub_dir=None) -> dict:
+def combine(
+    refs,
+    weights: list[float],
+    how: str,
+    out: Path | None = None,
+    density: float | None = None,
+    svd_rank: int | None = None,
+    overwrite: bool = False,
+    hub_dir=None,
+) -> dict:
     """Combine the runs' LoRA adapters with add_weighted_adapter into a new finished run folder; returns what
     was combined (also written to combine.json there)."""
     check_combination(how, weights, len(refs), density, svd_rank)
@@ -313,12 +369,14 @@ def combine(refs, weights: list[float], how: str, out: Path | None = None, densi
         del model
         # scored like `peftkit eval` scores it (the recipe's base, quantised if the runs' was), so the combination
         # is judged next to its sources and can be pushed with its results
-        from peftkit.loading import evaluate_run
 
         atomic.write_text(folder / "metrics.json", json.dumps(evaluate_run(folder), indent=2))
     log.info("combined %d adapters (%s) into %s", len(sources), how, out)
-    return {**json.loads((out / "combine.json").read_text()), "output": str(out),
-            "metrics": json.loads((out / "metrics.json").read_text())}  # fmt: skip
+    return {
+        **json.loads((out / "combine.json").read_text()),
+        "output": str(out),
+        "metrics": json.loads((out / "metrics.json").read_text()),
+    }
 
 
 def _combined_model(sources: list[Source], weights, how, density, svd_rank):
@@ -333,8 +391,9 @@ def _combined_model(sources: list[Source], weights, how, density, svd_rank):
     heads = _take_heads_aside(model, names)
     torch.manual_seed(first.recipe.train.seed)  # dare_* drop entries at random: the same result every time
     try:
-        model.base_model.add_weighted_adapter(names, weights, COMBINED, combination_type=how, density=density,
-                                              svd_rank=svd_rank)  # fmt: skip
+        model.base_model.add_weighted_adapter(
+            names, weights, COMBINED, combination_type=how, density=density, svd_rank=svd_rank
+        )
     except ValueError as err:  # a rule of peft's not checked above
         raise UserError(f"combine: peft's add_weighted_adapter refused: {err}") from None
     model.set_adapter(COMBINED, inference_mode=True)
@@ -344,14 +403,12 @@ def _combined_model(sources: list[Source], weights, how, density, svd_rank):
     return model, heads
 
 
-def _write_run(folder: Path, out: Path, model, sources: list[Source], weights, how, density, svd_rank,
-               heads: int) -> None:
+def _write_run(
+    folder: Path, out: Path, model, sources: list[Source], weights, how, density, svd_rank, heads: int
+) -> None:
     """adapter/ (peft's format), recipe.yaml (the first run's, with the combined adapter as its method) and
     combine.json (what was combined, and each source's metrics)."""
     from transformers import AutoTokenizer
-
-    from peftkit import export
-    from peftkit.recipe import validate
 
     first = sources[0]
     config = model.peft_config[COMBINED]
@@ -361,24 +418,42 @@ def _write_run(folder: Path, out: Path, model, sources: list[Source], weights, h
     config.use_rslora = False
     raw = first.recipe.model_dump(mode="json")
     raw.update(name=out.name, export={**raw["export"], "output_dir": str(out)})
-    raw["method"] = {"name": "lora", "r": config.r, "alpha": float(config.lora_alpha), "dropout": config.lora_dropout,
-                     "target_modules": sorted(config.target_modules), "bias": config.bias,
-                     "rslora": config.use_rslora, "dora": False, "init": "default"}  # fmt: skip
+    raw["method"] = {
+        "name": "lora",
+        "r": config.r,
+        "alpha": float(config.lora_alpha),
+        "dropout": config.lora_dropout,
+        "target_modules": sorted(config.target_modules),
+        "bias": config.bias,
+        "rslora": config.use_rslora,
+        "dora": False,
+        "init": "default",
+    }
     recipe = validate(raw, source="the combined recipe")
     record = {
-        "how": how, "weights": weights, "density": density, "svd_rank": svd_rank, "rank": config.r,
+        "how": how,
+        "weights": weights,
+        "density": density,
+        "svd_rank": svd_rank,
+        "rank": config.r,
         "seed": first.recipe.train.seed,
-        "heads": (f"weighted average of {heads} head module(s), weights normalised to sum 1" if heads
-                  else "none (the task has no head)"),
-        "sources": [{"run": str(s.run_dir), "weight": w, "metrics": _metrics(s.run_dir)}
-                    for s, w in zip(sources, weights)],
-    }  # fmt: skip
+        "heads": (
+            f"weighted average of {heads} head module(s), weights normalised to sum 1"
+            if heads
+            else "none (the task has no head)"
+        ),
+        "sources": [
+            {"run": str(s.run_dir), "weight": w, "metrics": _metrics(s.run_dir)} for s, w in zip(sources, weights)
+        ],
+    }
     header = "".join(
         [f"# peftkit combine --how {how}: a combination of trained adapters, not a training run (combine.json)\n"]
         + [f"#   {s.run_dir} (weight {w:g})\n" for s, w in zip(sources, weights)]
-        + ["# The sections are the first run's (data: what `peftkit eval` evaluates on); method describes the\n"
-           "# combined adapter (peft sets alpha = r for it).\n"]
-    )  # fmt: skip
+        + [
+            "# The sections are the first run's (data: what `peftkit eval` evaluates on); method describes the\n"
+            "# combined adapter (peft sets alpha = r for it).\n"
+        ]
+    )
     tokenizer = AutoTokenizer.from_pretrained(first.adapter_dir)
     export.save_adapter(model, tokenizer, folder / "adapter", recipe, first.labels)
     (folder / "recipe.yaml").write_text(header + recipe.to_yaml(), encoding="utf-8")
@@ -391,5 +466,8 @@ def _metrics(run_dir: Path) -> dict:
     if not path.is_file():
         return {}
     metrics = json.loads(path.read_text())
-    return {split: {k: v for k, v in metrics[split].items() if isinstance(v, float)}
-            for split in ("validation", "test") if isinstance(metrics.get(split), dict)}  # fmt: skip
+    return {
+        split: {k: v for k, v in metrics[split].items() if isinstance(v, float)}
+        for split in ("validation", "test")
+        if isinstance(metrics.get(split), dict)
+    }

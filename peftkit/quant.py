@@ -27,8 +27,8 @@ def load_kwargs(cfg: QuantizationSection, head_modules: list[str], device, preci
     # Giving a skip list replaces transformers' default one, which keeps the output layer (`lm_head`, tied to the
     # input embeddings in GPT-2) in full precision; quantising it crashes the same way, so it is listed too.
     skip = [*head_modules, "pooler", "lm_head"]
-    compute_dtype = cfg.compute_dtype if cfg.compute_dtype != "auto" else {"bf16": "bf16", "fp16": "fp16"}.get(
-        precision, "fp32"
+    compute_dtype = (
+        cfg.compute_dtype if cfg.compute_dtype != "auto" else {"bf16": "bf16", "fp16": "fp16"}.get(precision, "fp32")
     )
     if cfg.bits == 8:
         config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)

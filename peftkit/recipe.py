@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Union
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from peftkit.errors import UserError, did_you_mean
+from peftkit.methods import METHODS
 from peftkit.sections import (
     DataSection,
     EvalSection,
@@ -22,11 +24,8 @@ from peftkit.sections import (
     ModelSection,
     QuantizationSection,
     Section,
-    SplitSection,
     TrainSection,
 )
-from peftkit.errors import UserError, did_you_mean
-from peftkit.methods import METHODS
 from peftkit.tasks import TASKS
 
 

@@ -1,6 +1,6 @@
 """`peftkit run`, top to bottom: the whole pipeline in one reading.
 
-    recipe -> data (splits, labels) -> base model (+ 8/4-bit) -> method -> train -> evaluate -> export
+recipe -> data (splits, labels) -> base model (+ 8/4-bit) -> method -> train -> evaluate -> export
 """
 
 import contextlib
@@ -38,9 +38,14 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
             resume_from = _resume_point(run_dir, recipe) if resume else None
             if main and resume_from is None:  # a resumed run's is the same (checked), and other processes read it
                 atomic.write_text(run_dir / RECIPE, recipe.to_yaml())
-            log.info("run %s -> %s (precision %s, device %s%s)", recipe.name, recipe.output_dir,
-                     train.precision_of(accelerator), accelerator.device,
-                     f", {accelerator.num_processes} processes" if accelerator.num_processes > 1 else "")  # fmt: skip
+            log.info(
+                "run %s -> %s (precision %s, device %s%s)",
+                recipe.name,
+                recipe.output_dir,
+                train.precision_of(accelerator),
+                accelerator.device,
+                f", {accelerator.num_processes} processes" if accelerator.num_processes > 1 else "",
+            )
             splits, labels = data.load(recipe.data, task)
             missing = [s for s in recipe.eval.splits if s not in splits]
             if missing:
@@ -50,7 +55,9 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
             if recipe.model.adapter:  # continue from a published adapter: checked before minutes of loading
                 with accelerator.main_process_first():  # one download, which the other processes then find
                     start = hub.starting_adapter(recipe, labels)
-            tokenizer, model = loading.load_base(recipe, task, labels, accelerator.device, train.precision_of(accelerator))
+            tokenizer, model = loading.load_base(
+                recipe, task, labels, accelerator.device, train.precision_of(accelerator)
+            )
             if recipe.train.gradient_checkpointing:
                 # Non-reentrant: the reentrant variant drops gradients when the checkpointed block's inputs do
                 # not require grad, which is the case with a frozen (e.g. quantised) base.
@@ -63,11 +70,18 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
                 hub.load_start(model, start, recipe.model.adapter)
             tokenizer.padding_side = base.optional(method, "padding_side")(context) or tokenizer.padding_side
             counts = {**measure.parameter_counts(model), "flops_per_token": measure.training_flops_per_token(model)}
-            memory = {"model_mib": measure.model_mib(model), "load_peak": measure.peak_memory(accelerator.device),
-                      "after_load": measure.memory_now(accelerator.device)}  # fmt: skip
+            memory = {
+                "model_mib": measure.model_mib(model),
+                "load_peak": measure.peak_memory(accelerator.device),
+                "after_load": measure.memory_now(accelerator.device),
+            }
             measure.reset_peak_memory(accelerator.device)
-            log.info("trainable parameters: %s of %s (%.3f%%)", f"{counts['trainable_params']:,}",
-                     f"{counts['total_params']:,}", 100 * counts["trainable_share"])  # fmt: skip
+            log.info(
+                "trainable parameters: %s of %s (%.3f%%)",
+                f"{counts['trainable_params']:,}",
+                f"{counts['total_params']:,}",
+                100 * counts["trainable_share"],
+            )
 
             encoded = task.preprocess(splits, tokenizer, recipe.task)
             _check_encoded(encoded, recipe)
@@ -77,8 +91,14 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
                 model.to(accelerator.device)
                 for split in recipe.eval.splits:
                     with accelerator.autocast():  # the model is not prepared yet: a half-precision base needs it
-                        before[split] = train.evaluate(model, train.eval_loader(encoded[split], collate, recipe,
-                                                       accelerator), task, labels, accelerator, recipe.task)  # fmt: skip
+                        before[split] = train.evaluate(
+                            model,
+                            train.eval_loader(encoded[split], collate, recipe, accelerator),
+                            task,
+                            labels,
+                            accelerator,
+                            recipe.task,
+                        )
                     log.info("before training, %s: %s", split, train.short(before[split]))
             job = train.Job(model, encoded, collate, task, recipe, accelerator, labels, method, run_dir=run_dir)
             result = train.fit(job, resume=resume_from)
@@ -165,16 +185,22 @@ def _differences(old, new, path: str = "") -> list[str]:
     """'key: old -> new' for every dotted key whose value differs ('(none)' where a side lacks it: e.g. a recipe
     written by an older peftkit, before a key existed)."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return [line for key in sorted(old.keys() | new.keys(), key=str)
-                for line in _differences(old.get(key, "(none)"), new.get(key, "(none)"), f"{path}{key}.")]  # fmt: skip
+        return [
+            line
+            for key in sorted(old.keys() | new.keys(), key=str)
+            for line in _differences(old.get(key, "(none)"), new.get(key, "(none)"), f"{path}{key}.")
+        ]
     return [] if old == new else [f"{path.rstrip('.')}: {old} -> {new}"]
 
 
 def _memory_knobs(recipe: Recipe) -> str:
     """What lowers peak memory, with this recipe's current values."""
     cfg = recipe.train
-    knobs = [f"lower train.batch_size ({cfg.batch_size}; raise train.grad_accum to keep the effective batch of "
-             f"{cfg.batch_size * cfg.grad_accum})", f"lower task.max_length ({recipe.task.max_length})"]  # fmt: skip
+    knobs = [
+        f"lower train.batch_size ({cfg.batch_size}; raise train.grad_accum to keep the effective batch of "
+        f"{cfg.batch_size * cfg.grad_accum})",
+        f"lower task.max_length ({recipe.task.max_length})",
+    ]
     if not cfg.gradient_checkpointing:
         knobs.append("set train.gradient_checkpointing: true")
     if recipe.quantization is None and recipe.method.name != "full":
@@ -191,12 +217,17 @@ def _check_encoded(encoded, recipe: Recipe) -> None:
     """Nothing to learn from, or less than one batch: said before any time is spent."""
     for name, split in encoded.items():
         if len(split) == 0:
-            raise UserError(f"data: the {name} split has no examples left after the {recipe.task.type} task's "
-                            "preprocessing (see the log for the rows it left out)")  # fmt: skip
+            raise UserError(
+                f"data: the {name} split has no examples left after the {recipe.task.type} task's "
+                "preprocessing (see the log for the rows it left out)"
+            )
     rows, batch = len(encoded["train"]), recipe.train.batch_size
     if rows < batch:
-        log.warning("data: train has %d example(s), fewer than train.batch_size %d: each step trains on all of them",
-                    rows, batch)  # fmt: skip
+        log.warning(
+            "data: train has %d example(s), fewer than train.batch_size %d: each step trains on all of them",
+            rows,
+            batch,
+        )
 
 
 def _scored_in_training(result: dict, split: str) -> dict | None:

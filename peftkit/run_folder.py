@@ -42,8 +42,10 @@ def finished_adapter(run_dir: Path) -> tuple[Path, Recipe, dict]:
     adapter_dir = adapter_folder(run_dir)  # adapter/ in a run folder; the root of a pushed or pulled repo
     if adapter_dir is None:
         hint = " (an unfinished run: it has .partial in its name)" if run_dir.name.endswith(".partial") else ""
-        raise UserError(f"{run_dir} is not a finished peftkit run folder (adapter/peftkit.json and recipe.yaml) "
-                        f"or a pushed adapter repo (peftkit.json and recipe.yaml){hint}")  # fmt: skip
+        raise UserError(
+            f"{run_dir} is not a finished peftkit run folder (adapter/peftkit.json and recipe.yaml) "
+            f"or a pushed adapter repo (peftkit.json and recipe.yaml){hint}"
+        )
     info = json.loads((adapter_dir / INFO).read_text(encoding="utf-8"))
     return adapter_dir, load_recipe(run_dir / RECIPE), info
 
@@ -54,5 +56,6 @@ def finished_run(run_dir: Path) -> tuple[Path, Recipe, dict]:
     found = finished_adapter(run_dir)
     if (Path(run_dir) / METRICS).is_file():
         return found
-    raise UserError(f"{run_dir} has no {METRICS}, which the model card is made from; push the folder "
-                    "`peftkit run` printed")  # fmt: skip
+    raise UserError(
+        f"{run_dir} has no {METRICS}, which the model card is made from; push the folder `peftkit run` printed"
+    )

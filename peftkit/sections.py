@@ -7,7 +7,6 @@ Defaults live here (and, for a method's or a task's own options, in its `Config`
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -39,9 +38,10 @@ class ModelSection(Section):
     )
     trust_remote_code: bool = Field(False, description="Run model code from the Hub. Off unless you trust it.")
     adapter: str | None = Field(
-        None, description="Start training from this trained adapter: a run folder, or user/name[@revision] from the "
+        None,
+        description="Start training from this trained adapter: a run folder, or user/name[@revision] from the "
         "local hub (PEFTKIT_HUB_DIR) or the Hugging Face Hub (`peftkit push` publishes one). Its base model, task, "
-        "labels and method section must match this recipe's."
+        "labels and method section must match this recipe's.",
     )
 
 
@@ -66,9 +66,10 @@ class DataSection(Section):
         "pkg://PACKAGE/PATH for a file inside an installed package, or a Hub dataset name."
     )
     format: Literal["auto", "csv", "tsv", "json", "parquet", "conll", "squad", "hub"] = Field(
-        "auto", description="auto: from the file extension (.conll/.iob/.bio: conll; a .json in SQuAD's nested "
+        "auto",
+        description="auto: from the file extension (.conll/.iob/.bio: conll; a .json in SQuAD's nested "
         "layout: squad); a name that is no file is a Hub dataset. conll: one token per line with its tag in a "
-        "column, a blank line between sentences."
+        "column, a blank line between sentences.",
     )
     conll_tag_column: int = Field(
         -1, description="conll format: which whitespace-separated column holds the tag (0 = the token; -1 = last)."
@@ -90,8 +91,9 @@ class DataSection(Section):
         "error", description="What to do with rows whose label is not in `labels`: fail, or drop and report."
     )
     empty_texts: Literal["error", "drop"] = Field(
-        "error", description="What to do with rows whose text is empty or missing: fail naming them, or drop them "
-        "and report how many."
+        "error",
+        description="What to do with rows whose text is empty or missing: fail naming them, or drop them "
+        "and report how many.",
     )
     splits: SplitSection = Field(default_factory=SplitSection)
     seed: int = Field(42, description="Seed of the split (independent of the training seed).")
@@ -103,8 +105,9 @@ class QuantizationSection(Section):
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
     double_quant: bool = Field(True, description="4-bit: quantise the quantisation constants too.")
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="4-bit: dtype the weights are dequantised to for each matmul. auto: the run's precision "
-        "(bf16 only where the machine computes it natively, else fp32)."
+        "auto",
+        description="4-bit: dtype the weights are dequantised to for each matmul. auto: the run's precision "
+        "(bf16 only where the machine computes it natively, else fp32).",
     )
 
 
@@ -125,33 +128,39 @@ class TrainSection(Section):
         True, description="Batch examples of similar length together (less padding); order is still shuffled."
     )
     gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in the backward pass instead of keeping them: less memory for "
-        "longer sequences or bigger batches, about a third more compute."
+        False,
+        description="Recompute activations in the backward pass instead of keeping them: less memory for "
+        "longer sequences or bigger batches, about a third more compute.",
     )
     seed: int = Field(42, description="Seed for initialisation, shuffling and dropout.")
     checkpoint_every: int | None = Field(
-        None, gt=0, description="Also checkpoint every N optimizer steps (one is always written at each epoch "
+        None,
+        gt=0,
+        description="Also checkpoint every N optimizer steps (one is always written at each epoch "
         "end). Checkpoints hold only what trains, plus optimizer and random states; `peftkit run --resume` "
-        "continues from the newest."
+        "continues from the newest.",
     )
     keep_checkpoints: int = Field(2, gt=0, description="How many of the newest checkpoints to keep.")
     log_every: int = Field(10, gt=0, description="Write loss and throughput to the log every N steps.")
     tensorboard: bool = Field(
-        True, description="Also write loss, learning rate, throughput and validation metrics as TensorBoard "
-        "scalars to <run>/tensorboard (needs the tensorboard package: pip install 'peftkit[tensorboard]')."
+        True,
+        description="Also write loss, learning rate, throughput and validation metrics as TensorBoard "
+        "scalars to <run>/tensorboard (needs the tensorboard package: pip install 'peftkit[tensorboard]').",
     )
 
 
 class EvalSection(Section):
     batch_size: int = Field(64, gt=0)
     metric_for_best: str | None = Field(
-        None, description="Validation metric that picks the adapter to keep; omitted: the task's main metric "
-        "(accuracy for classification, entity F1 for token classification)."
+        None,
+        description="Validation metric that picks the adapter to keep; omitted: the task's main metric "
+        "(accuracy for classification, entity F1 for token classification).",
     )
     splits: list[str] = Field(["validation", "test"], description="Splits evaluated with the kept adapter at the end.")
     before_training: bool = Field(
-        False, description="Also evaluate those splits before the first step (the base model, for methods that "
-        "start as the identity), to show what training changed."
+        False,
+        description="Also evaluate those splits before the first step (the base model, for methods that "
+        "start as the identity), to show what training changed.",
     )
 
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from peftkit import cpu_kind, measure
+from peftkit import checkpoint, cpu_kind, measure
 from peftkit.errors import UserError
-from peftkit.methods.base import Method, optional
+from peftkit.methods.base import Method, load_trainable, optional, trainable_tensors
 from peftkit.tasks.common import Task
 from peftkit.training_state import Optimization, TrainingState
 
@@ -62,21 +62,34 @@ def make_accelerator(precision_choice: str, grad_accum: int, cpu: bool = False):
     mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision]
     # The scheduler is stepped once per optimizer step, whatever the number of processes (accelerate's default
     # steps it once per process, for schedules planned in single-process steps); fit() plans in per-process steps.
-    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=grad_accum, cpu=device.type == "cpu",
-                              step_scheduler_with_optimizer=False)  # fmt: skip
+    accelerator = Accelerator(
+        mixed_precision=mixed,
+        gradient_accumulation_steps=grad_accum,
+        cpu=device.type == "cpu",
+        step_scheduler_with_optimizer=False,
+    )
     if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
         # Saving the adapter, the best epoch's weights and checkpoints happens on the main process from its own
         # copy: right under DDP, wrong under sharding (FSDP's full state dict and ZeRO's optimizer partitions
         # need every process). Refused rather than saved wrong until that is written and tested.
-        raise UserError(f"accelerate config: {accelerator.distributed_type.name} is not supported by peftkit yet "
-                        "(the adapter is saved from the main process's weights, which sharding splits); use data "
-                        "parallelism (DDP: `peftkit run RECIPE --processes N`, or `accelerate launch --multi_gpu`), "
-                        "and an 8/4-bit base when the model does not fit on one GPU")  # fmt: skip
+        raise UserError(
+            f"accelerate config: {accelerator.distributed_type.name} is not supported by peftkit yet "
+            "(the adapter is saved from the main process's weights, which sharding splits); use data "
+            "parallelism (DDP: `peftkit run RECIPE --processes N`, or `accelerate launch --multi_gpu`), "
+            "and an 8/4-bit base when the model does not fit on one GPU"
+        )
     return accelerator
 
 
-def make_loader(dataset: Dataset, collate: Callable, batch_size: int, shuffle: bool, group_by_length: bool, seed: int,
-                generator: torch.Generator | None = None) -> DataLoader:  # fmt: skip
+def make_loader(
+    dataset: Dataset,
+    collate: Callable,
+    batch_size: int,
+    shuffle: bool,
+    group_by_length: bool,
+    seed: int,
+    generator: torch.Generator | None = None,
+) -> DataLoader:
     """Batches padded to their own longest example; grouping similar lengths keeps that padding small.
     `generator`: the shuffle's random source, for a caller that keeps it (fit checkpoints its state); by default a
     new one seeded with `seed`."""
@@ -161,8 +174,13 @@ def fit(job: Job, resume: Path | None = None) -> dict:
             loop.end_epoch(state, report)
     loop.keep_best(state)
     rates = loop.meter.rates(job.accelerator)
-    return {"history": state.history, "best_epoch": state.best_epoch, "steps": state.step, **rates,
-            "processes": job.accelerator.num_processes}  # fmt: skip
+    return {
+        "history": state.history,
+        "best_epoch": state.best_epoch,
+        "steps": state.step,
+        **rates,
+        "processes": job.accelerator.num_processes,
+    }
 
 
 class _Loop:
@@ -176,8 +194,15 @@ class _Loop:
         cfg, accelerator = job.recipe.train, job.accelerator
         self.job, self.cfg, self.hooks = job, cfg, MethodHooks.of(job.method)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # the shuffle's: checkpoints hold its state
-        train_loader = make_loader(job.splits["train"], job.collate, cfg.batch_size, True, cfg.group_by_length,
-                                   cfg.seed, generator=self.generator)  # fmt: skip
+        train_loader = make_loader(
+            job.splits["train"],
+            job.collate,
+            cfg.batch_size,
+            True,
+            cfg.group_by_length,
+            cfg.seed,
+            generator=self.generator,
+        )
         val_loader = (
             make_loader(job.splits["validation"], job.collate, job.recipe.eval.batch_size, False, True, cfg.seed)
             if "validation" in job.splits
@@ -198,14 +223,14 @@ class _Loop:
 
     def resume(self, folder: Path) -> TrainingState:
         """The state of the checkpoint in `folder`, its weights and optimizer states put in place."""
-        from peftkit import checkpoint
-
         accelerator = self.job.accelerator
         state = checkpoint.load(folder, self.inner, self.optimization)
         if state.processes != accelerator.num_processes:  # its batch positions and schedule were planned for theirs
-            raise UserError(f"--resume: {folder} was written by a run in {state.processes} process(es), this one has "
-                            f"{accelerator.num_processes}; resume with --processes {state.processes}, or pass "
-                            "--overwrite to start over")  # fmt: skip
+            raise UserError(
+                f"--resume: {folder} was written by a run in {state.processes} process(es), this one has "
+                f"{accelerator.num_processes}; resume with --processes {state.processes}, or pass "
+                "--overwrite to start over"
+            )
         if state.method_state is not None:
             self.hooks.load_training_state(self.inner, state.method_state)
             state.method_state = None
@@ -216,8 +241,6 @@ class _Loop:
     def train_epoch(self, state: TrainingState, report: _Report) -> None:
         """Train on state.epoch's batches from state.batches on (0, or where the interrupted run stopped), until the
         epoch or the run's steps end; checkpoints every train.checkpoint_every steps."""
-        from peftkit import checkpoint
-
         if state.rng is not None and state.batches == 0:  # resuming at an epoch boundary
             checkpoint.restore_rng(state.rng)
             state.rng = None
@@ -236,8 +259,12 @@ class _Loop:
             if state.step % self.cfg.log_every == 0 or state.step == self.total:
                 loss = self.losses.mean()  # the only host sync: once per log interval
                 _check_finite(loss, state.step, self.job.run_dir, self.cfg, precision_of(self.job.accelerator))
-                report.step(state.step, loss, self.optimization.scheduler.get_last_lr()[0],
-                            self.meter.rates(self.job.accelerator))  # fmt: skip
+                report.step(
+                    state.step,
+                    loss,
+                    self.optimization.scheduler.get_last_lr()[0],
+                    self.meter.rates(self.job.accelerator),
+                )
                 self.losses.reset()
             report.advance()
             if state.step >= self.total:
@@ -273,13 +300,12 @@ class _Loop:
         recipe, entry = self.job.recipe, {"epoch": state.epoch, "step": state.step}
         if self.val_loader is not None:
             with self.meter.paused():  # throughput is the training's own
-                entry["validation"] = evaluate(self.model, self.val_loader, self.job.task, self.job.labels,
-                                               self.job.accelerator, recipe.task)  # fmt: skip
+                entry["validation"] = evaluate(
+                    self.model, self.val_loader, self.job.task, self.job.labels, self.job.accelerator, recipe.task
+                )
             sign = -1 if recipe.eval.metric_for_best in LOWER_IS_BETTER else 1
             score = sign * entry["validation"][recipe.eval.metric_for_best]
             if score > state.best_score and self.hooks.restore_best_epoch:
-                from peftkit.methods.base import trainable_tensors
-
                 state.best_score, state.best_epoch = score, state.epoch
                 state.best_state = trainable_tensors(self.inner)
             report.epoch(state.epoch, state.step, entry["validation"])
@@ -294,14 +320,17 @@ class _Loop:
         ever of a healthy run: the losses since the last log, and the weights, are checked first."""
         import torch
 
-        from peftkit import checkpoint
-
         accelerator = self.job.accelerator
         with self.meter.paused():
             params = [p for p in self.model.parameters() if p.requires_grad]
             finite = torch.stack([p.detach().isfinite().all() for p in params]).all().item()
-            _check_finite(self.losses.mean() if finite else math.nan, state.step, self.job.run_dir, self.cfg,
-                          precision_of(accelerator))  # fmt: skip
+            _check_finite(
+                self.losses.mean() if finite else math.nan,
+                state.step,
+                self.job.run_dir,
+                self.cfg,
+                precision_of(accelerator),
+            )
             if accelerator.is_main_process:  # the weights are the same in every process (gradients are averaged)
                 taken = self.hooks.training_state(self.inner) if self.hooks.training_state is not None else None
                 now = replace(state, rng=checkpoint.rng_now(), method_state=taken)
@@ -310,12 +339,13 @@ class _Loop:
 
     def keep_best(self, state: TrainingState) -> None:
         """End on the best validation epoch's trainable weights, where they were kept."""
-        from peftkit.methods.base import load_trainable
-
         if state.best_state is not None:
             load_trainable(self.inner, state.best_state, f"the adapter of epoch {state.best_epoch}")
-            log.info("kept the adapter of epoch %d (best validation %s)", state.best_epoch,
-                     self.job.recipe.eval.metric_for_best)  # fmt: skip
+            log.info(
+                "kept the adapter of epoch %d (best validation %s)",
+                state.best_epoch,
+                self.job.recipe.eval.metric_for_best,
+            )
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainSection) -> torch.optim.Optimizer:
@@ -363,8 +393,15 @@ class _Report:
         rate = f"{rates['samples_per_s']:.3g} samples/s, {rates['tokens_per_s']:.4g} tok/s"
         self.progress.update(self.bar, loss=loss, rate=rate)
         log.debug("step %d  loss %.4f  lr %.2e  %s", step, loss, lr, rate)
-        self.scalars.add(step, {"train/loss": loss, "train/lr": lr, "train/samples_per_s": rates["samples_per_s"],
-                                "train/tokens_per_s": rates["tokens_per_s"]})  # fmt: skip
+        self.scalars.add(
+            step,
+            {
+                "train/loss": loss,
+                "train/lr": lr,
+                "train/samples_per_s": rates["samples_per_s"],
+                "train/tokens_per_s": rates["tokens_per_s"],
+            },
+        )
 
     def advance(self) -> None:
         self.progress.update(self.bar, advance=1)
@@ -400,8 +437,10 @@ def _scalar_writer(run_dir: Path | None, wanted: bool) -> _Scalars:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # torch's writer needs the tensorboard package
-        log.info("TensorBoard scalars skipped: the tensorboard package is not installed "
-                 "(pip install 'peftkit[tensorboard]', or set train.tensorboard: false)")  # fmt: skip
+        log.info(
+            "TensorBoard scalars skipped: the tensorboard package is not installed "
+            "(pip install 'peftkit[tensorboard]', or set train.tensorboard: false)"
+        )
         return _Scalars()
     return _Scalars(SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard")))
 
@@ -417,8 +456,10 @@ def evaluate(model, loader, task, labels, accelerator, config) -> dict:
         for batch in loader:
             preds, refs = task.eval_outputs(model(**model_inputs(batch)), batch)
             # per-position outputs: the processes' batches differ in length; padded positions are never scored
-            preds, refs = (accelerator.pad_across_processes(t, dim=t.ndim - 1, pad_index=-100) if t.ndim > 1 else t
-                           for t in (preds, refs))  # fmt: skip
+            preds, refs = (
+                accelerator.pad_across_processes(t, dim=t.ndim - 1, pad_index=-100) if t.ndim > 1 else t
+                for t in (preds, refs)
+            )
             preds, refs = accelerator.gather_for_metrics((preds, refs))
             predictions.extend(preds.cpu().tolist())
             references.extend(refs.cpu().tolist())
@@ -436,18 +477,22 @@ def _check_finite(loss: float, step: int, run_dir: Path | None, cfg, precision: 
     """Stop a diverged run, naming the likely causes and the last good checkpoint (the run folder is kept)."""
     if math.isfinite(loss):
         return
-    from peftkit import checkpoint
 
-    causes = [f"a learning rate too high for this method (train.lr {cfg.lr:g}: try 3-10x lower, or a longer "
-              f"train.warmup_ratio than {cfg.warmup_ratio:g})"]  # fmt: skip
+    causes = [
+        f"a learning rate too high for this method (train.lr {cfg.lr:g}: try 3-10x lower, or a longer "
+        f"train.warmup_ratio than {cfg.warmup_ratio:g})"
+    ]
     if precision == "fp16":
         causes.append("fp16 overflow (train.precision: bf16 or fp32)")
     if not cfg.max_grad_norm:
         causes.append("no gradient clipping (set train.max_grad_norm, e.g. 1.0)")
     causes.append("extreme values in the data")
     kept = checkpoint.latest(run_dir) if run_dir is not None else None
-    where = (f"the last good checkpoint, {kept}, is kept (its weights are finite)" if kept is not None
-             else "no checkpoint was written before it")  # fmt: skip
+    where = (
+        f"the last good checkpoint, {kept}, is kept (its weights are finite)"
+        if kept is not None
+        else "no checkpoint was written before it"
+    )
     raise UserError(
         f"the training loss (or the trained weights) became {loss} at step {step}; the run stopped and {where}. "
         f"Likely causes: {'; '.join(causes)}."
@@ -459,7 +504,14 @@ def short(metrics: dict) -> str:
 
 
 def _progress(accelerator):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
         TextColumn("[bold]{task.description}"),

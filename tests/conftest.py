@@ -25,9 +25,13 @@ def make_bert(folder: Path, seed: int = 0, hidden: int = 32) -> Path:
     BertTokenizer(str(vocab)).save_pretrained(folder)
     torch.manual_seed(seed)
     config = BertConfig(
-        vocab_size=len(SPECIAL + POSITIVE + NEGATIVE + FILLER), hidden_size=hidden, num_hidden_layers=2,
-        num_attention_heads=4, intermediate_size=2 * hidden, max_position_embeddings=64,
-    )  # fmt: skip
+        vocab_size=len(SPECIAL + POSITIVE + NEGATIVE + FILLER),
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+    )
     BertModel(config).save_pretrained(folder)
     return folder
 
@@ -93,7 +97,11 @@ def recipe_file(tmp_path, tiny_bert, sentiment_csv):
 def peftkit(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
     """Run the real command line, as a user would (`env`: its environment, e.g. HF_ENDPOINT; default: ours)."""
     return subprocess.run(
-        [sys.executable, "-m", "peftkit", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env,
+        [sys.executable, "-m", "peftkit", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
         timeout=600,
     )
 

@@ -37,7 +37,7 @@ class Repo:
         return self.commits.get(sha)
 
     def sha(self, rev: str) -> str | None:
-        return self.branches[rev] if rev in self.branches else (rev if rev in self.commits else None)
+        return self.branches.get(rev, rev if rev in self.commits else None)
 
 
 class FakeHub:
@@ -134,8 +134,15 @@ def _handler(hub: FakeHub):
                 return self._error(404, f"Invalid rev id: {rev}", "RevisionNotFound")
             if action == "preupload":
                 files = json.loads(body)["files"]
-                return self._send(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-                                                   "oid": None} for f in files]})  # fmt: skip
+                return self._send(
+                    200,
+                    {
+                        "files": [
+                            {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
+                            for f in files
+                        ]
+                    },
+                )
             lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
             tree = dict(repo.files(rev) or {})
             for line in lines:
@@ -145,8 +152,10 @@ def _handler(hub: FakeHub):
                     tree[line["value"]["path"]] = base64.b64decode(line["value"]["content"])
                 else:
                     return self._error(400, f"this test hub does not support {line['key']}")
-            sha = hashlib.sha1(json.dumps(sorted((k, hashlib.sha1(v).hexdigest()) for k, v in tree.items())).encode()
-                               + str(len(repo.commits)).encode()).hexdigest()  # fmt: skip
+            sha = hashlib.sha1(
+                json.dumps(sorted((k, hashlib.sha1(v).hexdigest()) for k, v in tree.items())).encode()
+                + str(len(repo.commits)).encode()
+            ).hexdigest()
             repo.commits[sha], repo.branches[rev] = tree, sha
             return self._send(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{sha}", "commitOid": sha})
 
@@ -176,10 +185,23 @@ def _handler(hub: FakeHub):
                 if files is None or sha is None:
                     return self._error(404, f"Invalid rev id: {rev}", "RevisionNotFound")
                 if action == "revision":
-                    return self._send(200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": repo.private,
-                                            "siblings": [{"rfilename": name} for name in sorted(files)]})  # fmt: skip
-                return self._send(200, [{"type": "file", "path": name, "size": len(data),
-                                         "oid": hashlib.sha1(data).hexdigest()} for name, data in sorted(files.items())])  # fmt: skip
+                    return self._send(
+                        200,
+                        {
+                            "id": repo_id,
+                            "modelId": repo_id,
+                            "sha": sha,
+                            "private": repo.private,
+                            "siblings": [{"rfilename": name} for name in sorted(files)],
+                        },
+                    )
+                return self._send(
+                    200,
+                    [
+                        {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                        for name, data in sorted(files.items())
+                    ],
+                )
             found = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
             if not found:
                 return self._error(404, f"no route {path}")

@@ -19,8 +19,11 @@ def runs(tmp_path_factory, tiny_bert, sentiment_csv):
     folder = tmp_path_factory.mktemp("adapters")
     base = {
         "model": {"name": str(tiny_bert)},
-        "data": {"source": str(sentiment_csv), "columns": {"text": "review", "label": "sentiment"},
-                 "labels": ["neg", "pos"]},  # fmt: skip
+        "data": {
+            "source": str(sentiment_csv),
+            "columns": {"text": "review", "label": "sentiment"},
+            "labels": ["neg", "pos"],
+        },
         "task": {"type": "classification", "max_length": 32},
         "train": {"epochs": 1, "max_steps": 4, "batch_size": 16, "lr": 2e-2},
         "eval": {"splits": ["validation"]},
@@ -36,8 +39,13 @@ def runs(tmp_path_factory, tiny_bert, sentiment_csv):
     }
     made = {}
     for name, v in variants.items():
-        recipe = {**base, "name": name, "method": v["method"], "train": {**base["train"], "seed": v["seed"]},
-                  "data": {**base["data"], "labels": v.get("labels", base["data"]["labels"])}}  # fmt: skip
+        recipe = {
+            **base,
+            "name": name,
+            "method": v["method"],
+            "train": {**base["train"], "seed": v["seed"]},
+            "data": {**base["data"], "labels": v.get("labels", base["data"]["labels"])},
+        }
         path = folder / f"{name}.yaml"
         path.write_text(yaml.safe_dump(recipe))
         result = peftkit_here("run", path)
@@ -170,7 +178,10 @@ def test_runs_that_cannot_share_a_base_are_refused(runs, tmp_path):
         (("predict", runs["a"], "--adapter", runs["ia3"], "x"), ["different peft methods", "(ia3)"]),
         (("predict", runs["a"], "--adapter", runs["a"], "x"), ["given twice"]),
         (("combine", runs["a"], runs["ia3"], "--weights", "1,1", "--how", "cat"), ["is ia3", "LoRA adapters only"]),
-        (("combine", runs["a"], runs["renamed"], "--weights", "1,1", "--how", "linear"), ["ranks must be equal", "r=8"]),
+        (
+            ("combine", runs["a"], runs["renamed"], "--weights", "1,1", "--how", "linear"),
+            ["ranks must be equal", "r=8"],
+        ),
         (("combine", runs["a"], runs["renamed"], "--weights", "1,1", "--how", "cat"), ["different labels", "'bad'"]),
         (("combine", runs["a"], runs["b"], "--weights", "1,-1", "--how", "cat"), ["non-negative", "head"]),
         (("combine", runs["a"], runs["b"], "--weights", "1", "--how", "cat"), ["1 weight(s) for 2 runs"]),
@@ -178,8 +189,10 @@ def test_runs_that_cannot_share_a_base_are_refused(runs, tmp_path):
         (("combine", runs["a"], runs["b"], "--weights", "1,1", "--how", "ties"), ["give --density"]),
         (("combine", runs["a"], runs["b"], "--weights", "1,1", "--how", "ties", "--density", "1.5"), ["in (0, 1]"]),
         (("combine", runs["a"], runs["b"], "--weights", "1,1", "--how", "dare_ties", "--density", "0"), ["in (0, 1]"]),
-        (("combine", runs["a"], runs["b"], "--weights", "1,1", "--how", "linear", "--density", "0.5"),
-         ["leave --density out"]),
+        (
+            ("combine", runs["a"], runs["b"], "--weights", "1,1", "--how", "linear", "--density", "0.5"),
+            ["leave --density out"],
+        ),
         (("combine", runs["a"], runs["b"], "--weights", "1,1", "--how", "cat", "--svd-rank", "2"), ["--svd-rank"]),
         (("combine", runs["a"], runs["b"], "--weights", "1,1", "--how", "liner"), ["did you mean 'linear'"]),
         (("combine", runs["a"], "--weights", "1", "--how", "cat"), ["at least two runs"]),

@@ -8,8 +8,22 @@ from .conftest import peftkit
 
 def test_bench_matrix_writes_the_report(recipe_file, tmp_path):
     out = tmp_path / "report"
-    result = peftkit("bench", recipe_file(), "--method", "lora", "--method", "full", "--bits", "4", "--steps", "2",
-                     "--out", out, "--set", "train.batch_size=8")  # fmt: skip
+    result = peftkit(
+        "bench",
+        recipe_file(),
+        "--method",
+        "lora",
+        "--method",
+        "full",
+        "--bits",
+        "4",
+        "--steps",
+        "2",
+        "--out",
+        out,
+        "--set",
+        "train.batch_size=8",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
     rows = {r["variant"]: r for r in report["variants"]}
@@ -34,15 +48,17 @@ def test_bench_matrix_writes_the_report(recipe_file, tmp_path):
 def test_matrix_variants_and_their_checks(recipe_file, tmp_path):
     import pytest
 
-    from peftkit.experiments import bench as benchmark
     from peftkit.errors import UserError
+    from peftkit.experiments import bench as benchmark
     from peftkit.recipe import load_recipe
 
     quantized = recipe_file(quantization={"bits": 8})
     variants = benchmark.matrix([quantized], ["lora", "ia3"], [0, 4], ["train.lr=1e-3"])
     assert [v.name for v in variants] == ["recipe-lora-fp", "recipe-lora-4bit", "recipe-ia3-fp", "recipe-ia3-4bit"]
     full_precision = load_recipe(quantized, variants[2].recipe_overrides())
-    assert full_precision.quantization is None and full_precision.method.name == "ia3" and full_precision.train.lr == 1e-3
+    assert (
+        full_precision.quantization is None and full_precision.method.name == "ia3" and full_precision.train.lr == 1e-3
+    )
     assert load_recipe(quantized, variants[1].recipe_overrides()).quantization.bits == 4
     with pytest.raises(UserError, match="method"):  # every variant is checked before anything runs
         benchmark.matrix([quantized], ["loar"], [], [])

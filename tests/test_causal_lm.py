@@ -13,8 +13,10 @@ from .conftest import FILLER, NEGATIVE, POSITIVE, SPECIAL, peftkit_here
 
 # like real templates: the generation prompt ("[CLS] the", standing for "<|im_start|>assistant") is where the
 # assistant's turn starts
-CHAT = ("{% for m in messages %}[CLS] {% if m['role'] == 'assistant' %}the {% endif %}{{ m['content'] }} [SEP] "
-        "{% endfor %}{% if add_generation_prompt %}[CLS] the {% endif %}")
+CHAT = (
+    "{% for m in messages %}[CLS] {% if m['role'] == 'assistant' %}the {% endif %}{{ m['content'] }} [SEP] "
+    "{% endfor %}{% if add_generation_prompt %}[CLS] the {% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +32,17 @@ def tiny_llama(tmp_path_factory):
     tokenizer.chat_template = CHAT
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
-                         pad_token_id=0, eos_token_id=tokenizer.sep_token_id)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=tokenizer.sep_token_id,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
 
@@ -62,9 +72,15 @@ def test_response_only_loss_masks_the_prompt(tiny_llama, template):
     ids, labels = out["input_ids"][0], out["labels"][0]
     scored = [t for t, label in zip(ids, labels) if label != -100]
     assert tokenizer.decode(scored, skip_special_tokens=True).strip() == "superb"
-    assert ids[: labels.index(scored[0])] == causal_lm.prompt_and_full(tokenizer, "was the movie good", None, template == "auto")[0]
-    everything = causal_lm._pairs({"prompt": ["was the movie good"], "response": ["superb"]}, tokenizer,
-                                  causal_lm.Config(type="causal_lm", chat_template=template, response_only_loss=False))
+    assert (
+        ids[: labels.index(scored[0])]
+        == causal_lm.prompt_and_full(tokenizer, "was the movie good", None, template == "auto")[0]
+    )
+    everything = causal_lm._pairs(
+        {"prompt": ["was the movie good"], "response": ["superb"]},
+        tokenizer,
+        causal_lm.Config(type="causal_lm", chat_template=template, response_only_loss=False),
+    )
     assert everything["labels"][0] == everything["input_ids"][0]
 
 
@@ -73,8 +89,9 @@ def test_perplexity_is_the_exponential_of_the_models_token_loss(tiny_llama):
 
     tokenizer = tokenizer_of(tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-    encoded = causal_lm._texts({"text": ["the movie was good and the plot was dull"]}, tokenizer,
-                               causal_lm.Config(type="causal_lm"))  # fmt: skip
+    encoded = causal_lm._texts(
+        {"text": ["the movie was good and the plot was dull"]}, tokenizer, causal_lm.Config(type="causal_lm")
+    )
     batch = causal_lm.collator(tokenizer)([{k: v[0] for k, v in encoded.items()}])
     with torch.no_grad():
         outputs = model(**batch)

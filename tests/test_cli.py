@@ -124,8 +124,9 @@ def test_user_errors_exit_2_with_the_fix(recipe_file, tmp_path):
 
 
 def test_failed_run_leaves_only_a_partial_folder(recipe_file, tmp_path, sentiment_csv):
-    path = recipe_file(data={"source": str(sentiment_csv), "columns": {"text": "review", "label": "sentiment"},
-                             "labels": ["neg"]})  # fmt: skip
+    path = recipe_file(
+        data={"source": str(sentiment_csv), "columns": {"text": "review", "label": "sentiment"}, "labels": ["neg"]}
+    )
     result = peftkit_here("run", path)
     assert result.returncode == 2 and "labels not in data.labels" in result.stderr
     runs = tmp_path / "runs"
@@ -142,8 +143,9 @@ def test_unreachable_hub_model_is_a_clear_error(recipe_file):
 
     path = recipe_file(model={"name": "someone/not-a-packaged-model"})
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # no network here either way; offline mode fails fast
-    result = subprocess.run([sys.executable, "-m", "peftkit", "run", str(path)], capture_output=True, text=True,
-                            env=env, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "peftkit", "run", str(path)], capture_output=True, text=True, env=env, timeout=300
+    )
     assert result.returncode == 2, result.stderr
     assert "could not load 'someone/not-a-packaged-model'" in result.stderr and "Traceback" not in result.stderr
 
@@ -156,7 +158,11 @@ def test_methods_without_a_peft_format_run_eval_predict_and_refuse_merge(method,
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "runs" / "recipe"
     adapter = {p.name for p in (run_dir / "adapter").iterdir()}
-    assert ("peftkit_adapter.safetensors" in adapter) if method["name"] == "bottleneck" else ("model.safetensors" in adapter)
+    assert (
+        ("peftkit_adapter.safetensors" in adapter)
+        if method["name"] == "bottleneck"
+        else ("model.safetensors" in adapter)
+    )
     result = peftkit_here("eval", run_dir, "--split", "test")
     assert result.returncode == 0, result.stderr
     expected = json.loads((run_dir / "metrics.json").read_text())["test"]["accuracy"]

@@ -13,8 +13,11 @@ from peftkit.tasks.common import Task
 
 
 def _protocol_functions(protocol) -> dict[str, inspect.Signature]:
-    return {name: inspect.signature(getattr(protocol, name)) for name in protocol.__dict__
-            if not name.startswith("_") and inspect.isfunction(getattr(protocol, name))}  # fmt: skip
+    return {
+        name: inspect.signature(getattr(protocol, name))
+        for name in protocol.__dict__
+        if not name.startswith("_") and inspect.isfunction(getattr(protocol, name))
+    }
 
 
 def _accepts(function, protocol_signature: inspect.Signature) -> bool:

@@ -37,8 +37,9 @@ def test_label_list_sets_id_order(sentiment_csv):
     splits, labels = load(source=str(sentiment_csv), labels=["pos", "neg"])
     assert labels == ["pos", "neg"]
     row = splits["train"][0]
-    assert (row["label"] == 0) == any(w in row["text"] for w in ("good", "great", "fine", "superb", "lovely",
-                                                                    "brilliant", "charming", "moving"))  # fmt: skip
+    assert (row["label"] == 0) == any(
+        w in row["text"] for w in ("good", "great", "fine", "superb", "lovely", "brilliant", "charming", "moving")
+    )
 
 
 def test_label_mapping_merges_raw_values(tmp_path):
@@ -183,7 +184,8 @@ def test_label_order_rule():
 @pytest.mark.parametrize("written", ["int", "str"])
 def test_numeric_labels_get_numeric_ids_in_run_and_init_alike(tmp_path, written):
     """1, 2, 10 as ints (a csv) or as strings (json): ids 0, 1, 2 in that order, not the strings' "1", "10", "2",
-    and `peftkit init`'s label list (init/profile.py label_set, written into the recipe) is the order data.load gives."""
+    and `peftkit init`'s label list (init/profile.py label_set, written into the recipe) is the order data.load
+    gives."""
     from peftkit.init import profile
 
     rows = [{"review": f"review number {i}", "sentiment": (1, 2, 10)[i % 3]} for i in range(90)]
@@ -207,8 +209,9 @@ def test_a_trained_runs_order_is_kept(tmp_path):
     """`peftkit eval` passes the run's stored labels: data read with another order is encoded with the run's ids."""
     rows = [{"review": f"review number {i}", "sentiment": (1, 2, 10)[i % 3]} for i in range(90)]
     path = write_csv(tmp_path / "stars.csv", rows)
-    splits, labels = data.load(DataSection(source=str(path), columns={"text": "review", "label": "sentiment"}), TASK,
-                               order=["1", "10", "2"])  # fmt: skip
+    splits, labels = data.load(
+        DataSection(source=str(path), columns={"text": "review", "label": "sentiment"}), TASK, order=["1", "10", "2"]
+    )
     assert labels == ["1", "10", "2"]
     for split in splits.values():
         for text, label in zip(split["text"], split["label"]):

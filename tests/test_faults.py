@@ -14,8 +14,17 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(recipe_file, tmp
     from safetensors.torch import load_file
 
     # lr 1e30 without clipping: step 1 leaves huge but finite weights, step 2 overflows them
-    path = recipe_file(train={"epochs": 1, "batch_size": 8, "lr": 1e30, "max_grad_norm": None, "warmup_ratio": 0,
-                              "checkpoint_every": 1, "log_every": 100})  # fmt: skip
+    path = recipe_file(
+        train={
+            "epochs": 1,
+            "batch_size": 8,
+            "lr": 1e30,
+            "max_grad_norm": None,
+            "warmup_ratio": 0,
+            "checkpoint_every": 1,
+            "log_every": 100,
+        }
+    )
     with pytest.raises(UserError) as err:
         run(load_recipe(path))
     message = str(err.value)
@@ -48,8 +57,14 @@ def test_out_of_memory_names_the_knobs_with_the_recipe_values(recipe_file, tmp_p
         run(load_recipe(recipe_file()))
     message = str(err.value)
     assert message.startswith("out of memory on cpu")
-    for knob in ("train.batch_size (16", "train.grad_accum", "task.max_length (32)", "gradient_checkpointing: true",
-                 "quantization.bits", "eval.batch_size"):  # fmt: skip
+    for knob in (
+        "train.batch_size (16",
+        "train.grad_accum",
+        "task.max_length (32)",
+        "gradient_checkpointing: true",
+        "quantization.bits",
+        "eval.batch_size",
+    ):
         assert knob in message
     assert (tmp_path / "runs" / "recipe.partial").is_dir() and not (tmp_path / "runs" / "recipe").exists()
 
@@ -58,8 +73,10 @@ def test_train_split_smaller_than_a_batch_trains_on_all_of_it(recipe_file, tmp_p
     from .conftest import sentiment_rows, write_csv
 
     small = write_csv(tmp_path / "small.csv", sentiment_rows(20))
-    path = recipe_file(data={"source": str(small), "columns": {"text": "review", "label": "sentiment"}},
-                       train={"epochs": 2, "batch_size": 32, "lr": 5e-3})  # fmt: skip
+    path = recipe_file(
+        data={"source": str(small), "columns": {"text": "review", "label": "sentiment"}},
+        train={"epochs": 2, "batch_size": 32, "lr": 5e-3},
+    )
     with caplog.at_level("WARNING", logger="peftkit"):
         out = run(load_recipe(path))
     assert "fewer than train.batch_size 32" in caplog.text

@@ -13,17 +13,54 @@ from peftkit.recipe import load_recipe, validate
 from .conftest import peftkit
 
 BASES = [
-    {"model": {"name": "m"}, "data": {"source": "d.csv"}, "task": {"type": "classification"}, "method": {"name": "lora"},
-     "quantization": {"bits": 4}},
-    {"model": {"name": "m"}, "data": {"source": "d.conll"}, "task": {"type": "token_classification"},
-     "method": {"name": "prefix_tuning"}},
-    {"model": {"name": "m"}, "data": {"source": "d.json"}, "task": {"type": "question_answering"},
-     "method": {"name": "bottleneck"}},
+    {
+        "model": {"name": "m"},
+        "data": {"source": "d.csv"},
+        "task": {"type": "classification"},
+        "method": {"name": "lora"},
+        "quantization": {"bits": 4},
+    },
+    {
+        "model": {"name": "m"},
+        "data": {"source": "d.conll"},
+        "task": {"type": "token_classification"},
+        "method": {"name": "prefix_tuning"},
+    },
+    {
+        "model": {"name": "m"},
+        "data": {"source": "d.json"},
+        "task": {"type": "question_answering"},
+        "method": {"name": "bottleneck"},
+    },
     {"model": {"name": "m"}, "data": {"source": "d.txt"}, "task": {"type": "causal_lm"}, "method": {"name": "adalora"}},
-]  # fmt: skip
-POSITIVE = {"r", "alpha", "epochs", "batch_size", "lr", "max_length", "grad_accum", "reduction_factor",
-            "num_virtual_tokens", "init_r", "target_r", "doc_stride", "n_best", "max_new_tokens", "merge_tolerance"}  # fmt: skip
-BAD_YAML = ["model: [unclosed", "a: b: c", "model:\n\t- tab", "{", "- just\n- a list", "42", "'unterminated", "model: {name: x"]
+]
+POSITIVE = {
+    "r",
+    "alpha",
+    "epochs",
+    "batch_size",
+    "lr",
+    "max_length",
+    "grad_accum",
+    "reduction_factor",
+    "num_virtual_tokens",
+    "init_r",
+    "target_r",
+    "doc_stride",
+    "n_best",
+    "max_new_tokens",
+    "merge_tolerance",
+}
+BAD_YAML = [
+    "model: [unclosed",
+    "a: b: c",
+    "model:\n\t- tab",
+    "{",
+    "- just\n- a list",
+    "42",
+    "'unterminated",
+    "model: {name: x",
+]
 
 
 def leaves(tree, path=()):

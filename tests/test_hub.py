@@ -75,8 +75,16 @@ def test_dry_run_lists_the_files_and_writes_nothing(trained, tmp_path):
     run_dir, _ = trained
     result = peftkit_here("push", run_dir, "--repo", "me/tiny", "--hub-dir", tmp_path / "hub", "--dry-run")
     assert result.returncode == 0, result.stderr
-    for name in ("adapter_config.json", "adapter_model.safetensors", "peftkit.json", "recipe.yaml", "metrics.json",
-                 "README.md", "training_curve.png", "tokenizer_config.json"):  # fmt: skip
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "peftkit.json",
+        "recipe.yaml",
+        "metrics.json",
+        "README.md",
+        "training_curve.png",
+        "tokenizer_config.json",
+    ):
         assert name in result.stdout
     size = (run_dir / "adapter" / "adapter_model.safetensors").stat().st_size
     assert f"{size:,}" in result.stdout and "would upload" in result.stdout
@@ -89,8 +97,12 @@ def test_push_to_a_directory_hub_then_predict_by_name(trained, tmp_path, monkeyp
     hub_dir = tmp_path / "hub"
     assert peftkit_here("push", run_dir, "--repo", "me/tiny", "--hub-dir", hub_dir).returncode == 0
     repo = hub_dir / "me" / "tiny" / "main"
-    assert (repo / "adapter_model.safetensors").read_bytes() == (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
-    assert {"README.md", "recipe.yaml", "metrics.json", "peftkit.json", "training_curve.png"} <= {f.name for f in repo.iterdir()}
+    assert (repo / "adapter_model.safetensors").read_bytes() == (
+        run_dir / "adapter" / "adapter_model.safetensors"
+    ).read_bytes()
+    assert {"README.md", "recipe.yaml", "metrics.json", "peftkit.json", "training_curve.png"} <= {
+        f.name for f in repo.iterdir()
+    }
     assert not list(hub_dir.rglob("*.partial"))
 
     expected = peftkit_here("predict", run_dir, *TEXTS)
@@ -121,7 +133,9 @@ def test_push_and_pull_through_the_hub_api_on_loopback(trained, tmp_path, monkey
         # call); the pull below runs as a user would, in a new process that reads HF_ENDPOINT.
         monkeypatch.setattr(constants, "ENDPOINT", hub.url)
         monkeypatch.setenv("HF_TOKEN", TOKEN)
-        pushed = peftkit_here("push", run_dir, "--repo", "me/tiny", "--revision", "v1", "--private", "--message", "first")
+        pushed = peftkit_here(
+            "push", run_dir, "--repo", "me/tiny", "--revision", "v1", "--private", "--message", "first"
+        )
         assert pushed.returncode == 0, pushed.stderr
         repo = hub.repos["me/tiny"]
         files = repo.files("v1")
@@ -167,18 +181,23 @@ def test_hub_errors_name_the_fix(trained, tmp_path, monkeypatch):
 def test_a_recipe_can_start_from_a_pushed_adapter(trained, tmp_path, monkeypatch):
     import torch
 
-    from peftkit.sharing import hub
+    from peftkit.loading import load_base, load_trained, method_context
     from peftkit.methods import METHODS
     from peftkit.recipe import load_recipe
-    from peftkit.loading import load_base, load_trained, method_context
+    from peftkit.sharing import hub
     from peftkit.tasks import TASKS
 
     run_dir, recipe = trained
     hub_dir = tmp_path / "hub"
     assert peftkit_here("push", run_dir, "--repo", "me/tiny", "--hub-dir", hub_dir).returncode == 0
     monkeypatch.setenv("PEFTKIT_HUB_DIR", str(hub_dir))
-    follow = {**recipe, "name": "follow", "model": {**recipe["model"], "adapter": "me/tiny"},
-              "train": {**recipe["train"], "max_steps": 1}, "eval": {"before_training": True}}  # fmt: skip
+    follow = {
+        **recipe,
+        "name": "follow",
+        "model": {**recipe["model"], "adapter": "me/tiny"},
+        "train": {**recipe["train"], "max_steps": 1},
+        "eval": {"before_training": True},
+    }
     path = tmp_path / "follow.yaml"
     path.write_text(yaml.safe_dump(follow))
 

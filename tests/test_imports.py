@@ -27,8 +27,9 @@ sys.meta_path.insert(0, _Refuse())
 
 def without_heavy(code: str, *args: str) -> subprocess.CompletedProcess:
     """Run `code` (with `args` as sys.argv[1:]) in a fresh interpreter in the repository root, heavy imports refused."""
-    return subprocess.run([sys.executable, "-c", BLOCK + code, *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", BLOCK + code, *args], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
 
 
 def test_the_block_refuses_the_heavy_libraries():
@@ -44,9 +45,12 @@ def test_cli_and_recipe_import_without_the_heavy_libraries():
 
 @pytest.mark.parametrize(
     "args, expected",
-    [(["--help"], "Parameter-efficient fine-tuning"), (["validate", "recipes/sentiment-lora.yaml"], "ok"),
-     (["schema"], '"properties"')],
-)  # fmt: skip
+    [
+        (["--help"], "Parameter-efficient fine-tuning"),
+        (["validate", "recipes/sentiment-lora.yaml"], "ok"),
+        (["schema"], '"properties"'),
+    ],
+)
 def test_commands_that_need_no_model_start_without_the_heavy_libraries(args, expected):
     code = "import runpy, sys; sys.argv[0] = 'peftkit'; runpy.run_module('peftkit', run_name='__main__')"
     result = without_heavy(code, *args)

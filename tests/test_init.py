@@ -36,8 +36,10 @@ def words(rng, n: int) -> str:
 
 
 def test_classification_from_a_csv(tmp_path, tiny_bert):
-    rows = [{"id": i, "review": r["review"], "stars": "x", "sentiment": r["sentiment"]}
-            for i, r in enumerate(sentiment_rows(120))]  # fmt: skip
+    rows = [
+        {"id": i, "review": r["review"], "stars": "x", "sentiment": r["sentiment"]}
+        for i, r in enumerate(sentiment_rows(120))
+    ]
     result, out = init(tmp_path, write_csv(tmp_path / "reviews.csv", rows), tiny_bert)
     assert result.returncode == 0, result.stderr
     spec = yaml.safe_load(out.read_text())
@@ -89,8 +91,15 @@ def test_causal_lm_from_plain_text(tmp_path, tiny_llama):  # noqa: F811
     assert spec["task"]["type"] == "causal_lm" and spec["data"]["columns"] == {"text": "body"}
     # texts of up to 12 words (+ [CLS] and end-of-sequence): 14 tokens -> 16
     assert spec["task"]["max_length"] == 16 and "packing" not in spec["task"]  # median 9 > 16 / 2: no packing
-    assert spec["method"]["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
-                                                "v_proj"]  # fmt: skip  (lm_head, the output layer, is not adapted)
+    assert spec["method"]["target_modules"] == [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ]  # lm_head, the output layer, is not adapted
     assert set(train_from(tmp_path, out)["test"]) >= {"perplexity", "loss"}
 
 
@@ -144,8 +153,15 @@ def large_llama(tmp_path, tiny_llama):  # noqa: F811
 
     folder = tmp_path / "large-llama"
     shutil.copytree(tiny_llama, folder, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
-    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
-                         num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)  # fmt: skip
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=24,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+    )
     config.save_pretrained(folder)
     return folder
 
@@ -171,8 +187,10 @@ def test_a_large_model_gets_qlora_on_a_gpu_and_a_full_precision_base_on_a_cpu(
 
 
 def test_column_options_override_the_guess(tmp_path, tiny_bert):
-    rows = [{"a": r["review"], "b": r["review"] + " film", "sentiment": r["sentiment"], "other": i % 3}
-            for i, r in enumerate(sentiment_rows(90))]  # fmt: skip
+    rows = [
+        {"a": r["review"], "b": r["review"] + " film", "sentiment": r["sentiment"], "other": i % 3}
+        for i, r in enumerate(sentiment_rows(90))
+    ]
     data = write_csv(tmp_path / "d.csv", rows)
     guessed = designer.design(str(data), str(tiny_bert)).spec["data"]["columns"]
     assert guessed == {"text": "b", "label": "sentiment"}  # the longer text; the label by its name
@@ -218,8 +236,13 @@ def test_mistakes_exit_2_with_the_fix(tmp_path, tiny_bert, sentiment_csv, case):
         options = ["--task", "clasification"]
     result, out = init(tmp_path, data, model, *options)
     assert result.returncode == 2 and not out.exists()
-    expected = {"missing file": "file not found", "missing model": "could not load", "no text": "no usable text column",
-                "ambiguous": "--task causal_lm", "unknown task": "did you mean 'classification'"}[case]  # fmt: skip
+    expected = {
+        "missing file": "file not found",
+        "missing model": "could not load",
+        "no text": "no usable text column",
+        "ambiguous": "--task causal_lm",
+        "unknown task": "did you mean 'classification'",
+    }[case]
     assert expected in result.stderr
     if case in ("no text", "ambiguous"):
         assert "--label-column" in result.stderr or "--text-column" in result.stderr

@@ -5,9 +5,9 @@ import torch
 
 from peftkit import export
 from peftkit.errors import UserError
+from peftkit.loading import load_base, method_context
 from peftkit.methods import METHODS
 from peftkit.recipe import validate
-from peftkit.loading import load_base, method_context
 from peftkit.tasks import TASKS
 
 LABELS = ["neg", "pos"]
@@ -15,10 +15,15 @@ CPU = torch.device("cpu")
 
 
 def recipe_for(model_dir, **method):
-    return validate({
-        "name": "t", "model": {"name": str(model_dir)}, "data": {"source": "unused.csv"},
-        "task": {"type": "classification"}, "method": {"name": "lora", "r": 4, "alpha": 8, **method},
-    })  # fmt: skip
+    return validate(
+        {
+            "name": "t",
+            "model": {"name": str(model_dir)},
+            "data": {"source": "unused.csv"},
+            "task": {"type": "classification"},
+            "method": {"name": "lora", "r": 4, "alpha": 8, **method},
+        }
+    )
 
 
 def build(model_dir, **method):

@@ -11,8 +11,7 @@ import copy
 import pytest
 import torch
 
-from peftkit.methods import METHODS
-from peftkit.methods import base, storage
+from peftkit.methods import METHODS, base, storage
 from peftkit.methods.base import Context
 
 # Options that keep the tiny models tiny; everything else is the method's default.
@@ -30,29 +29,58 @@ OPTIONS = {
     "full": {},
 }
 TRAINED = {  # what the method's own parameters are called
-    "lora": "lora_", "ia3": "ia3_l", "loha": "hada_", "lokr": "lokr_", "vera": "vera_lambda", "adalora": "lora_",
-    "prompt_tuning": "prompt_encoder", "p_tuning": "prompt_encoder", "prefix_tuning": "peftkit_prefix",
-    "bottleneck": "peftkit_adapter", "full": "",
-}  # fmt: skip
+    "lora": "lora_",
+    "ia3": "ia3_l",
+    "loha": "hada_",
+    "lokr": "lokr_",
+    "vera": "vera_lambda",
+    "adalora": "lora_",
+    "prompt_tuning": "prompt_encoder",
+    "p_tuning": "prompt_encoder",
+    "prefix_tuning": "peftkit_prefix",
+    "bottleneck": "peftkit_adapter",
+    "full": "",
+}
 ADDS_TOKENS = {"prompt_tuning", "p_tuning", "prefix_tuning"}  # output differs from the base at init
 VOCAB, PAD = 64, 0
 
 
 def tiny(arch: str, task: str):
     """A fresh random model; the same (arch, task) always gives the same weights."""
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, BertConfig, GPT2Config,
-                              LlamaConfig)  # fmt: skip
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        BertConfig,
+        GPT2Config,
+        LlamaConfig,
+    )
 
     common = {"vocab_size": VOCAB, "pad_token_id": PAD, "num_labels": 2}
-    no_dropout = {"bert": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
-                  "gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}}.get(arch, {})  # fmt: skip
+    no_dropout = {
+        "bert": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0},
+        "gpt2": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+    }.get(arch, {})
     common.update(no_dropout)
     config = {
-        "bert": lambda: BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                                   max_position_embeddings=64, is_decoder=task == "lm", **common),  # fmt: skip
+        "bert": lambda: BertConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            is_decoder=task == "lm",
+            **common,
+        ),
         "gpt2": lambda: GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **common),
-        "llama": lambda: LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                     intermediate_size=64, max_position_embeddings=64, **common),  # fmt: skip
+        "llama": lambda: LlamaConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            **common,
+        ),
     }[arch]()
     torch.manual_seed(0)
     auto = AutoModelForSequenceClassification if task == "cls" else AutoModelForCausalLM
@@ -75,10 +103,7 @@ def batch(task: str, padding_side: str = "right") -> dict:
     mask = torch.ones_like(ids)
     pads = slice(7, None) if padding_side == "right" else slice(0, 3)
     ids[1, pads], mask[1, pads] = PAD, 0
-    if task == "cls":
-        labels = (ids[:, 0] % 2).long()
-    else:
-        labels = ids.masked_fill(mask == 0, -100)
+    labels = (ids[:, 0] % 2).long() if task == "cls" else ids.masked_fill(mask == 0, -100)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
@@ -121,8 +146,13 @@ def train_steps(model, inputs, steps: int, lr: float = 1e-2, method=None) -> lis
 
 
 LINEAR_ONLY = {"loha", "lokr"}  # peft's LyCORIS layers: no GPT-2 Conv1D (checked below)
-CASES = [(m, a, t) for m in METHODS for a in ("bert", "gpt2", "llama") for t in ("cls", "lm")
-         if not (m in LINEAR_ONLY and a == "gpt2")]  # fmt: skip
+CASES = [
+    (m, a, t)
+    for m in METHODS
+    for a in ("bert", "gpt2", "llama")
+    for t in ("cls", "lm")
+    if not (m in LINEAR_ONLY and a == "gpt2")
+]
 
 
 @pytest.mark.parametrize("method,arch,task", CASES, ids=["-".join(c) for c in CASES])
@@ -139,7 +169,9 @@ def test_method_contract(method, arch, task, tmp_path):
         expected = out[1:2, real] if task == "lm" else out[1:2]
         # GPT-2's absolute positions ignore the mask, so left padding shifts them: nothing to compare there.
         if not (arch == "gpt2" and inputs["attention_mask"][1, 0] == 0):
-            assert torch.allclose(outputs(model, short), expected, atol=1e-3), (outputs(model, short) - expected).abs().max()
+            assert torch.allclose(outputs(model, short), expected, atol=1e-3), (
+                (outputs(model, short) - expected).abs().max()
+            )
     else:
         assert torch.allclose(out, base_out, atol=1e-6), (out - base_out).abs().max()
 
@@ -220,8 +252,17 @@ def test_prefix_tuning_numbers_attention_layers_without_layer_idx():
     from transformers import AutoModelForSequenceClassification, DistilBertConfig
 
     torch.manual_seed(0)
-    config = DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64,
-                              pad_token_id=PAD, dropout=0.0, attention_dropout=0.0)  # fmt: skip
+    config = DistilBertConfig(
+        vocab_size=VOCAB,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        hidden_dim=64,
+        max_position_embeddings=64,
+        pad_token_id=PAD,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
     model = AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa").eval()
     method = METHODS["prefix_tuning"]
     model = method.apply(model, method.Config(name="prefix_tuning", num_virtual_tokens=4), context(model, "cls"))

@@ -52,7 +52,9 @@ def load(path, task=ner, **data):
     return data_module.load(DataSection(source=str(path), **data), task)
 
 
-@pytest.mark.parametrize("name,separator,extra", [("a.conll", "\t", False), ("b.txt", " ", True), ("c.conll.bz2", "\t", False)])
+@pytest.mark.parametrize(
+    "name,separator,extra", [("a.conll", "\t", False), ("b.txt", " ", True), ("c.conll.bz2", "\t", False)]
+)
 def test_conll_files_are_read_as_sentences(tmp_path, name, separator, extra):
     sentences = ner_sentences(40)
     path = write_conll(tmp_path / name, sentences, separator, extra)
@@ -68,7 +70,9 @@ def test_bad_tags_are_reported_with_their_sentence(tmp_path):
     sentences = ner_sentences(20)
     sentences[4] = (sentences[4][0], ["B-person"] + sentences[4][1][1:])
     path = write_conll(tmp_path / "bad.conll", sentences)
-    with pytest.raises(UserError, match=r"1 sentence\(s\) have tags not in data.labels: 'B-person' \(1\) \(source rows 5\)"):
+    with pytest.raises(
+        UserError, match=r"1 sentence\(s\) have tags not in data.labels: 'B-person' \(1\) \(source rows 5\)"
+    ):
         load(path, labels=["O", "B-pos", "I-pos", "B-neg", "I-neg"])
     splits, _ = load(path, labels=["O", "B-pos", "I-pos", "B-neg", "I-neg"], unknown_labels="drop")
     assert sum(len(s) for s in splits.values()) == 19
@@ -104,7 +108,9 @@ def test_entities_and_entity_level_scores():
     words = "I saw the Empire State Building in New York".split()
     tags = ["O", "O", "O", "B-facility", "I-facility", "I-facility", "O", "B-geo", "I-geo"]
     assert [(e["text"], e["type"]) for e in ner.entities(words, tags)] == [
-        ("Empire State Building", "facility"), ("New York", "geo")]  # fmt: skip
+        ("Empire State Building", "facility"),
+        ("New York", "geo"),
+    ]
     labels = ["O", "B-geo", "I-geo", "B-facility", "I-facility"]
     ref = [[0, 1, 2, 0, 3, -100]]
     pred = [[0, 1, 0, 0, 3, 4]]  # "New" alone is a wrong span; the facility is right; the last position is unscored

@@ -15,8 +15,16 @@ from .conftest import make_bert, sentiment_rows, small_recipe, write_csv
 
 # What main at 57a413c computed (fp32, seed 0); any CPU: these are far above fp32's rounding.
 PINNED = [
-    0.6946322, 0.6865886, 0.6926648, 0.6934558, 0.7129263,
-    0.6892793, 0.6985517, 0.7044311, 0.7068878, 0.6855808,
+    0.6946322,
+    0.6865886,
+    0.6926648,
+    0.6934558,
+    0.7129263,
+    0.6892793,
+    0.6985517,
+    0.7044311,
+    0.7068878,
+    0.6855808,
 ]
 
 RECORD = """
@@ -45,8 +53,9 @@ print("LOSSES " + json.dumps(losses[:10]))
 def test_first_ten_losses_of_a_tiny_lora_run_are_pinned(tmp_path):
     import subprocess
 
-    recipe = small_recipe(make_bert(tmp_path / "bert"), write_csv(tmp_path / "reviews.csv", sentiment_rows(200)),
-                          tmp_path / "runs")  # fmt: skip
+    recipe = small_recipe(
+        make_bert(tmp_path / "bert"), write_csv(tmp_path / "reviews.csv", sentiment_rows(200)), tmp_path / "runs"
+    )
     recipe["train"].update({"precision": "fp32", "seed": 0, "batch_size": 16, "epochs": 1})
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))

@@ -34,7 +34,9 @@ def fp32_mib(tmp_path_factory, tiny_bert, sentiment_csv):
 
 
 def test_bf16_run_holds_the_base_in_bf16_and_trains_in_fp32(recipe_file, fp32_mib, tmp_path):
-    result = peftkit("run", recipe_file(), *BF16)  # a process of its own: accelerate's precision is set once per process
+    result = peftkit(
+        "run", recipe_file(), *BF16
+    )  # a process of its own: accelerate's precision is set once per process
     assert result.returncode == 0, result.stderr
     run_dir = tmp_path / "runs" / "recipe"
     assert json.loads((run_dir / "metrics.json").read_text())["precision"] == "bf16"
@@ -45,19 +47,22 @@ def test_bf16_run_holds_the_base_in_bf16_and_trains_in_fp32(recipe_file, fp32_mi
     assert predicted.returncode == 0, predicted.stderr
 
 
-@pytest.mark.parametrize("overrides,dtype", [
-    ([], "bfloat16"),
-    (["model.dtype=fp32"], "float32"),
-    (["train.precision=fp16"], "float32"),  # fp16's range is too small for a base's residual stream
-    (["train.precision=fp32"], "float32"),
-    (["method={name: full}"], "float32"),  # the base trains
-    (["method.init=pissa"], "float32"),  # the base is rewritten
-    (["method.bias=lora_only"], "float32"),  # the base's biases train
-    (["quantization.bits=4"], "float32"),  # its layers that are not quantised stay fp32
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides,dtype",
+    [
+        ([], "bfloat16"),
+        (["model.dtype=fp32"], "float32"),
+        (["train.precision=fp16"], "float32"),  # fp16's range is too small for a base's residual stream
+        (["train.precision=fp32"], "float32"),
+        (["method={name: full}"], "float32"),  # the base trains
+        (["method.init=pissa"], "float32"),  # the base is rewritten
+        (["method.bias=lora_only"], "float32"),  # the base's biases train
+        (["quantization.bits=4"], "float32"),  # its layers that are not quantised stay fp32
+    ],
+)
 def test_which_bases_are_held_in_bf16(recipe_file, overrides, dtype):
-    from peftkit.recipe import load_recipe
     from peftkit.loading import base_dtype
+    from peftkit.recipe import load_recipe
 
     recipe = load_recipe(recipe_file(), ["train.precision=bf16", *overrides])
     assert str(base_dtype(recipe, recipe.train.precision)) == f"torch.{dtype}"

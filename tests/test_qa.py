@@ -24,8 +24,10 @@ def squad_document(n_paragraphs: int, seed: int = 0, questions: int = 3) -> dict
         words += ["plot", "was", answer] + rng.choices(FILLER, k=rng.randint(2, 8))
         context = " ".join(words)
         start = context.index(f"plot was {answer}") + len("plot was ")
-        qas = [{"id": f"p{p}q{q}", "question": QUESTION, "answers": [{"text": answer, "answer_start": start}]}
-               for q in range(questions)]  # fmt: skip
+        qas = [
+            {"id": f"p{p}q{q}", "question": QUESTION, "answers": [{"text": answer, "answer_start": start}]}
+            for q in range(questions)
+        ]
         paragraphs.append({"context": context, "qas": qas})
     return {"version": "1.1", "data": [{"title": "t", "paragraphs": paragraphs}]}
 
@@ -44,7 +46,7 @@ def test_nested_squad_json_is_read_and_split_by_context(tmp_path):
     contexts = {name: set(split["context"]) for name, split in splits.items()}
     assert not contexts["train"] & contexts["test"] and not contexts["train"] & contexts["validation"]
     row = splits["test"][0]
-    assert row["context"][row["answers"]["answer_start"][0]:].startswith(row["answers"]["text"][0])
+    assert row["context"][row["answers"]["answer_start"][0] :].startswith(row["answers"]["text"][0])
 
 
 def test_long_contexts_become_overlapping_windows_with_the_answer_labelled(tiny_bert):
@@ -53,8 +55,12 @@ def test_long_contexts_become_overlapping_windows_with_the_answer_labelled(tiny_
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     context = " ".join(["the movie"] * 20 + ["plot was superb"] + ["the film"] * 20)
     start = context.index("superb")
-    batch = {"question": [QUESTION], "context": [context], "id": ["x"],
-             "answers": [{"text": ["superb"], "answer_start": [start]}]}  # fmt: skip
+    batch = {
+        "question": [QUESTION],
+        "context": [context],
+        "id": ["x"],
+        "answers": [{"text": ["superb"], "answer_start": [start]}],
+    }
     config = qa.Config(type="question_answering", max_length=40, doc_stride=10)
     windows = qa._windows(tokenizer, batch, config)
     assert len(windows["input_ids"]) > 2 and set(windows["example_id"]) == {"x"}
@@ -78,7 +84,9 @@ def test_decoding_maps_the_best_valid_span_back_to_the_text():
     end = [9.0, 0, 0, 0, 1, 0, 4, 8]
     config = qa.Config(type="question_answering")
     assert qa.best_answer([((start, end), window)], config) == "superb and moving"
-    assert qa.best_answer([((start, end), window)], qa.Config(type="question_answering", max_answer_length=2)) == "superb"
+    assert (
+        qa.best_answer([((start, end), window)], qa.Config(type="question_answering", max_answer_length=2)) == "superb"
+    )
     # SQuAD 2.0: [CLS] (18) beats the best span (9): no answer
     assert qa.best_answer([((start, end), window)], qa.Config(type="question_answering", unanswerable=True)) == ""
 

@@ -10,8 +10,7 @@ import torch
 
 from peftkit import quant
 from peftkit.errors import UserError
-from peftkit.methods import METHODS
-from peftkit.methods import base, storage
+from peftkit.methods import METHODS, base, storage
 from peftkit.recipe import QuantizationSection
 
 from .conftest import peftkit
@@ -68,8 +67,11 @@ def test_lora_trains_on_a_quantized_base_and_round_trips(saved, tmp_path, arch, 
     inputs = batch(task)
     losses = train_steps(model, inputs, 8, method="lora")
     assert losses[-1] < losses[0]
-    now = {n.replace("base_model.model.", "").replace(".base_layer", ""): m.weight for n, m in model.named_modules()
-           if isinstance(m, layer)}  # fmt: skip
+    now = {
+        n.replace("base_model.model.", "").replace(".base_layer", ""): m.weight
+        for n, m in model.named_modules()
+        if isinstance(m, layer)
+    }
     assert all(torch.equal(now[n], w) for n, w in quantized.items())  # the base did not move
 
     storage.save(model, tmp_path, method.Config(name="lora"), "tiny")
@@ -106,7 +108,9 @@ def test_missing_bitsandbytes_names_the_extra(monkeypatch):
 def test_compute_dtype_auto_follows_the_runs_precision():
     def dtype(precision, choice="auto"):
         config = QuantizationSection(bits=4, compute_dtype=choice)
-        return quant.load_kwargs(config, [], torch.device("cpu"), precision)["quantization_config"].bnb_4bit_compute_dtype
+        return quant.load_kwargs(config, [], torch.device("cpu"), precision)[
+            "quantization_config"
+        ].bnb_4bit_compute_dtype
 
     assert dtype("fp32") == dtype("no") == torch.float32  # no native bf16: emulated bf16 would be ~400x slower
     assert dtype("bf16") == torch.bfloat16 and dtype("fp16") == torch.float16
@@ -119,8 +123,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(method):
         model = tiny("llama", "lm")
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = METHODS[method].apply(model, METHODS[method].Config(name=method, **OPTIONS[method]),
-                                      context(model, "lm"))  # fmt: skip
+        model = METHODS[method].apply(
+            model, METHODS[method].Config(name=method, **OPTIONS[method]), context(model, "lm")
+        )
         model.train()
         model(**batch("lm")).loss.backward()
         return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
@@ -309,7 +314,9 @@ def test_reference_kernel_matches_bitsandbytes_own(wide_bert):
     if not bnb.functional.has_avx512bf16():
         pytest.skip("this CPU has no AVX512-BF16, so bitsandbytes has no kernel of its own to compare with")
     layer = next(iter(four_bit_layers(load_4bit(wide_bert, inference=False)).values()))
-    layer.weight.data, state = bnb.functional._convert_weight_packed_for_cpu(layer.weight.data, layer.weight.quant_state)
+    layer.weight.data, state = bnb.functional._convert_weight_packed_for_cpu(
+        layer.weight.data, layer.weight.quant_state
+    )
     x = torch.randn(6, layer.in_features, generator=torch.Generator().manual_seed(0))
     args = (x, layer.weight.data, state.shape, state.absmax, state.code, state.blocksize)
     theirs = torch.ops.bitsandbytes.gemv_4bit.default(*args).float()

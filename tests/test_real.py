@@ -24,8 +24,14 @@ pytestmark = [
 def test_shipped_recipe_learns_real_sentiment(tmp_path):
     out = tmp_path / "run"
     result = peftkit(
-        "run", RECIPE, "data.max_samples=1200", "train.epochs=1", "train.batch_size=16", "train.lr=2e-3",
-        f"export.output_dir={out}", "train.log_every=5"
+        "run",
+        RECIPE,
+        "data.max_samples=1200",
+        "train.epochs=1",
+        "train.batch_size=16",
+        "train.lr=2e-3",
+        f"export.output_dir={out}",
+        "train.log_every=5",
     )
     assert result.returncode == 0, result.stderr
     metrics = json.loads((out / "metrics.json").read_text())

@@ -26,13 +26,22 @@ def recipe(tmp_path_factory, tiny_bert, sentiment_csv):
 
     folder = tmp_path_factory.mktemp("resume")
     path = folder / "ck.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": {"name": str(tiny_bert)},
-        "data": {"source": str(sentiment_csv), "columns": {"text": "review", "label": "sentiment"}},
-        "task": {"type": "classification", "max_length": 32},
-        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},  # dropout: the RNG state must resume too
-        "train": {"epochs": 3, "batch_size": 16, "lr": 5e-3, "checkpoint_every": 3, "keep_checkpoints": 2},
-    }))  # fmt: skip
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": str(tiny_bert)},
+                "data": {"source": str(sentiment_csv), "columns": {"text": "review", "label": "sentiment"}},
+                "task": {"type": "classification", "max_length": 32},
+                "method": {
+                    "name": "lora",
+                    "r": 4,
+                    "alpha": 8,
+                    "dropout": 0.1,
+                },  # dropout: the RNG state must resume too
+                "train": {"epochs": 3, "batch_size": 16, "lr": 5e-3, "checkpoint_every": 3, "keep_checkpoints": 2},
+            }
+        )
+    )
     return path
 
 
@@ -81,8 +90,9 @@ def test_killed_and_resumed_run_gives_the_identical_adapter(recipe, uninterrupte
         tensors = load_file(newest / "trainable.safetensors")
         assert tensors and all("lora_" in n or "modules_to_save" in n for n in tensors)  # never the frozen base
         assert {p.suffix for p in newest.iterdir()} == {".json", ".safetensors"}
-        state = checkpoint._from_json(json.loads((newest / "state.json").read_text()),
-                                      load_file(newest / "state.safetensors"))  # no pickle anywhere
+        state = checkpoint._from_json(
+            json.loads((newest / "state.json").read_text()), load_file(newest / "state.safetensors")
+        )  # no pickle anywhere
         assert {"optimizer", "scheduler", "torch_rng", "data_generator"} <= set(state)
         assert isinstance(state["python_rng"], tuple) and all(isinstance(k, int) for k in state["optimizer"]["state"])
         assert len(list((partial / "checkpoints").glob("step-*"))) <= 2  # keep_checkpoints

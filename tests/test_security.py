@@ -12,8 +12,10 @@ SECRET = "hf_peftkitTestTokenNeverWritten0123"
 
 def test_run_writes_no_pickle_and_no_token(recipe_file, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("HF_TOKEN", SECRET)  # where huggingface_hub reads a token from
-    path = recipe_file(model={"name": str(load_recipe(recipe_file()).model.name), "trust_remote_code": True},
-                       train={"max_steps": 2, "batch_size": 8, "checkpoint_every": 1})  # fmt: skip
+    path = recipe_file(
+        model={"name": str(load_recipe(recipe_file()).model.name), "trust_remote_code": True},
+        train={"max_steps": 2, "batch_size": 8, "checkpoint_every": 1},
+    )
     with caplog.at_level("DEBUG", logger="peftkit"):
         out = run(load_recipe(path))
     assert "trust_remote_code is on" in caplog.text
@@ -28,10 +30,13 @@ def test_run_writes_no_pickle_and_no_token(recipe_file, tmp_path, monkeypatch, c
     assert SECRET not in caplog.text
 
 
-@pytest.mark.parametrize("text", [
-    "model: !!python/object/apply:os.system ['echo pwned']\n",
-    "!!python/name:os.system\n",
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text",
+    [
+        "model: !!python/object/apply:os.system ['echo pwned']\n",
+        "!!python/name:os.system\n",
+    ],
+)
 def test_yaml_tags_that_run_code_are_refused(tmp_path, text):
     path = tmp_path / "evil.yaml"
     path.write_text(text)

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from peftkit.experiments import sweep
 from peftkit.errors import UserError
+from peftkit.experiments import sweep
 from peftkit.recipe import load_recipe
 
 from .conftest import peftkit
@@ -17,8 +17,11 @@ def test_grid_parsing_and_checks(recipe_file):
     runs = sweep.combinations(recipe_file(), grid)
     assert len(runs) == 4 and runs[0] == ["method.r=2", "eval.splits=[validation,test]", "train.lr=1e-3"]
     assert sweep.name_of(runs[1]) == "method.r=2_eval.splits=-test-_train.lr=1e-3"
-    for bad, message in ((["method.r"], "not key=value1"), (["method.r=2", "method.r=4"], "given twice"),
-                         ([], "at least one")):  # fmt: skip
+    for bad, message in (
+        (["method.r"], "not key=value1"),
+        (["method.r=2", "method.r=4"], "given twice"),
+        ([], "at least one"),
+    ):
         with pytest.raises(UserError, match=message):
             sweep.parse_grid(bad)
     with pytest.raises(UserError, match="method.rr"):  # every combination is checked before anything runs

@@ -45,23 +45,42 @@ def test_a_training_state_goes_through_a_checkpoint_whole(tmp_path):
     shuffle = torch.Generator().manual_seed(3)
     torch.randperm(10, generator=shuffle)
     state = TrainingState(
-        step=7, epoch=2, batches=3, best_score=-0.25, best_epoch=1, processes=2,
+        step=7,
+        epoch=2,
+        batches=3,
+        best_score=-0.25,
+        best_epoch=1,
+        processes=2,
         history=[{"epoch": 1, "step": 4, "validation": {"accuracy": 0.75, "f1_per_class": {"neg": 0.5}, "rows": 20}}],
         best_state={name: 2 * p.detach() for name, p in model.named_parameters()},
-        data_generator=shuffle.get_state(), rng=checkpoint.rng_now(),
+        data_generator=shuffle.get_state(),
+        rng=checkpoint.rng_now(),
         method_state={"ipt": {"layer.lora_E": torch.rand(4)}, "rank_pattern": {"layer": [True, False]}},
-    )  # fmt: skip
+    )
     folder = checkpoint.save(tmp_path, 2, model, optimization, state)
 
     # the on-disk layout that checkpoints of earlier versions have too
     assert folder == tmp_path / "checkpoints" / "step-000007"
-    assert sorted(p.name for p in folder.iterdir()) == ["best.safetensors", "progress.json", "state.json",
-                                                        "state.safetensors", "trainable.safetensors"]  # fmt: skip
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "best.safetensors",
+        "progress.json",
+        "state.json",
+        "state.safetensors",
+        "trainable.safetensors",
+    ]
     progress = json.loads((folder / "progress.json").read_text())
     assert list(progress) == ["step", "epoch", "batches", "history", "best_score", "best_epoch", "processes"]
     stored = json.loads((folder / "state.json").read_text())["dict"]  # [[key, value], ...] as _to_json writes them
-    assert [key["value"] for key, _ in stored] == ["optimizer", "scheduler", "scaler", "torch_rng", "cuda_rng",
-                                                  "python_rng", "data_generator", "method"]  # fmt: skip
+    assert [key["value"] for key, _ in stored] == [
+        "optimizer",
+        "scheduler",
+        "scaler",
+        "torch_rng",
+        "cuda_rng",
+        "python_rng",
+        "data_generator",
+        "method",
+    ]
 
     fresh, fresh_optimization = linear_with_optimization(1)
     loaded = checkpoint.load(folder, fresh, fresh_optimization)
@@ -104,8 +123,17 @@ def job_for(path: Path, run_dir: Path | None = None, method: ModuleType | Simple
     model = module.apply(model, recipe.method, loading.method_context(recipe, task, model, steps))
     base.trainable_in_fp32(model)
     encoded = task.preprocess(splits, tokenizer, recipe.task)
-    return train.Job(model, encoded, task.collator(tokenizer), task, recipe, accelerator, labels,
-                     method if method is not None else module, run_dir)  # fmt: skip
+    return train.Job(
+        model,
+        encoded,
+        task.collator(tokenizer),
+        task,
+        recipe,
+        accelerator,
+        labels,
+        method if method is not None else module,
+        run_dir,
+    )
 
 
 def scripted_evaluation(monkeypatch: pytest.MonkeyPatch, scores: list[float]) -> list[dict]:
@@ -128,7 +156,10 @@ def test_fit_returns_its_record_and_ends_on_the_best_epochs_weights(recipe_file,
     assert set(result) == RESULT_KEYS and result["processes"] == 1
     assert result["steps"] == train.total_steps(160, job.recipe.train) == 30
     assert [(e["epoch"], e["step"], e["validation"]["accuracy"]) for e in result["history"]] == [
-        (1, 10, 0.5), (2, 20, 0.9), (3, 30, 0.7)]  # fmt: skip
+        (1, 10, 0.5),
+        (2, 20, 0.9),
+        (3, 30, 0.7),
+    ]
     assert result["best_epoch"] == 2
     now = trainable_tensors(job.model)
     assert same(now, seen[1]) and not same(now, seen[2])
@@ -146,8 +177,10 @@ def test_the_method_hooks_run_per_optimizer_step_and_may_keep_the_last_epoch(rec
 
 
 def test_fit_resumed_from_its_checkpoints_ends_as_the_uninterrupted_run(recipe_file, tmp_path):
-    path = recipe_file(method={"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},  # dropout: random state resumes
-                       train={"epochs": 2, "batch_size": 16, "lr": 5e-3, "checkpoint_every": 3, "keep_checkpoints": 9})
+    path = recipe_file(
+        method={"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},  # dropout: random state resumes
+        train={"epochs": 2, "batch_size": 16, "lr": 5e-3, "checkpoint_every": 3, "keep_checkpoints": 9},
+    )
     whole = job_for(path, tmp_path / "whole")
     expected = train.fit(whole)
     kept = sorted((tmp_path / "whole" / "checkpoints").glob("step-*"))

@@ -10,6 +10,7 @@ A variant that cannot run (e.g. a method refused on a 4-bit base) is reported wi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -18,13 +19,27 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peftkit import cpu_kind
+from peftkit import cpu_kind, measure
 from peftkit.errors import UserError
+from peftkit.recipe import load_recipe
 
 PACKAGES = ("peftkit", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes")
 # What a run measures: every row of the report has these keys, null where a failed variant measured nothing
-MEASURED = ("precision", "steps", "samples_per_s", "tokens_per_s", "step_s", "peak_memory_mib", "memory",
-            "trainable_params", "trainable_share", "adapter_bytes", "metric", "model_tflops", "mfu")  # fmt: skip
+MEASURED = (
+    "precision",
+    "steps",
+    "samples_per_s",
+    "tokens_per_s",
+    "step_s",
+    "peak_memory_mib",
+    "memory",
+    "trainable_params",
+    "trainable_share",
+    "adapter_bytes",
+    "metric",
+    "model_tflops",
+    "mfu",
+)
 
 
 @dataclass
@@ -59,8 +74,6 @@ class Variant:
 
 def matrix(recipes: list[Path], methods: list[str], bits: list[int], overrides: list[str]) -> list[Variant]:
     """Every recipe x method x bits, each checked against the recipe schema before anything runs."""
-    from peftkit.recipe import load_recipe
-
     variants = [Variant(r, m, b, overrides) for r in recipes for m in (methods or [None]) for b in (bits or [None])]
     for variant in variants:
         load_recipe(variant.recipe, variant.recipe_overrides())
@@ -70,8 +83,16 @@ def matrix(recipes: list[Path], methods: list[str], bits: list[int], overrides: 
 def run_apart(recipe: Path, overrides: list[str], out: Path) -> tuple[dict, dict] | str:
     """`peftkit run` in its own process, so that its memory peak is its own: (metrics.json, the resolved
     recipe), or the error it printed."""
-    command = [sys.executable, "-m", "peftkit", "run", str(recipe), *overrides, f"export.output_dir={out}",
-               "--overwrite"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "peftkit",
+        "run",
+        str(recipe),
+        *overrides,
+        f"export.output_dir={out}",
+        "--overwrite",
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
@@ -80,8 +101,14 @@ def run_apart(recipe: Path, overrides: list[str], out: Path) -> tuple[dict, dict
 
 
 def run_variant(variant: Variant, steps: int, report: Path) -> dict:
-    row = {"variant": variant.name, "recipe": str(variant.recipe), "method": variant.method, "bits": variant.bits,
-           **dict.fromkeys(MEASURED), "error": None}  # fmt: skip
+    row = {
+        "variant": variant.name,
+        "recipe": str(variant.recipe),
+        "method": variant.method,
+        "bits": variant.bits,
+        **dict.fromkeys(MEASURED),
+        "error": None,
+    }
     outcome = run_apart(variant.recipe, variant.capped(steps), report / "runs" / variant.name)
     if isinstance(outcome, str):
         return {**row, "error": outcome}
@@ -140,14 +167,16 @@ def machine() -> dict:
         except metadata.PackageNotFoundError:
             versions[package] = None
     cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))  # fmt: skip
-    except (OSError, StopIteration):
-        pass
+    with contextlib.suppress(OSError, StopIteration):  # no /proc/cpuinfo, or no model name in it: the above
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     try:  # the commit of a source checkout; none for an installed package, or without git
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
     except OSError:
         commit = ""
     return {
@@ -166,15 +195,14 @@ def measure_peaks() -> dict:
     measures before and after its runs and keeps the higher: one reading right after start-up came out 40% low."""
     import torch
 
-    from peftkit import measure
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return {p: measure.matmul_peak_tflops(p, device) for p in ("fp32", "bf16")}
 
 
 def write_report(report: Path, rows: list[dict], about: dict, peaks: dict, steps: int) -> None:
-    (report / "report.json").write_text(json.dumps({"machine": about, "matmul_peak_tflops": peaks, "steps": steps,
-                                                     "variants": rows}, indent=2))  # fmt: skip
+    (report / "report.json").write_text(
+        json.dumps({"machine": about, "matmul_peak_tflops": peaks, "steps": steps, "variants": rows}, indent=2)
+    )
     (report / "report.md").write_text(markdown(rows, about, peaks, steps))
     plot(report, [r for r in rows if r["error"] is None])
 
@@ -189,8 +217,8 @@ def markdown(rows: list[dict], about: dict, peaks: dict, steps: int) -> str:
         + f"; Python {about['python']}; {versions}; commit {about['commit']}.",
         f"Measured matmul peak: fp32 {peaks['fp32']:.3g} TFLOP/s, bf16 {peaks['bf16']:.3g} TFLOP/s.",
         "",
-        "| variant | method | bits | precision | samples/s | tokens/s | step (s) | peak memory (MiB) | trainable (share) "
-        "| adapter | metric | MFU |",
+        "| variant | method | bits | precision | samples/s | tokens/s | step (s) | peak memory (MiB) "
+        "| trainable (share) | adapter | metric | MFU |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -217,8 +245,10 @@ def plot(report: Path, rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     names = [r["variant"] for r in rows]
-    for file, key, label in (("memory.png", "peak_memory_mib", "peak memory while training (MiB)"),
-                             ("throughput.png", "samples_per_s", "training samples/s")):  # fmt: skip
+    for file, key, label in (
+        ("memory.png", "peak_memory_mib", "peak memory while training (MiB)"),
+        ("throughput.png", "samples_per_s", "training samples/s"),
+    ):
         fig, ax = plt.subplots(figsize=(max(4, 1.2 * len(rows)), 3.5))
         ax.bar(names, [r[key] for r in rows])
         ax.set_ylabel(label)

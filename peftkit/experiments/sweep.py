@@ -15,6 +15,8 @@ import shutil
 from pathlib import Path
 
 from peftkit.errors import UserError
+from peftkit.experiments import bench
+from peftkit.recipe import load_recipe
 from peftkit.train import LOWER_IS_BETTER  # the same direction as the best-epoch choice
 
 
@@ -48,8 +50,6 @@ def _split_values(text: str) -> list[str]:
 
 def combinations(recipe: Path, grid: dict[str, list[str]]) -> list[list[str]]:
     """Every combination as override lists, each checked against the recipe schema before anything runs."""
-    from peftkit.recipe import load_recipe
-
     runs = [[f"{k}={v}" for k, v in zip(grid, values)] for values in itertools.product(*grid.values())]
     for overrides in runs:
         load_recipe(recipe, overrides)
@@ -62,8 +62,6 @@ def name_of(overrides: list[str]) -> str:
 
 
 def run_all(recipe: Path, runs: list[list[str]], folder: Path, on_start=None) -> list[dict]:
-    from peftkit.experiments import bench
-
     rows = []
     for overrides in runs:
         name = name_of(overrides)
@@ -75,17 +73,19 @@ def run_all(recipe: Path, runs: list[list[str]], folder: Path, on_start=None) ->
             continue
         metrics, resolved = outcome
         chosen = "validation" if "validation" in resolved["eval"]["splits"] else resolved["eval"]["splits"][0]
-        rows.append({
-            "run": name,
-            "overrides": overrides,
-            "metric": resolved["eval"]["metric_for_best"],
-            "selection_split": chosen,
-            "selection": metrics[chosen][resolved["eval"]["metric_for_best"]],
-            "test": metrics.get("test", {}).get(resolved["eval"]["metric_for_best"]),
-            "train_seconds": metrics["train"]["seconds"],
-            "peak_memory_mib": bench.peak_mib(metrics["memory"]["train_peak"]),
-            "trainable_share": metrics["trainable_share"],
-        })  # fmt: skip
+        rows.append(
+            {
+                "run": name,
+                "overrides": overrides,
+                "metric": resolved["eval"]["metric_for_best"],
+                "selection_split": chosen,
+                "selection": metrics[chosen][resolved["eval"]["metric_for_best"]],
+                "test": metrics.get("test", {}).get(resolved["eval"]["metric_for_best"]),
+                "train_seconds": metrics["train"]["seconds"],
+                "peak_memory_mib": bench.peak_mib(metrics["memory"]["train_peak"]),
+                "trainable_share": metrics["trainable_share"],
+            }
+        )
     return rows
 
 
@@ -107,14 +107,18 @@ def write(folder: Path, rows: list[dict], winner: dict | None) -> None:
 def markdown(rows: list[dict], winner: dict | None) -> str:
     done = [r for r in rows if "error" not in r]
     metric = done[0]["metric"] if done else "metric"
-    lines = [f"| run | validation {metric} | test {metric} | training (s) | peak memory (MiB) | trainable |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"| run | validation {metric} | test {metric} | training (s) | peak memory (MiB) | trainable |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {' '.join(r['overrides'])} | failed: {r['error']} | | | | |")
             continue
         mark = " **(best)**" if winner is r else ""
         test = f"{r['test']:.4f}" if r["test"] is not None else "-"
-        lines.append(f"| {' '.join(r['overrides'])}{mark} | {r['selection']:.4f} | {test} | {r['train_seconds']:.0f} "
-                     f"| {r['peak_memory_mib']:,.0f} | {100 * r['trainable_share']:.2f}% |")  # fmt: skip
+        lines.append(
+            f"| {' '.join(r['overrides'])}{mark} | {r['selection']:.4f} | {test} | {r['train_seconds']:.0f} "
+            f"| {r['peak_memory_mib']:,.0f} | {100 * r['trainable_share']:.2f}% |"
+        )
     return "\n".join(lines) + "\n"

@@ -21,10 +21,14 @@ import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peftkit import assets
+from peftkit import assets, train
 from peftkit.data import blank
-from peftkit.init.profile import assign_roles, label_set, profile, read_data
 from peftkit.errors import UserError
+from peftkit.init.profile import assign_roles, label_set, profile, read_data
+from peftkit.methods import METHODS, targets
+from peftkit.recipe import load_recipe
+from peftkit.sections import SplitSection, TrainSection
+from peftkit.tasks import TASKS, causal_lm
 
 log = logging.getLogger("peftkit")
 
@@ -77,9 +81,6 @@ def inspect_model(name: str, task: str, labels: list | None) -> ModelFacts:
     from accelerate import init_empty_weights
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
 
-    from peftkit.methods import targets
-    from peftkit.tasks import TASKS
-
     ref = assets.resolve_model(name)
     try:
         config = transformers.AutoConfig.from_pretrained(ref)
@@ -103,8 +104,15 @@ def inspect_model(name: str, task: str, labels: list | None) -> ModelFacts:
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if positions is None and getattr(tokenizer, "model_max_length", 0) < 1e6:
         positions = tokenizer.model_max_length
-    return ModelFacts(ref, config.model_type, sum(p.numel() for p in model.parameters()), positions, layers,
-                      PEFT_DEFAULTS.get(config.model_type), tokenizer)  # fmt: skip
+    return ModelFacts(
+        ref,
+        config.model_type,
+        sum(p.numel() for p in model.parameters()),
+        positions,
+        layers,
+        PEFT_DEFAULTS.get(config.model_type),
+        tokenizer,
+    )
 
 
 def choose_targets(task: str, facts: ModelFacts) -> tuple[list[str], str]:
@@ -117,8 +125,9 @@ def choose_targets(task: str, facts: ModelFacts) -> tuple[list[str], str]:
         return list(facts.peft_default), f"peft's default for {facts.model_type} (attention only)"
     if facts.peft_default is None:
         return facts.layers, f"every linear layer: peft has no default list for {facts.model_type}"
-    return facts.layers, ("every linear layer (attention and feed-forward): tagging, answers and generation need "
-                          "more than attention")
+    return facts.layers, (
+        "every linear layer (attention and feed-forward): tagging, answers and generation need more than attention"
+    )
 
 
 # --- lengths --------------------------------------------------------------------------------------------------
@@ -126,8 +135,6 @@ def choose_targets(task: str, facts: ModelFacts) -> tuple[list[str], str]:
 
 def token_lengths(task: str, roles: dict[str, str], split, tokenizer) -> list[int]:
     """Tokens per example, as the task's preprocessing counts them before truncation, for a seeded sample."""
-    from peftkit.tasks import causal_lm
-
     indices = sorted(random.Random(0).sample(range(len(split)), min(SAMPLE_ROWS, len(split))))
     rows = split.select(indices)
 
@@ -139,15 +146,22 @@ def token_lengths(task: str, roles: dict[str, str], split, tokenizer) -> list[in
     elif task == "question_answering":
         encoded = tokenizer(column("question"), column("context"))
     elif task == "classification":
-        pairs = [(str(a), None if b is None else str(b)) for a, b in
-                 zip(rows[roles["text"]], rows[roles["text_pair"]] if "text_pair" in roles else [None] * len(rows))
-                 if not blank(a)]  # fmt: skip
+        pairs = [
+            (str(a), None if b is None else str(b))
+            for a, b in zip(
+                rows[roles["text"]], rows[roles["text_pair"]] if "text_pair" in roles else [None] * len(rows)
+            )
+            if not blank(a)
+        ]
         texts, second = [a for a, _ in pairs], [b or "" for _, b in pairs]
         encoded = tokenizer(texts, second if "text_pair" in roles else None)
     elif "prompt" in roles:
         template = tokenizer.chat_template is not None  # causal_lm's chat_template: auto
-        return [len(causal_lm.prompt_and_full(tokenizer, str(p), str(r), template)[1])
-                for p, r in zip(rows[roles["prompt"]], rows[roles["response"]]) if not blank(p)]  # fmt: skip
+        return [
+            len(causal_lm.prompt_and_full(tokenizer, str(p), str(r), template)[1])
+            for p, r in zip(rows[roles["prompt"]], rows[roles["response"]])
+            if not blank(p)
+        ]
     else:
         eos = int(tokenizer.eos_token_id is not None)  # causal_lm appends end-of-sequence to every text
         return [len(ids) + eos for ids in tokenizer([t for t in column("text") if t.strip()])["input_ids"]]
@@ -164,19 +178,26 @@ def choose_max_length(lengths: list[int], cap: int | None, floor: int) -> dict:
     value = max(floor, 8 * math.ceil(high / 8))
     if cap:
         value = min(value, cap)
-    return {"value": value, "median": int(np.median(ordered)), "p95": int(math.ceil(np.percentile(ordered, 95))),
-            "high": high, "max": int(ordered[-1]), "mean": float(ordered.mean()), "sampled": len(ordered),
-            "cut": int((ordered > value).sum()), "capped": bool(cap and high > cap)}  # fmt: skip
+    return {
+        "value": value,
+        "median": int(np.median(ordered)),
+        "p95": int(math.ceil(np.percentile(ordered, 95))),
+        "high": high,
+        "max": int(ordered[-1]),
+        "mean": float(ordered.mean()),
+        "sampled": len(ordered),
+        "cut": int((ordered > value).sum()),
+        "capped": bool(cap and high > cap),
+    }
 
 
 # --- the design -----------------------------------------------------------------------------------------------
 
 
-def design(source: str, model: str, task: str | None = None, columns: dict[str, str] | None = None,
-           encoding: str | None = None) -> Design:  # fmt: skip
+def design(
+    source: str, model: str, task: str | None = None, columns: dict[str, str] | None = None, encoding: str | None = None
+) -> Design:
     """Every decision of the recipe, from the data, the model and this machine."""
-    from peftkit.tasks import TASKS
-
     d = Design()
     splits, fmt = read_data(source, encoding)
     first = splits["train"] if "train" in splits else next(iter(splits.values()))
@@ -184,8 +205,10 @@ def design(source: str, model: str, task: str | None = None, columns: dict[str, 
     cols = profile(sample)
     inferred = task is None
     task, roles, why = assign_roles(cols, lambda name: sample[name], task, dict(columns or {}))
-    d.summary.append(f"task {task} ({'from the data' if inferred else 'given'}); columns: "
-                     + ", ".join(f"{r}={c}" for r, c in roles.items()))  # fmt: skip
+    d.summary.append(
+        f"task {task} ({'from the data' if inferred else 'given'}); columns: "
+        + ", ".join(f"{r}={c}" for r, c in roles.items())
+    )
     labels = _data_section(d, source, splits, fmt, encoding, TASKS[task], cols, roles, why)
     facts = inspect_model(model, task, labels)
     positions = f", {facts.max_positions:,} positions" if facts.max_positions else ""
@@ -218,25 +241,42 @@ def _data_section(d: Design, source, splits, fmt, encoding, module, cols, roles,
     if module.LABEL_ROLE:
         labels, counts, missing = label_set(splits, roles[module.LABEL_ROLE], module.LABELS_PER_TOKEN)
         if len(labels) < 2:
-            raise UserError(f"the label column '{roles[module.LABEL_ROLE]}' has {len(labels)} distinct value(s); "
-                            "at least 2 are needed (--label-column picks another column)")  # fmt: skip
+            raise UserError(
+                f"the label column '{roles[module.LABEL_ROLE]}' has {len(labels)} distinct value(s); "
+                "at least 2 are needed (--label-column picks another column)"
+            )
         seen = sum(counts.values())
         shares = ", ".join(f"{v} {counts[v]:,} ({100 * counts[v] / seen:.1f}%)" for v in labels)
         unit = "tokens" if module.LABELS_PER_TOKEN else "rows"
-        d.set("data", "labels", [v if isinstance(v, int) and not isinstance(v, bool) else str(v) for v in labels],
-              before=(f"{unit} per label: {shares}", "id order; to leave a class out, remove it here and set "
-                      "unknown_labels: drop"))  # fmt: skip
+        d.set(
+            "data",
+            "labels",
+            [v if isinstance(v, int) and not isinstance(v, bool) else str(v) for v in labels],
+            before=(
+                f"{unit} per label: {shares}",
+                "id order; to leave a class out, remove it here and set unknown_labels: drop",
+            ),
+        )
         if missing:
             d.set("data", "unknown_labels", "drop", f"{missing:,} row(s) have no label")
         ratio = max(counts.values()) / min(counts.values())
         if not module.LABELS_PER_TOKEN and ratio >= IMBALANCE:
             rare = min(labels, key=lambda v: counts[v])
-            d.warnings.append(f"the classes are unbalanced: '{rare}' has {counts[rare]:,} rows, {ratio:.0f}x fewer "
-                              "than the largest; macro-F1 picks the kept epoch")  # fmt: skip
-            d.set("eval", "metric_for_best", "macro_f1", f"unbalanced classes ({ratio:.0f}:1): accuracy would "
-                  f"reward ignoring '{rare}'")  # fmt: skip
-        d.summary.append(f"{len(labels)} labels: " + ", ".join(f"{v} ({counts[v]:,})" for v in labels[:12])
-                         + (" ..." if len(labels) > 12 else ""))  # fmt: skip
+            d.warnings.append(
+                f"the classes are unbalanced: '{rare}' has {counts[rare]:,} rows, {ratio:.0f}x fewer "
+                "than the largest; macro-F1 picks the kept epoch"
+            )
+            d.set(
+                "eval",
+                "metric_for_best",
+                "macro_f1",
+                f"unbalanced classes ({ratio:.0f}:1): accuracy would reward ignoring '{rare}'",
+            )
+        d.summary.append(
+            f"{len(labels)} labels: "
+            + ", ".join(f"{v} ({counts[v]:,})" for v in labels[:12])
+            + (" ..." if len(labels) > 12 else "")
+        )
     text_roles = [r for r in module.TEXT_ROLES if r in roles]
     empty = sum(1 for s in splits.values() for r in text_roles for v in s[roles[r]] if blank(v))
     if empty:
@@ -253,10 +293,15 @@ def _task_section(d: Design, task, roles, split, facts: ModelFacts) -> tuple[dic
     floor = 64 if task == "question_answering" else 8  # QA windows hold the question and some context
     m = choose_max_length(lengths, facts.max_positions, min(floor, facts.max_positions or floor))
     what = {"token_classification": "sub-words per sentence", "question_answering": "tokens per question + context"}
-    distribution = (f"{what.get(task, 'tokens per example')} ({m['sampled']:,} sampled rows, this model's tokenizer): "
-                    f"median {m['median']}, p95 {m['p95']}, p{PERCENTILE} {m['high']}, max {m['max']}")  # fmt: skip
-    basis = (f"the model's {facts.max_positions} positions (p{PERCENTILE} is {m['high']})" if m["capped"]
-             else f"p{PERCENTILE} rounded up to a multiple of 8")  # fmt: skip
+    distribution = (
+        f"{what.get(task, 'tokens per example')} ({m['sampled']:,} sampled rows, this model's tokenizer): "
+        f"median {m['median']}, p95 {m['p95']}, p{PERCENTILE} {m['high']}, max {m['max']}"
+    )
+    basis = (
+        f"the model's {facts.max_positions} positions (p{PERCENTILE} is {m['high']})"
+        if m["capped"]
+        else f"p{PERCENTILE} rounded up to a multiple of 8"
+    )
     share = f"{m['cut']:,} of {m['sampled']:,} sampled rows ({100 * m['cut'] / m['sampled']:.1f}%)"
     packing = task == "causal_lm" and "text" in roles and m["median"] <= m["value"] / 2
     if packing:
@@ -277,12 +322,11 @@ def _task_section(d: Design, task, roles, split, facts: ModelFacts) -> tuple[dic
     return m, packing
 
 
-def _train_section(d: Design, task: str, facts: ModelFacts, m: dict, packing: bool, rows: int,
-                   has_validation: bool) -> None:  # fmt: skip
+def _train_section(
+    d: Design, task: str, facts: ModelFacts, m: dict, packing: bool, rows: int, has_validation: bool
+) -> None:
     """train: a batch that fits the model's size and max_length, a rate for LoRA at that size, epochs that give
     about TARGET_STEPS optimizer steps."""
-    from peftkit.sections import SplitSection, TrainSection
-
     small = facts.params < 3e8
     budget = 8192 if small else 4096 if facts.params < 3e9 else 2048  # tokens per forward pass
     if task == "causal_lm":  # fp32 logits over the whole vocabulary at every position dominate the memory
@@ -299,27 +343,31 @@ def _train_section(d: Design, task: str, facts: ModelFacts, m: dict, packing: bo
     per_epoch = max(1, math.ceil(examples / (batch * accum)))
     most = 3 if task == "causal_lm" else 10  # more passes over the same text overfit a language model
     epochs = max(1, min(most, round(TARGET_STEPS / per_epoch)))
-    d.set("train", "epochs", epochs, f"{per_epoch:,} steps per epoch, {epochs * per_epoch:,} in all (aiming at about "
-          f"{TARGET_STEPS}" + (f"; at most {most} epochs)" if epochs == most else ")"))  # fmt: skip
+    d.set(
+        "train",
+        "epochs",
+        epochs,
+        f"{per_epoch:,} steps per epoch, {epochs * per_epoch:,} in all (aiming at about "
+        f"{TARGET_STEPS}" + (f"; at most {most} epochs)" if epochs == most else ")"),
+    )
     defaults = TrainSection()
-    d.explain("train", f"warmup_ratio {defaults.warmup_ratio}, scheduler {defaults.scheduler}, max_grad_norm "
-              f"{defaults.max_grad_norm} and seed {defaults.seed} are the schema defaults; train.max_steps caps a "
-              "quick trial run")  # fmt: skip
+    d.explain(
+        "train",
+        f"warmup_ratio {defaults.warmup_ratio}, scheduler {defaults.scheduler}, max_grad_norm "
+        f"{defaults.max_grad_norm} and seed {defaults.seed} are the schema defaults; train.max_steps caps a "
+        "quick trial run",
+    )
 
 
 def hardware() -> tuple[str, str]:
     """(device type, the precision `train.precision: auto` resolves to there): what the run will train on."""
     import torch
 
-    from peftkit import train
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return device.type, train.resolve_precision("auto", device)
 
 
 def _method(d: Design, task: str, facts: ModelFacts) -> None:
-    from peftkit.methods import METHODS
-
     device, precision = hardware()
     cuda = device == "cuda"
     big = facts.params > BIG_MODEL
@@ -327,22 +375,30 @@ def _method(d: Design, task: str, facts: ModelFacts) -> None:
     if big and cuda:
         why = f"QLoRA: {_count(facts.params)} parameters on a GPU; the frozen base in 4 bits, LoRA in {precision}"
     elif big:
-        why = (f"{_count(facts.params)} parameters, but no GPU: a full-precision base, since bitsandbytes' CPU "
-               "kernels are slower than fp32 (benchmarks/RESULTS.md)")  # fmt: skip
+        why = (
+            f"{_count(facts.params)} parameters, but no GPU: a full-precision base, since bitsandbytes' CPU "
+            "kernels are slower than fp32 (benchmarks/RESULTS.md)"
+        )
         d.warnings.append(f"a {_count(facts.params)}-parameter model on the CPU trains slowly; consider a GPU")
     else:
         why = f"a small model ({_count(facts.params)}): LoRA on a full-precision base"
     defaults = METHODS["lora"].Config(name="lora")
-    d.explain("method", f"r {defaults.r}, alpha {defaults.alpha:g} and dropout {defaults.dropout} are the schema "
-              "defaults (a higher r for harder tasks); ia3 trains fewer parameters, full is the reference")  # fmt: skip
+    d.explain(
+        "method",
+        f"r {defaults.r}, alpha {defaults.alpha:g} and dropout {defaults.dropout} are the schema "
+        "defaults (a higher r for harder tasks); ia3 trains fewer parameters, full is the reference",
+    )
     d.set("method", "name", "lora", why)
     d.set("method", "target_modules", targets, reason, before=(f"layers this model offers: {', '.join(facts.layers)}",))
     if big and cuda:
         d.set("quantization", "bits", 4, "NF4 with double quantisation (schema defaults); needs peftkit[quant]")
         d.set("train", "gradient_checkpointing", True, "recompute activations: memory for a large model")
     d.explain("train", f"precision: auto (schema default) is {precision} on this machine ({device})")
-    d.summary.append(f"method lora on {', '.join(targets)}" + (" with a 4-bit base (QLoRA)" if big and cuda else "")
-                     + f"; precision {precision} on {device}")  # fmt: skip
+    d.summary.append(
+        f"method lora on {', '.join(targets)}"
+        + (" with a 4-bit base (QLoRA)" if big and cuda else "")
+        + f"; precision {precision} on {device}"
+    )
 
 
 def _count(n: int) -> str:
@@ -365,10 +421,16 @@ def _comment_lines(text: str, indent: str) -> list[str]:
 
 
 def render(d: Design, out: Path) -> str:
-    lines = [f"# peftkit run {out}", "#",
-             *_comment_lines("Written by `peftkit init` from the data and the model below. Each setting's comment "
-                             "says what in the data, the model or this machine it comes from; every key not set "
-                             "here takes its schema default (`peftkit schema` lists them all).", "")]  # fmt: skip
+    lines = [
+        f"# peftkit run {out}",
+        "#",
+        *_comment_lines(
+            "Written by `peftkit init` from the data and the model below. Each setting's comment "
+            "says what in the data, the model or this machine it comes from; every key not set "
+            "here takes its schema default (`peftkit schema` lists them all).",
+            "",
+        ),
+    ]
     for section in ("model", "data", "task", "method", "quantization", "train", "eval"):
         if section not in d.spec:
             continue
@@ -377,8 +439,9 @@ def render(d: Design, out: Path) -> str:
         for key, value in d.spec[section].items():
             entry = f"  {key}: {_flow(value)}"
             if len(entry) > 118 and isinstance(value, list):  # a flow list may continue on indented lines
-                entry = "\n".join(textwrap.wrap(entry, 118, subsequent_indent="    ", break_long_words=False,
-                                                 break_on_hyphens=False))  # fmt: skip
+                entry = "\n".join(
+                    textwrap.wrap(entry, 118, subsequent_indent="    ", break_long_words=False, break_on_hyphens=False)
+                )
             lines += _comment_lines_all(d.notes.get((section, key, "before"), []))
             note = d.notes.get((section, key))
             if note and len(entry) < 34 and len(note) < 84:
@@ -397,8 +460,6 @@ def write(d: Design, out: Path, force: bool) -> Path:
     """Write the recipe atomically, after checking that it validates and reads back as designed (a failure
     there is a bug in the designer, not the user's)."""
     import yaml
-
-    from peftkit.recipe import load_recipe
 
     out = Path(out)
     if out.exists() and not force:

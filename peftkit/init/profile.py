@@ -9,8 +9,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from peftkit import assets
+from peftkit import assets, data
 from peftkit.errors import UserError, did_you_mean
+from peftkit.sections import DataSection
+from peftkit.tasks import TASKS
 
 LABEL_NAMES = ("label", "labels", "category", "class", "sentiment", "target", "intent", "topic", "emotion", "stance")
 MAX_CLASSES = 100  # a column with more distinct values is not taken for a label
@@ -35,9 +37,6 @@ def read_data(source: str, encoding: str | None):
     """(the source's splits, data.format to write or None): through data.py's readers, so init reads a file
     exactly as `peftkit run` will. A text file of `token tag` lines with an extension data.py does not know
     (e.g. WNUT's ner.txt) is recognised as CoNLL."""
-    from peftkit import data
-    from peftkit.sections import DataSection
-
     path = assets.resolve_file(source)
     fmt = None
     if path is not None:
@@ -64,8 +63,6 @@ def read_data(source: str, encoding: str | None):
 def _looks_like_conll(path: Path) -> bool:
     """Most non-blank lines of the first few hundred have 2+ whitespace-separated fields, and blank lines
     separate sentences."""
-    from peftkit import data
-
     opened = data.open_binary(path)
     if opened is None:
         return False
@@ -114,23 +111,25 @@ def _label_candidates(columns: dict[str, Column], values, given: dict[str, str])
 def _check_columns(given: dict[str, str], available: list[str]) -> None:
     for role, name in given.items():
         if name not in available:
-            raise UserError(f"column '{name}' (for {role}) is not in the data{did_you_mean(name, available)}; the "
-                            f"data has columns: {', '.join(available)}")  # fmt: skip
+            raise UserError(
+                f"column '{name}' (for {role}) is not in the data{did_you_mean(name, available)}; the "
+                f"data has columns: {', '.join(available)}"
+            )
 
 
 def assign_roles(columns: dict[str, Column], values, task: str | None, given: dict[str, str]):
     """(task, role -> column, why) from the columns' names and contents; `given` (the column options) wins.
     `values(name)` returns a column's sampled values."""
-    from peftkit.tasks import TASKS
-
     _check_columns(given, list(columns))
     if task is not None and task not in TASKS:
         raise UserError(f"--task {task}: unknown task{did_you_mean(task, TASKS)}; choose one of: {', '.join(TASKS)}")
     all_roles = {role for t in TASKS.values() for role in t.COLUMNS}
     unknown = [role for role in given if role not in all_roles]
     if unknown:
-        raise UserError(f"--column {unknown[0]}=...: no task reads a role '{unknown[0]}'"
-                        f"{did_you_mean(unknown[0], all_roles)}; roles: {', '.join(sorted(all_roles))}")  # fmt: skip
+        raise UserError(
+            f"--column {unknown[0]}=...: no task reads a role '{unknown[0]}'"
+            f"{did_you_mean(unknown[0], all_roles)}; roles: {', '.join(sorted(all_roles))}"
+        )
     named = {role: given.get(role, role) for role in all_roles if given.get(role, role) in columns}
     why = {role: "given" for role in given}
     if task is None:
@@ -141,9 +140,11 @@ def assign_roles(columns: dict[str, Column], values, task: str | None, given: di
         roles = {r: named[r] for r in ("question", "context", "answers", "id") if r in named}
         missing = [r for r in ("question", "context", "answers") if r not in roles]
         if missing:
-            raise UserError(f"question answering needs question, context and answers columns; {', '.join(missing)} "
-                            f"not found. Map them with --column ROLE=COLUMN; the data has columns: "
-                            f"{', '.join(columns)}")  # fmt: skip
+            raise UserError(
+                f"question answering needs question, context and answers columns; {', '.join(missing)} "
+                f"not found. Map them with --column ROLE=COLUMN; the data has columns: "
+                f"{', '.join(columns)}"
+            )
     elif task == "causal_lm" and "prompt" in named and "response" in named:
         roles = {"prompt": named["prompt"], "response": named["response"]}
     else:
@@ -156,8 +157,10 @@ def assign_roles(columns: dict[str, Column], values, task: str | None, given: di
         roles = {"text": text, **roles}
     bad = [r for r in given if r not in TASKS[task].COLUMNS]
     if bad:
-        raise UserError(f"a column was given for the role '{bad[0]}', which task {task} does not read; it reads: "
-                        f"{', '.join(TASKS[task].COLUMNS)}")  # fmt: skip
+        raise UserError(
+            f"a column was given for the role '{bad[0]}', which task {task} does not read; it reads: "
+            f"{', '.join(TASKS[task].COLUMNS)}"
+        )
     return task, roles, why
 
 
@@ -176,9 +179,11 @@ def _infer_task(columns, values, named, given) -> str:
         return "causal_lm"  # text and nothing to classify it by: learn to continue the text
     if len(candidates) > 1 and not any(c.name.lower() in LABEL_NAMES for c in candidates):
         listed = ", ".join(c.describe() for c in candidates)
-        raise UserError(f"cannot tell the task from the data: several columns could be a class label ({listed}). "
-                        "Pass --label-column COLUMN for classification, or --task causal_lm to train a language "
-                        f"model on the text; the data has columns: {', '.join(columns)}")  # fmt: skip
+        raise UserError(
+            f"cannot tell the task from the data: several columns could be a class label ({listed}). "
+            "Pass --label-column COLUMN for classification, or --task causal_lm to train a language "
+            f"model on the text; the data has columns: {', '.join(columns)}"
+        )
     return "classification"
 
 
@@ -187,9 +192,11 @@ def _list_roles(columns, named, given) -> dict[str, str]:
         return {"tokens": named["tokens"], "tags": named["tags"]}
     lists = sorted((c for c in columns.values() if c.kind == "list"), key=lambda c: c.distinct)
     if len(lists) != 2:
-        raise UserError("token classification needs a column of tokens and one of tags (lists, one tag per token; "
-                        "or a CoNLL file); map them with --column tokens=COLUMN --column tags=COLUMN. The data has "
-                        f"columns: {', '.join(c.describe() for c in columns.values())}")  # fmt: skip
+        raise UserError(
+            "token classification needs a column of tokens and one of tags (lists, one tag per token; "
+            "or a CoNLL file); map them with --column tokens=COLUMN --column tags=COLUMN. The data has "
+            f"columns: {', '.join(c.describe() for c in columns.values())}"
+        )
     return {"tokens": lists[1].name, "tags": lists[0].name}  # the tag set is the smaller vocabulary
 
 
@@ -198,12 +205,16 @@ def _label_column(columns, values, given) -> tuple[str, str]:
         return given["label"], "given"
     candidates = _label_candidates(columns, values, given)
     if not candidates:
-        raise UserError("classification needs a label column (few distinct values), and none was found: "
-                        f"{', '.join(c.describe() for c in columns.values())}. Pass --label-column COLUMN")  # fmt: skip
+        raise UserError(
+            "classification needs a label column (few distinct values), and none was found: "
+            f"{', '.join(c.describe() for c in columns.values())}. Pass --label-column COLUMN"
+        )
     by_name = [c for c in candidates if c.name.lower() in LABEL_NAMES]
     if len(candidates) > 1 and not by_name:
-        raise UserError(f"several columns could be the label: {', '.join(c.describe() for c in candidates)}; "
-                        "pass --label-column COLUMN")  # fmt: skip
+        raise UserError(
+            f"several columns could be the label: {', '.join(c.describe() for c in candidates)}; "
+            "pass --label-column COLUMN"
+        )
     chosen = (by_name or candidates)[0]
     others = [c.name for c in candidates if c is not chosen]
     reason = f"{chosen.distinct} distinct values" + (" and a label's name" if by_name else "")
@@ -216,19 +227,22 @@ def _text_column(columns, values, given, taken: set[str]) -> tuple[str, str]:
     if "text" in given:
         return given["text"], "given"
     rows = len(values(next(iter(columns))))
-    texts = [c for c in columns.values() if c.kind == "text" and c.name not in taken
-             and not _label_like(c, rows, values(c.name))]  # fmt: skip
+    texts = [
+        c
+        for c in columns.values()
+        if c.kind == "text" and c.name not in taken and not _label_like(c, rows, values(c.name))
+    ]
     if not texts:
-        raise UserError("no usable text column (strings with many distinct values) in the data: "
-                        f"{', '.join(c.describe() for c in columns.values())}. Pass --text-column COLUMN")  # fmt: skip
+        raise UserError(
+            "no usable text column (strings with many distinct values) in the data: "
+            f"{', '.join(c.describe() for c in columns.values())}. Pass --text-column COLUMN"
+        )
     longest = max(texts, key=lambda c: c.mean_chars)
     return longest.name, f"the longest text column, mean {longest.mean_chars:.0f} characters"
 
 
 def label_set(splits, role: str, per_token: bool) -> tuple[list, Counter, int]:
     """(labels in id order, count of each, rows without a label), over every row of every split."""
-    from peftkit import data
-
     splits = data.label_names(splits, role, per_token)  # what `peftkit run` will see: names, not ClassLabel ids
     counts, missing = Counter(), 0
     for split in splits.values():

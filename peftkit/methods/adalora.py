@@ -12,8 +12,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from peftkit.sections import Section
 from peftkit.methods.base import Context, peft_targets, peft_wrap
+from peftkit.sections import Section
 
 FORMAT = "peft"  # peft's format: plain `PeftModel.from_pretrained` loads it
 MERGEABLE = True
@@ -48,7 +48,9 @@ class Config(Section):
 def apply(model, config: Config, context: Context):
     from peft import AdaLoraConfig
 
-    modules = peft_targets(model, config.target_modules, "TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING", context)
+    modules = peft_targets(
+        model, config.target_modules, "TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING", context
+    )
     total = max(context.total_steps, 3)
     peft_config = AdaLoraConfig(
         init_r=config.init_r,

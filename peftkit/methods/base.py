@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
+from peftkit.errors import UserError
+from peftkit.methods.targets import resolve
+
 
 @dataclass
 class Context:
@@ -78,8 +81,6 @@ def refuse_quantized(method: str, model, bits: tuple[int, ...], why: str) -> Non
     """A clear error for a method that cannot work on a base quantised to one of `bits`."""
     found = quantized_bits(model)
     if found in bits:
-        from peftkit.errors import UserError
-
         raise UserError(f"{method} cannot train on a {found}-bit base: {why}")
 
 
@@ -94,8 +95,6 @@ def refuse_per_token_tasks(method: str, context: Context) -> None:
     """peft's prompt methods prepend virtual tokens but leave per-token labels and outputs unshifted: token
     classification then fails on mismatched lengths, and QA's answer positions are off by the prompt length."""
     if context.peft_task_type in ("TOKEN_CLS", "QUESTION_ANS"):
-        from peftkit.errors import UserError
-
         raise UserError(
             f"method {method} adds virtual tokens in front of the input, which peft does not remove from "
             "per-token outputs, so it cannot tag tokens or point at answer spans; use prefix_tuning (it adds "
@@ -116,8 +115,6 @@ def peft_wrap(model, peft_config, context: Context):
 def peft_targets(model, requested, mapping_name: str, context: Context) -> list[str]:
     """Requested target modules checked against the model, or peft's per-architecture default list."""
     from peft.utils import constants
-
-    from peftkit.methods.targets import resolve
 
     return resolve(model, requested, getattr(constants, mapping_name), context.head_modules)
 
@@ -158,5 +155,3 @@ def load_trainable(model, tensors: dict, source) -> None:
             f"{source} does not fit this model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
     model.load_state_dict(tensors, strict=False)
-
-

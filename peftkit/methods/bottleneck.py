@@ -17,9 +17,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from peftkit.sections import Section
 from peftkit.errors import UserError
 from peftkit.methods.base import Context, train_only
+from peftkit.sections import Section
 
 FORMAT = "peftkit"  # peftkit's own format (peft lacks or breaks this method)
 MERGEABLE = False
@@ -36,8 +36,17 @@ SUBLAYERS = {
     "llama": (r"self_attn\.o_proj$", r"mlp\.down_proj$"),
     "distilbert": (r"attention\.out_lin$", r"ffn\.lin2$"),
 }
-FAMILY = {"roberta": "bert", "xlm-roberta": "bert", "electra": "bert", "camembert": "bert", "mistral": "llama",
-          "qwen2": "llama", "qwen3": "llama", "gemma": "llama", "phi3": "llama"}  # fmt: skip
+FAMILY = {
+    "roberta": "bert",
+    "xlm-roberta": "bert",
+    "electra": "bert",
+    "camembert": "bert",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "qwen3": "llama",
+    "gemma": "llama",
+    "phi3": "llama",
+}
 
 
 class Config(Section):

@@ -7,8 +7,8 @@ lower than LoRA's (2e-5 .. 5e-5 is the usual range for BERT-sized models).
 
 from typing import Literal
 
-from peftkit.sections import Section
 from peftkit.methods.base import Context, refuse_quantized
+from peftkit.sections import Section
 
 FORMAT = "full"  # the whole model, with save_pretrained
 MERGEABLE = False
@@ -27,8 +27,13 @@ def rewrites_base(config: Config) -> bool:
 
 
 def apply(model, config: Config, context: Context):
-    refuse_quantized("method full", model, (4, 8), "it trains every weight, and 8/4-bit weights cannot be "
-                     "trained; remove the quantization section, or use a parameter-efficient method such as lora")  # fmt: skip
+    refuse_quantized(
+        "method full",
+        model,
+        (4, 8),
+        "it trains every weight, and 8/4-bit weights cannot be "
+        "trained; remove the quantization section, or use a parameter-efficient method such as lora",
+    )
     for param in model.parameters():
         param.requires_grad_(True)
     return model

@@ -10,8 +10,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from peftkit.sections import Section
 from peftkit.methods.base import Context, peft_targets, peft_wrap
+from peftkit.methods.targets import uses_conv1d
+from peftkit.sections import Section
 
 FORMAT = "peft"  # peft's format: plain `PeftModel.from_pretrained` loads it
 MERGEABLE = True
@@ -20,19 +21,19 @@ MERGEABLE = True
 class Config(Section):
     name: Literal["ia3"]
     target_modules: list[str] | None = Field(
-        None, description="Layers whose output is rescaled. Omitted: peft's list for the architecture (keys, "
-        "values and the feed-forward output layer)."
+        None,
+        description="Layers whose output is rescaled. Omitted: peft's list for the architecture (keys, "
+        "values and the feed-forward output layer).",
     )
     feedforward_modules: list[str] | None = Field(
-        None, description="Which of target_modules are feed-forward layers (their *input* is rescaled). "
-        "Omitted: peft's list for the architecture."
+        None,
+        description="Which of target_modules are feed-forward layers (their *input* is rescaled). "
+        "Omitted: peft's list for the architecture.",
     )
 
 
 def apply(model, config: Config, context: Context):
     from peft import IA3Config
-
-    from peftkit.methods.targets import uses_conv1d
 
     modules = peft_targets(model, config.target_modules, "TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING", context)
     if config.feedforward_modules is None and config.target_modules is not None:

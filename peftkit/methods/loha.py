@@ -10,8 +10,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from peftkit.sections import Section
 from peftkit.methods.base import Context, peft_targets, peft_wrap, refuse_quantized
+from peftkit.methods.targets import refuse_conv1d
+from peftkit.sections import Section
 
 FORMAT = "peft"  # peft's format: plain `PeftModel.from_pretrained` loads it
 MERGEABLE = True
@@ -31,13 +32,16 @@ class Config(Section):
 def apply(model, config: Config, context: Context):
     from peft import LoHaConfig
 
-    from peftkit.methods.targets import refuse_conv1d
-
     modules = peft_targets(model, config.target_modules, "TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING", context)
     refuse_conv1d(model, modules, "loha")
     # peft builds ΔW in the shape of the base weight, which a 4-bit layer stores packed: the forward pass fails.
-    refuse_quantized("method loha", model, (4,), "peft sizes its update from the base weight, which 4-bit "
-                     "layers store packed; use quantization.bits: 8, or lora")  # fmt: skip
+    refuse_quantized(
+        "method loha",
+        model,
+        (4,),
+        "peft sizes its update from the base weight, which 4-bit "
+        "layers store packed; use quantization.bits: 8, or lora",
+    )
     peft_config = LoHaConfig(
         r=config.r,
         alpha=config.alpha,

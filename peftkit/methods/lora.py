@@ -16,10 +16,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from peftkit.sections import Section
 from peftkit.errors import UserError
-from peftkit.methods.targets import uses_conv1d
 from peftkit.methods.base import Context, peft_targets, peft_wrap, refuse_quantized, save_peft
+from peftkit.methods.targets import uses_conv1d
+from peftkit.sections import Section
 
 INITIAL = "_peftkit_initial_lora"  # the model attribute holding PiSSA / OLoRA's B0 A0 (_keep_initial_adapter)
 FORMAT = "peft"  # peft's format: plain `PeftModel.from_pretrained` loads it
@@ -32,22 +32,26 @@ class Config(Section):
     alpha: float = Field(16, gt=0, description="Scaling numerator: the update is multiplied by alpha / r.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the LoRA branch's input.")
     target_modules: list[str] | None = Field(
-        None, description="Layers to adapt (names or name suffixes). Omitted: the attention projections peft "
-        "lists for the architecture (query/value for BERT, c_attn for GPT-2, q_proj/v_proj for Llama)."
+        None,
+        description="Layers to adapt (names or name suffixes). Omitted: the attention projections peft "
+        "lists for the architecture (query/value for BERT, c_attn for GPT-2, q_proj/v_proj for Llama).",
     )
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train too.")
     rslora: bool = Field(False, description="Scale by alpha / sqrt(r) instead of alpha / r (rank-stabilised).")
     dora: bool = Field(False, description="Weight-decomposed LoRA: train magnitude and direction separately.")
     init: Literal["default", "gaussian", "pissa", "olora"] = Field(
-        "default", description="How A and B start: default (Kaiming A, zero B), gaussian, or from W0 by SVD "
-        "(pissa) or QR (olora)."
+        "default",
+        description="How A and B start: default (Kaiming A, zero B), gaussian, or from W0 by SVD "
+        "(pissa) or QR (olora).",
     )
 
     @model_validator(mode="after")
     def _init_and_dora(self):
         if self.dora and self.init in ("pissa", "olora"):
-            raise ValueError(f"init {self.init} cannot be combined with dora: its adapter could not be converted "
-                             "back to the original base; use one or the other")  # fmt: skip
+            raise ValueError(
+                f"init {self.init} cannot be combined with dora: its adapter could not be converted "
+                "back to the original base; use one or the other"
+            )
         return self
 
 
@@ -67,13 +71,23 @@ def apply(model, config: Config, context: Context):
             "model fails with a shape error); use init: pissa, or the default, on this model"
         )
     if config.init in ("pissa", "olora"):
-        refuse_quantized(f"method.init {config.init}", model, (4, 8), "it rewrites the base weights (W0 - B0 A0), "
-                         "which stay quantised; use the default init, or remove the quantization section")  # fmt: skip
+        refuse_quantized(
+            f"method.init {config.init}",
+            model,
+            (4, 8),
+            "it rewrites the base weights (W0 - B0 A0), "
+            "which stay quantised; use the default init, or remove the quantization section",
+        )
     if config.dora:
         # Seen on bitsandbytes 0.50's CPU backend: after DoRA reads the 8-bit weight, the layer's own forward fails
         # ("'NoneType' object has no attribute 'dtype'"). DoRA on a 4-bit base works.
-        refuse_quantized("method.dora", model, (8,), "peft's DoRA leaves the 8-bit layer unable to run its "
-                         "forward pass (bitsandbytes 0.50); use quantization.bits: 4, or dora: false")  # fmt: skip
+        refuse_quantized(
+            "method.dora",
+            model,
+            (8,),
+            "peft's DoRA leaves the 8-bit layer unable to run its "
+            "forward pass (bitsandbytes 0.50); use quantization.bits: 4, or dora: false",
+        )
     init = {"default": True, "gaussian": "gaussian"}.get(config.init, config.init)
     peft_config = LoraConfig(
         r=config.r,

@@ -9,8 +9,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from peftkit.sections import Section
 from peftkit.methods.base import Context, left_if_last_token_pooled, peft_wrap, refuse_per_token_tasks
+from peftkit.sections import Section
 
 FORMAT = "peft"  # peft's format: plain `PeftModel.from_pretrained` loads it
 MERGEABLE = False

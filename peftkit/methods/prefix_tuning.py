@@ -21,8 +21,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from peftkit.sections import Section
+from peftkit.errors import UserError
 from peftkit.methods.base import Context, train_only
+from peftkit.sections import Section
 
 FORMAT = "peftkit"  # peftkit's own format (peft lacks or breaks this method)
 MERGEABLE = False
@@ -109,8 +110,6 @@ def apply(model, config: Config, context: Context):
 def _number_attention_layers(model, layers: int) -> None:
     """The attention function finds a layer's prefix by `module.layer_idx`, which BERT, GPT-2 and Llama
     attention modules carry; for models whose attention has none (e.g. DistilBERT), number them in order."""
-    from peftkit.errors import UserError
-
     if any(hasattr(m, "layer_idx") for m in model.modules()):
         return
     attention = [m for m in model.modules() if type(m).__name__.endswith("Attention")]

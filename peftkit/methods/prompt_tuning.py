@@ -8,8 +8,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from peftkit.sections import Section
 from peftkit.methods.base import Context, left_if_last_token_pooled, peft_wrap, refuse_per_token_tasks
+from peftkit.sections import Section
 
 FORMAT = "peft"  # peft's format: plain `PeftModel.from_pretrained` loads it
 MERGEABLE = False
@@ -23,8 +23,9 @@ class Config(Section):
     name: Literal["prompt_tuning"]
     num_virtual_tokens: int = Field(20, gt=0, description="Length of the learned prompt.")
     init_text: str | None = Field(
-        None, description="Start the prompt from this text's token embeddings (e.g. 'Classify the sentiment:'); "
-        "omitted: random."
+        None,
+        description="Start the prompt from this text's token embeddings (e.g. 'Classify the sentiment:'); "
+        "omitted: random.",
     )
 
 

@@ -94,4 +94,3 @@ def load_own(base, adapter_dir: Path, context: Context):
     model = method.apply(base, method.Config.model_validate(info["config"]), context)
     load_trainable(model, load_file(Path(adapter_dir) / OWN_WEIGHTS), adapter_dir)
     return model
-

@@ -11,8 +11,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from peftkit.sections import Section
 from peftkit.methods.base import Context, peft_targets, peft_wrap
+from peftkit.methods.targets import uses_conv1d
+from peftkit.sections import Section
 
 FORMAT = "peft"  # peft's format: plain `PeftModel.from_pretrained` loads it
 MERGEABLE = True
@@ -31,8 +32,6 @@ class Config(Section):
 
 def apply(model, config: Config, context: Context):
     from peft import VeraConfig
-
-    from peftkit.methods.targets import uses_conv1d
 
     modules = peft_targets(model, config.target_modules, "TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING", context)
     peft_config = VeraConfig(

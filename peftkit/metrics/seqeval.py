@@ -14,10 +14,12 @@ class Seqeval(evaluate.Metric):
             description="Entity-level precision, recall and F1 of BIO / IOB2 tag sequences, overall and per type.",
             citation="",
             inputs_description="predictions, references: lists of tag sequences (strings); strict: IOB2 strictly.",
-            features=datasets.Features({
-                "predictions": datasets.List(datasets.Value("string")),
-                "references": datasets.List(datasets.Value("string")),
-            }),  # fmt: skip
+            features=datasets.Features(
+                {
+                    "predictions": datasets.List(datasets.Value("string")),
+                    "references": datasets.List(datasets.Value("string")),
+                }
+            ),
         )
 
     def _compute(self, predictions, references, strict=False):
@@ -34,8 +36,12 @@ class Seqeval(evaluate.Metric):
             "recall": float(overall["recall"]),
             "accuracy": float(accuracy_score(references, predictions)),
             "per_type": {
-                name: {"f1": float(s["f1-score"]), "precision": float(s["precision"]), "recall": float(s["recall"]),
-                       "support": int(s["support"])}  # fmt: skip
+                name: {
+                    "f1": float(s["f1-score"]),
+                    "precision": float(s["precision"]),
+                    "recall": float(s["recall"]),
+                    "support": int(s["support"]),
+                }
                 for name, s in report.items()
             },
         }

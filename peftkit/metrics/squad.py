@@ -37,10 +37,12 @@ class Squad(evaluate.Metric):
             description="Exact match and token F1 of extracted answers, in percent (SQuAD v1.1 / v2.0).",
             citation="",
             inputs_description="predictions: answer strings ('' = no answer); references: lists of gold answers.",
-            features=datasets.Features({
-                "predictions": datasets.Value("string"),
-                "references": datasets.List(datasets.Value("string")),
-            }),  # fmt: skip
+            features=datasets.Features(
+                {
+                    "predictions": datasets.Value("string"),
+                    "references": datasets.List(datasets.Value("string")),
+                }
+            ),
         )
 
     def _compute(self, predictions, references):

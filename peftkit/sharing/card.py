@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+from peftkit import assets
 from peftkit.errors import UserError
 from peftkit.recipe import Recipe
 from peftkit.run_folder import LOG, METRICS, TENSORBOARD
@@ -30,17 +31,34 @@ def model_card(recipe: Recipe, info: dict, metrics: dict, recipe_text: str, repo
     dataset = _hub_dataset(recipe.data.source)
     results = None
     if dataset:  # model-index entries must name a Hub dataset
-        results = [EvalResult(task_type=pipeline, dataset_type=dataset, dataset_name=dataset, dataset_split=s,
-                              metric_type=m, metric_value=metrics[s][m]) for s in splits for m in names]  # fmt: skip
+        results = [
+            EvalResult(
+                task_type=pipeline,
+                dataset_type=dataset,
+                dataset_name=dataset,
+                dataset_split=s,
+                metric_type=m,
+                metric_value=metrics[s][m],
+            )
+            for s in splits
+            for m in names
+        ]
     data = ModelCardData(
-        base_model=on_hub, library_name=LIBRARY[info["format"]], pipeline_tag=pipeline, datasets=[dataset] if dataset else None,
-        metrics=names, tags=["peftkit", method, task] + (["lora"] if method != "lora" and "lora" in method else []),
-        model_name=repo_id.split("/")[-1], eval_results=results,
-    )  # fmt: skip
+        base_model=on_hub,
+        library_name=LIBRARY[info["format"]],
+        pipeline_tag=pipeline,
+        datasets=[dataset] if dataset else None,
+        metrics=names,
+        tags=["peftkit", method, task] + (["lora"] if method != "lora" and "lora" in method else []),
+        model_name=repo_id.split("/")[-1],
+        eval_results=results,
+    )
     lines = [f"# {repo_id.split('/')[-1]}", ""]
-    lines += [f"A **{method}** {'fine-tune' if info['format'] == 'full' else 'adapter'} of "
-              f"{f'[{base_model}](https://huggingface.co/{base_model})' if on_hub else f'`{base_model}`'} for "
-              f"**{task.replace('_', ' ')}**, trained with peftkit from the recipe below."]  # fmt: skip
+    lines += [
+        f"A **{method}** {'fine-tune' if info['format'] == 'full' else 'adapter'} of "
+        f"{f'[{base_model}](https://huggingface.co/{base_model})' if on_hub else f'`{base_model}`'} for "
+        f"**{task.replace('_', ' ')}**, trained with peftkit from the recipe below."
+    ]
     if not on_hub:
         lines += ["", f"The base model was a local path (`{base_model}`), so it is not linked; load the same weights."]
     if info.get("labels"):
@@ -68,8 +86,6 @@ def _hub_model_id(name: str) -> str | None:
 
 
 def _hub_dataset(source: str) -> str | None:
-    from peftkit import assets
-
     try:
         return source if assets.resolve_file(source) is None else None
     except UserError:  # a local file that is gone: not a Hub dataset either
@@ -77,23 +93,44 @@ def _hub_dataset(source: str) -> str | None:
 
 
 def _usage(repo_id: str, info: dict, auto_class: str) -> list[str]:
-    cli = [f"`peftkit predict {repo_id} \"your text\"` pulls and runs it; `model.adapter: {repo_id}` in a recipe "
-           "continues training from it."]  # fmt: skip
-    num_labels = f", num_labels={len(info['labels'])}" if info.get("labels") and auto_class != "AutoModelForCausalLM" else ""
+    cli = [
+        f'`peftkit predict {repo_id} "your text"` pulls and runs it; `model.adapter: {repo_id}` in a recipe '
+        "continues training from it."
+    ]
+    num_labels = (
+        f", num_labels={len(info['labels'])}" if info.get("labels") and auto_class != "AutoModelForCausalLM" else ""
+    )
     if info["format"] == "peft":
-        return ["```python", "from peft import PeftModel", f"from transformers import {auto_class}", "",
-                f'base = {auto_class}.from_pretrained("{info["base_model"]}"{num_labels})',
-                f'model = PeftModel.from_pretrained(base, "{repo_id}")  # the trained task head comes with it',
-                "```", "", "Or with peftkit: " + cli[0]]  # fmt: skip
+        return [
+            "```python",
+            "from peft import PeftModel",
+            f"from transformers import {auto_class}",
+            "",
+            f'base = {auto_class}.from_pretrained("{info["base_model"]}"{num_labels})',
+            f'model = PeftModel.from_pretrained(base, "{repo_id}")  # the trained task head comes with it',
+            "```",
+            "",
+            "Or with peftkit: " + cli[0],
+        ]
     if info["format"] == "full":
-        return ["```python", f"from transformers import {auto_class}", "",
-                f'model = {auto_class}.from_pretrained("{repo_id}")', "```", "", "Or with peftkit: " + cli[0]]  # fmt: skip
+        return [
+            "```python",
+            f"from transformers import {auto_class}",
+            "",
+            f'model = {auto_class}.from_pretrained("{repo_id}")',
+            "```",
+            "",
+            "Or with peftkit: " + cli[0],
+        ]
     return [f"This method is stored in peftkit's own format (peft cannot express it): {cli[0]}"]
 
 
 def _results_table(metrics: dict, splits: list[str], names: list[str]) -> list[str]:
-    rows = [("before training, " + s, metrics["before_training"][s]) for s in splits
-            if isinstance(metrics.get("before_training", {}).get(s), dict)]  # fmt: skip
+    rows = [
+        ("before training, " + s, metrics["before_training"][s])
+        for s in splits
+        if isinstance(metrics.get("before_training", {}).get(s), dict)
+    ]
     rows += [(s, metrics[s]) for s in splits]
     table = ["| split | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for label, values in rows:
@@ -104,8 +141,10 @@ def _results_table(metrics: dict, splits: list[str], names: list[str]) -> list[s
 def _training_facts(metrics: dict) -> list[str]:
     facts = []
     if "trainable_params" in metrics:
-        facts.append(f"- trainable parameters: {metrics['trainable_params']:,} of {metrics['total_params']:,} "
-                     f"({100 * metrics['trainable_share']:.3f}%)")  # fmt: skip
+        facts.append(
+            f"- trainable parameters: {metrics['trainable_params']:,} of {metrics['total_params']:,} "
+            f"({100 * metrics['trainable_share']:.3f}%)"
+        )
     if "adapter_bytes" in metrics:
         facts.append(f"- adapter size: {metrics['adapter_bytes'] / 2**20:.2f} MiB")
     train = metrics.get("train", {})

@@ -25,9 +25,10 @@ import tempfile
 from pathlib import Path
 
 from peftkit import atomic
-from peftkit.sharing import card
 from peftkit.errors import UserError, did_you_mean
+from peftkit.methods import storage
 from peftkit.run_folder import METRICS, RECIPE, adapter_folder, finished_adapter, finished_run
+from peftkit.sharing import card
 
 log = logging.getLogger("peftkit")
 
@@ -73,26 +74,39 @@ def resolve_run(ref, hub_dir: Path | str | None = None) -> Path:
     searched = f"no folder {ref}{near}" + (f", nothing in the local hub {hub_dir}" if hub_dir else "")
     folder = _download(repo_id, revision, searched=searched)
     if adapter_folder(folder) is None:
-        raise UserError(f"{repo_id}@{revision} is not a peftkit adapter repo (no peftkit.json and recipe.yaml at its "
-                        "root); push one with `peftkit push RUN_DIR --repo user/name`")  # fmt: skip
+        raise UserError(
+            f"{repo_id}@{revision} is not a peftkit adapter repo (no peftkit.json and recipe.yaml at its "
+            "root); push one with `peftkit push RUN_DIR --repo user/name`"
+        )
     return folder
 
 
 def _download(repo_id: str, revision: str, searched: str) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         return Path(snapshot_download(repo_id, revision=revision))
     except RevisionNotFoundError:
-        raise UserError(f"{repo_id} has no revision '{revision}' on the Hugging Face Hub; check the name after @") from None
+        raise UserError(
+            f"{repo_id} has no revision '{revision}' on the Hugging Face Hub; check the name after @"
+        ) from None
     except RepositoryNotFoundError:
-        raise UserError(f"{repo_id}: {searched}, and no such repo on the Hugging Face Hub (if it is private, "
-                        f"{LOGIN_FIX.replace('write', 'read')}); check the name") from None  # fmt: skip
+        raise UserError(
+            f"{repo_id}: {searched}, and no such repo on the Hugging Face Hub (if it is private, "
+            f"{LOGIN_FIX.replace('write', 'read')}); check the name"
+        ) from None
     except LocalEntryNotFoundError:
-        raise UserError(f"{repo_id}: {searched}, the Hugging Face Hub is unreachable (offline, or HF_HUB_OFFLINE "
-                        "is set) and no copy is cached; connect and retry, or pull from a local hub with --hub-dir "
-                        f"DIR or {HUB_DIR_ENV}") from None  # fmt: skip
+        raise UserError(
+            f"{repo_id}: {searched}, the Hugging Face Hub is unreachable (offline, or HF_HUB_OFFLINE "
+            "is set) and no copy is cached; connect and retry, or pull from a local hub with --hub-dir "
+            f"DIR or {HUB_DIR_ENV}"
+        ) from None
     except HfHubHTTPError as err:
         raise _http_error(err, repo_id) from None
 
@@ -129,8 +143,15 @@ def listing(folder: Path) -> list[tuple[str, int]]:
 # --- push -----------------------------------------------------------------------------------------------------
 
 
-def push(run_dir: Path, repo: str, private: bool = False, revision: str | None = None, hub_dir: Path | None = None,
-         dry_run: bool = False, message: str | None = None) -> dict:
+def push(
+    run_dir: Path,
+    repo: str,
+    private: bool = False,
+    revision: str | None = None,
+    hub_dir: Path | None = None,
+    dry_run: bool = False,
+    message: str | None = None,
+) -> dict:
     """Upload a finished run as `repo` (to the local hub `hub_dir` if given); `dry_run` only lists what would go.
     Returns {"destination", "files": [(name, bytes)], "notes"}."""
     repo_id, at = parse_ref(repo)
@@ -185,12 +206,16 @@ class _hub_errors:
         if err is None:
             return False
         if isinstance(err, OfflineModeIsEnabled):
-            raise UserError(f"cannot push {self.repo_id}: HF_HUB_OFFLINE is set; unset it, or push to a local "
-                            "directory hub with --hub-dir DIR") from None  # fmt: skip
+            raise UserError(
+                f"cannot push {self.repo_id}: HF_HUB_OFFLINE is set; unset it, or push to a local "
+                "directory hub with --hub-dir DIR"
+            ) from None
         if _network_error(err):
-            raise UserError(f"cannot reach the Hugging Face Hub at {self.endpoint} ({type(err).__name__}: {err}); "
-                            "check your connection (and HF_ENDPOINT, proxies), or push to a local directory hub "
-                            "with --hub-dir DIR") from None  # fmt: skip
+            raise UserError(
+                f"cannot reach the Hugging Face Hub at {self.endpoint} ({type(err).__name__}: {err}); "
+                "check your connection (and HF_ENDPOINT, proxies), or push to a local directory hub "
+                "with --hub-dir DIR"
+            ) from None
         if isinstance(err, HfHubHTTPError):
             raise _http_error(err, self.repo_id) from None
         if isinstance(err, ValueError):  # huggingface_hub's own checks, e.g. the Hub rejecting the card's metadata
@@ -201,8 +226,9 @@ class _hub_errors:
 def _network_error(err: BaseException) -> bool:
     """A connection that failed (refused, DNS, timeout): huggingface_hub raises its HTTP client's TransportError
     (httpx's, or httpx2's in huggingface_hub 2.x), matched by name so that either client version works."""
-    return any(c.__name__ == "TransportError" and c.__module__.split(".")[0] in ("httpx", "httpx2")
-               for c in type(err).__mro__)  # fmt: skip
+    return any(
+        c.__name__ == "TransportError" and c.__module__.split(".")[0] in ("httpx", "httpx2") for c in type(err).__mro__
+    )
 
 
 def _http_error(err, repo_id: str) -> UserError:
@@ -210,9 +236,11 @@ def _http_error(err, repo_id: str) -> UserError:
     if status == 401:
         return UserError(f"the Hugging Face Hub refused the credentials (401) for {repo_id}: {LOGIN_FIX}")
     if status == 403:
-        return UserError(f"no write access to {repo_id} (403): the repo or its namespace belongs to someone else, "
-                         "or your token is read-only; push to a repo under your own name (`hf auth whoami` shows "
-                         f"it) or {LOGIN_FIX}")  # fmt: skip
+        return UserError(
+            f"no write access to {repo_id} (403): the repo or its namespace belongs to someone else, "
+            "or your token is read-only; push to a repo under your own name (`hf auth whoami` shows "
+            f"it) or {LOGIN_FIX}"
+        )
     first = str(err).splitlines()[0] if str(err) else type(err).__name__
     return UserError(f"the Hugging Face Hub answered {status} for {repo_id}: {first}")
 
@@ -238,25 +266,31 @@ def starting_adapter(recipe, labels) -> Path:
     mine, their_method = recipe.method.model_dump(mode="json"), theirs.method.model_dump(mode="json")
     if mine != their_method:
         differ = sorted(k for k in mine.keys() | their_method.keys() if mine.get(k) != their_method.get(k))
-        problems.append("the method sections differ in " + ", ".join(
-            f"method.{k} ({their_method.get(k)!r} there, {mine.get(k)!r} here)" for k in differ))  # fmt: skip
+        problems.append(
+            "the method sections differ in "
+            + ", ".join(f"method.{k} ({their_method.get(k)!r} there, {mine.get(k)!r} here)" for k in differ)
+        )
     if their_method.get("init") in ("pissa", "olora"):
-        problems.append(f"it was trained with method.init {their_method['init']}, which moves the base weights; its "
-                        "saved adapter is converted to a rank-2r LoRA on the original base, so it cannot be loaded "
-                        "into a freshly initialised one")  # fmt: skip
+        problems.append(
+            f"it was trained with method.init {their_method['init']}, which moves the base weights; its "
+            "saved adapter is converted to a rank-2r LoRA on the original base, so it cannot be loaded "
+            "into a freshly initialised one"
+        )
     if their_method.get("name") == "adalora":
-        problems.append("it is an AdaLoRA adapter, saved with the ranks its pruning left, which a fresh AdaLoRA "
-                        "model does not have")  # fmt: skip
+        problems.append(
+            "it is an AdaLoRA adapter, saved with the ranks its pruning left, which a fresh AdaLoRA model does not have"
+        )
     if problems:
-        raise UserError(f"model.adapter: {ref} cannot start this run: " + "; ".join(problems)
-                        + f". Make this recipe's sections match the adapter's recipe ({folder / 'recipe.yaml'})")  # fmt: skip
+        raise UserError(
+            f"model.adapter: {ref} cannot start this run: "
+            + "; ".join(problems)
+            + f". Make this recipe's sections match the adapter's recipe ({folder / 'recipe.yaml'})"
+        )
     return adapter
 
 
 def load_start(model, adapter: Path, ref: str) -> None:
     """Copy the checked adapter's trained tensors into `model` (the recipe's method just applied)."""
-    from peftkit.methods import storage
-
     try:
         storage.load_weights(model, adapter)
     except (ValueError, RuntimeError) as err:

@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from peftkit.errors import UserError
 from peftkit.sections import Section
 
 COLUMNS = {"text": False, "prompt": False, "response": False}  # text, or prompt + response (checked below)
@@ -50,8 +51,6 @@ def load_model(path: str, labels, tokenizer, **kwargs):
 
 
 def preprocess(splits, tokenizer, config: Config):
-    from peftkit.errors import UserError
-
     columns = next(iter(splits.values())).column_names  # the same in every split (data.load)
     if "prompt" in columns and "response" in columns:
         encode = lambda b: _pairs(b, tokenizer, config)  # noqa: E731
@@ -150,9 +149,13 @@ def predict(model, tokenizer, texts: list[str], config: Config) -> list[dict]:
         prompt_ids, _ = prompt_and_full(tokenizer, text, None, use_template)
         ids = torch.tensor([prompt_ids], device=device)
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 max_new_tokens=config.max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=config.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         generated = tokenizer.decode(out[0, len(prompt_ids) :], skip_special_tokens=True)
         results.append({"prompt": text, "generated": generated})
     return results

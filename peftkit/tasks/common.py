@@ -32,8 +32,9 @@ class Task(Protocol):
     def eval_outputs(self, outputs: Any, batch: dict) -> tuple[Any, Any]:
         """(predictions, references) of one batch, as tensors to gather across processes."""
 
-    def compute_metrics(self, predictions: list, references: list, labels: list[str] | None, config: Any,
-                        features: Any = None) -> dict:  # fmt: skip
+    def compute_metrics(
+        self, predictions: list, references: list, labels: list[str] | None, config: Any, features: Any = None
+    ) -> dict:
         """The task's METRICS over a whole split."""
 
     def predict(self, model: Any, tokenizer: Any, texts: list[str], config: Any) -> list[dict]:

@@ -15,9 +15,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from peftkit.sections import Section
 from peftkit.data import ROW
 from peftkit.errors import UserError
+from peftkit.sections import Section
 
 COLUMNS = {"question": True, "context": True, "answers": True, "id": False}
 TEXT_ROLES = ("question", "context")
@@ -44,8 +44,9 @@ class Config(Section):
         False, description="SQuAD 2.0: questions may have no answer (an empty answer list); predict '' for them."
     )
     bad_answers: Literal["error", "skip"] = Field(
-        "error", description="An answer whose text is not at its answer_start in the context: fail, or drop it "
-        "(and the question, if it had no other answer) and report the count."
+        "error",
+        description="An answer whose text is not at its answer_start in the context: fail, or drop it "
+        "(and the question, if it had no other answer) and report the count.",
     )
 
 
@@ -65,8 +66,12 @@ def preprocess(splits, tokenizer, config: Config):
     encoded = {}
     for name, split in splits.items():
         split = _check_answers(split, config, name)
-        windows = split.map(lambda b: _windows(tokenizer, b, config), batched=True,
-                            remove_columns=split.column_names, desc=f"tokenize {name}")  # fmt: skip
+        windows = split.map(
+            lambda b: _windows(tokenizer, b, config),
+            batched=True,
+            remove_columns=split.column_names,
+            desc=f"tokenize {name}",
+        )
         encoded[name] = windows.add_column("meta_feature", list(range(len(windows))))
     return DatasetDict(encoded)
 
@@ -94,8 +99,11 @@ def _check_answers(split, config: Config, name: str):
         log.warning("data: %d question(s) in %s had an answer not at its answer_start; dropped", len(bad), name)
 
         def keep(example):
-            pairs = [(t, s) for t, s in zip(example["answers"]["text"], example["answers"]["answer_start"])
-                     if example["context"][s : s + len(t)] == t]  # fmt: skip
+            pairs = [
+                (t, s)
+                for t, s in zip(example["answers"]["text"], example["answers"]["answer_start"])
+                if example["context"][s : s + len(t)] == t
+            ]
             example["answers"] = {"text": [t for t, _ in pairs], "answer_start": [s for _, s in pairs]}
             return example
 
@@ -136,8 +144,15 @@ def _windows(tokenizer, batch, config: Config) -> dict:
         contexts.append(batch["context"][example])
         golds.append(answers["text"])
         ids.append(str(batch["id"][example] if "id" in batch else batch[ROW][example]))
-    return {**encoded, "start_positions": starts, "end_positions": ends, "offset_mapping": offsets,
-            "context": contexts, "gold_answers": golds, "example_id": ids}  # fmt: skip
+    return {
+        **encoded,
+        "start_positions": starts,
+        "end_positions": ends,
+        "offset_mapping": offsets,
+        "context": contexts,
+        "gold_answers": golds,
+        "example_id": ids,
+    }
 
 
 def collator(tokenizer):
@@ -204,8 +219,9 @@ def predict(model, tokenizer, texts: list[str], config: Config, context: str | N
         raise UserError("question answering needs a context: peftkit predict RUN_DIR 'question?' --context TEXT|FILE")
     batch = {"question": texts, "context": [context] * len(texts), "id": [str(i) for i in range(len(texts))]}
     windows = _windows(tokenizer, batch, config)
-    inputs = tokenizer.pad({k: windows[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in windows},
-                           return_tensors="pt")  # fmt: skip
+    inputs = tokenizer.pad(
+        {k: windows[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in windows}, return_tensors="pt"
+    )
     device = next(model.parameters()).device
     with torch.no_grad():
         out = model(**inputs.to(device))

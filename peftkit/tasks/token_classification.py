@@ -45,8 +45,9 @@ def preprocess(splits, tokenizer, config: Config):
     """Tokenize the words (no padding: the collator pads each batch) and align the tags to sub-words."""
     first = next(iter(splits.values()))  # every split has the same columns and tag names (data.load)
     names = first.features["tags"].feature.names
-    inside = [names.index("I-" + n[2:]) if n.startswith("B-") and "I-" + n[2:] in names else i
-              for i, n in enumerate(names)]  # fmt: skip
+    inside = [
+        names.index("I-" + n[2:]) if n.startswith("B-") and "I-" + n[2:] in names else i for i, n in enumerate(names)
+    ]
 
     def encode(batch):
         encoded = tokenizer(batch["tokens"], is_split_into_words=True, truncation=True, max_length=config.max_length)
@@ -100,8 +101,14 @@ def predict(model, tokenizer, texts: list[str], config: Config, batch_size: int 
     results = []
     for start in range(0, len(texts), batch_size):
         chunk = [text.split() for text in texts[start : start + batch_size]]
-        batch = tokenizer(chunk, is_split_into_words=True, truncation=True, max_length=config.max_length,
-                          padding=True, return_tensors="pt")  # fmt: skip
+        batch = tokenizer(
+            chunk,
+            is_split_into_words=True,
+            truncation=True,
+            max_length=config.max_length,
+            padding=True,
+            return_tensors="pt",
+        )
         with torch.no_grad():
             best = model(**batch.to(device)).logits.argmax(dim=-1).tolist()
         for i, words in enumerate(chunk):

@@ -77,11 +77,12 @@ def run(
         die_with_launcher()
     _quiet_libraries()
     from peftkit.run import run as run_recipe
+    from peftkit.run_folder import METRICS
 
     out = run_recipe(parsed, overwrite=overwrite, resume=resume)
     if out is None:  # another process than the main one of a distributed run: the main one reports
         return
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / METRICS).read_text())
     _metrics_table(metrics, parsed.eval.splits)
     console.print(f"run folder: [bold]{out}[/]  (adapter in {out / 'adapter'})")
 

@@ -26,7 +26,7 @@ from peftkit import atomic, export
 from peftkit.errors import UserError, did_you_mean
 from peftkit.loading import evaluate_run, load_base
 from peftkit.recipe import validate
-from peftkit.run_folder import finished_adapter
+from peftkit.run_folder import METRICS, RECIPE, finished_adapter
 from peftkit.sharing.hub import resolve_run
 from peftkit.tasks import TASKS
 
@@ -370,12 +370,12 @@ def combine(
         # scored like `peftkit eval` scores it (the recipe's base, quantised if the runs' was), so the combination
         # is judged next to its sources and can be pushed with its results
 
-        atomic.write_text(folder / "metrics.json", json.dumps(evaluate_run(folder), indent=2))
+        atomic.write_text(folder / METRICS, json.dumps(evaluate_run(folder), indent=2))
     log.info("combined %d adapters (%s) into %s", len(sources), how, out)
     return {
         **json.loads((out / "combine.json").read_text()),
         "output": str(out),
-        "metrics": json.loads((out / "metrics.json").read_text()),
+        "metrics": json.loads((out / METRICS).read_text()),
     }
 
 
@@ -456,13 +456,13 @@ def _write_run(
     )
     tokenizer = AutoTokenizer.from_pretrained(first.adapter_dir)
     export.save_adapter(model, tokenizer, folder / "adapter", recipe, first.labels)
-    (folder / "recipe.yaml").write_text(header + recipe.to_yaml(), encoding="utf-8")
+    (folder / RECIPE).write_text(header + recipe.to_yaml(), encoding="utf-8")
     (folder / "combine.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
 
 
 def _metrics(run_dir: Path) -> dict:
     """The source run's validation/test metrics, kept next to the combination for comparison."""
-    path = Path(run_dir) / "metrics.json"
+    path = Path(run_dir) / METRICS
     if not path.is_file():
         return {}
     metrics = json.loads(path.read_text())

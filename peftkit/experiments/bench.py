@@ -22,6 +22,7 @@ from pathlib import Path
 from peftkit import cpu_kind, measure
 from peftkit.errors import UserError
 from peftkit.recipe import load_recipe
+from peftkit.run_folder import METRICS, RECIPE
 
 PACKAGES = ("peftkit", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes")
 # What a run measures: every row of the report has these keys, null where a failed variant measured nothing
@@ -97,7 +98,7 @@ def run_apart(recipe: Path, overrides: list[str], out: Path) -> tuple[dict, dict
     if result.returncode != 0:
         lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
         return lines[-1].removeprefix("error: ") if lines else f"exit code {result.returncode}"
-    return json.loads((out / "metrics.json").read_text()), _yaml(out / "recipe.yaml")
+    return json.loads((out / METRICS).read_text()), _yaml(out / RECIPE)
 
 
 def run_variant(variant: Variant, steps: int, report: Path) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 from peftkit.errors import UserError
 from peftkit.experiments import bench
 from peftkit.recipe import load_recipe
+from peftkit.run_folder import RECIPE
 from peftkit.train import LOWER_IS_BETTER  # the same direction as the best-epoch choice
 
 
@@ -101,7 +102,7 @@ def write(folder: Path, rows: list[dict], winner: dict | None) -> None:
     (folder / "results.json").write_text(json.dumps({"best": winner and winner["run"], "runs": rows}, indent=2))
     (folder / "results.md").write_text(markdown(rows, winner))
     if winner is not None:
-        shutil.copy(folder / "runs" / winner["run"] / "recipe.yaml", folder / "best.yaml")
+        shutil.copy(folder / "runs" / winner["run"] / RECIPE, folder / "best.yaml")
 
 
 def markdown(rows: list[dict], winner: dict | None) -> str:

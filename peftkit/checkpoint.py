@@ -66,6 +66,8 @@ def save(run_dir: Path, keep: int, model: torch.nn.Module, optimization: Optimiz
         "best_score": state.best_score,
         "best_epoch": state.best_epoch,
         "processes": state.processes,
+        "best_step": state.best_step,
+        "stale": state.stale,
     }
     (tmp / "progress.json").write_text(json.dumps(progress, indent=2), encoding="utf-8")
     if final.exists():
@@ -107,6 +109,8 @@ def load(folder: Path, model: torch.nn.Module, optimization: Optimization) -> Tr
         rng={key: states[key] for key in RNG},
         method_state=states.get("method"),  # .get: checkpoints written before it was saved
         processes=progress.get("processes", 1),  # likewise
+        best_step=progress.get("best_step"),  # likewise (epoch-end evaluations only then: best_epoch says it)
+        stale=progress.get("stale", 0),
     )
 
 

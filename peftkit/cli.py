@@ -498,10 +498,19 @@ def _runs_progress():
 
 
 def _metrics_table(metrics: dict, splits: list[str]) -> None:
-    table = Table("split", *[k for k, v in metrics[splits[0]].items() if isinstance(v, float)])
+    """The splits' scores as a table (every split's columns: a collapse adds some to one split only), then the
+    run's warnings, in red: a run that learned nothing must not end looking like one that did."""
+    names = list(dict.fromkeys(k for s in splits for k, v in metrics[s].items() if isinstance(v, float)))
+    names = [k for k in names if k != "collapsed_share"]  # said in the warning
+    table = Table("split", *names)
     for split in splits:
-        table.add_row(split, *[f"{v:.4f}" for v in metrics[split].values() if isinstance(v, float)])
+        values = metrics[split]
+        table.add_row(split, *[f"{values[k]:.4f}" if isinstance(values.get(k), float) else "-" for k in names])
     console.print(table)
+    from rich.markup import escape
+
+    for warning in metrics.get("warnings", []):
+        console.print(f"[bold red]WARNING[/] {escape(warning)}", highlight=False)
 
 
 def _quiet_libraries() -> None:

@@ -111,6 +111,14 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
                     loader = train.eval_loader(encoded[split], collate, recipe, accelerator)
                     final[split] = train.evaluate(model, loader, task, labels, accelerator, recipe.task)
                 log.info("%s: %s", split, train.short(final[split]))
+            # a model that answers one class whatever the input learned nothing: said last, loudly (the CLI: red)
+            warnings = [
+                f"{split}: {train.collapse_message(final[split], recipe.train)}"
+                for split in recipe.eval.splits
+                if "collapsed_to" in final[split]
+            ]
+            for warning in warnings:
+                log.warning("%s", warning)
 
             if not main:
                 return None
@@ -125,6 +133,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
                 "precision": train.precision_of(accelerator),
                 "device": str(accelerator.device),
                 "memory": memory,
+                **({"warnings": warnings} if warnings else {}),
             }
             atomic.write_text(run_dir / METRICS, json.dumps(metrics, indent=2))
             checkpoint.remove(run_dir)  # finished: the adapter is what remains
@@ -231,11 +240,13 @@ def _check_encoded(encoded, recipe: Recipe) -> None:
 
 
 def _scored_in_training(result: dict, split: str) -> dict | None:
-    """The metrics of `split` from the epoch-end pass over the weights the model ends with (the best epoch's, or
-    the last one's), so that pass is not run twice."""
+    """The metrics of `split` from the evaluation during training of the weights the model ends with (the best
+    evaluation's, or the last one), so that pass is not run twice."""
     history = result["history"]
-    kept = result["best_epoch"] or (history[-1]["epoch"] if history else None)
-    return next((entry.get(split) for entry in history if entry["epoch"] == kept), None)
+    kept = result["best_step"] or (history[-1]["step"] if history else None)
+    if result["best_step"] is None and history and history[-1]["step"] != result["steps"]:
+        return None  # the last weights were never scored during training
+    return next((entry.get(split) for entry in reversed(history) if entry["step"] == kept), None)
 
 
 def _log_to_file(path: Path) -> logging.Handler:

@@ -111,6 +111,17 @@ class QuantizationSection(Section):
     )
 
 
+class EarlyStoppingSection(Section):
+    """Stop when validation stops improving: eval.metric_for_best, at each evaluation (eval.every_steps)."""
+
+    patience: int = Field(
+        3, gt=0, description="Stop after this many evaluations in a row that do not improve on the best one."
+    )
+    min_delta: float = Field(
+        0.0, ge=0, description="An evaluation improves on the best only by more than this (in the metric's units)."
+    )
+
+
 class TrainSection(Section):
     epochs: int = Field(3, gt=0)
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
@@ -147,6 +158,11 @@ class TrainSection(Section):
         description="Also write loss, learning rate, throughput and validation metrics as TensorBoard "
         "scalars to <run>/tensorboard (needs the tensorboard package: pip install 'peftkit[tensorboard]').",
     )
+    early_stopping: EarlyStoppingSection | None = Field(
+        None,
+        description="Stop before the last step when validation has stopped improving, e.g. {patience: 3}; the "
+        "kept adapter is the best evaluation's either way. Omitted: train every epoch (or train.max_steps).",
+    )
 
 
 class EvalSection(Section):
@@ -155,6 +171,12 @@ class EvalSection(Section):
         None,
         description="Validation metric that picks the adapter to keep; omitted: the task's main metric "
         "(accuracy for classification, entity F1 for token classification).",
+    )
+    every_steps: int | None = Field(
+        None,
+        gt=0,
+        description="Evaluate on validation every N optimizer steps, and after the last: the kept adapter is the "
+        "best evaluation's, and each is a checkpoint. Omitted: at each epoch's end.",
     )
     splits: list[str] = Field(["validation", "test"], description="Splits evaluated with the kept adapter at the end.")
     before_training: bool = Field(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -159,7 +160,7 @@ class MethodHooks:
 
 
 def fit(job: Job, resume: Path | None = None) -> dict:
-    """Train `job.model` in place; returns the history, the kept epoch, the steps and the throughput.
+    """Train `job.model` in place; returns the history of evaluations, the kept one, the steps and the throughput.
     `resume`: a checkpoint to continue from, so that the result is the one the uninterrupted run would have given
     (bit for bit in one process; with several, the checkpoint holds the main process's random state, which all of
     them resume with, so dropout masks differ from the uninterrupted run's)."""
@@ -169,14 +170,16 @@ def fit(job: Job, resume: Path | None = None) -> dict:
     scalars = _scalar_writer(job.run_dir, loop.cfg.tensorboard and job.accelerator.is_main_process)
     with _progress(job.accelerator) as progress, scalars:
         report = _Report(progress, scalars, loop.total, state.step)
-        while state.epoch <= loop.epochs and state.step < loop.total:
+        while state.epoch <= loop.epochs and state.step < loop.total and not state.stopped:
             loop.train_epoch(state, report)
             loop.end_epoch(state, report)
-    loop.keep_best(state)
+    kept = loop.keep_best(state)
     rates = loop.meter.rates(job.accelerator)
     return {
         "history": state.history,
-        "best_epoch": state.best_epoch,
+        "best_epoch": state.best_epoch if kept else None,  # the evaluation whose weights the model ends with
+        "best_step": state.best_step if kept else None,  # (None: the last weights)
+        "stopped_early": state.stopped,
         "steps": state.step,
         **rates,
         "processes": job.accelerator.num_processes,
@@ -220,6 +223,14 @@ class _Loop:
         self.optimization = Optimization(optimizer, accelerator.prepare(scheduler), accelerator.scaler)
         self.inner = accelerator.unwrap_model(self.model)  # parameter names without DDP's "module." prefix
         self.meter, self.losses = measure.Throughput(), _Losses(accelerator)
+        self.every = job.recipe.eval.every_steps  # None: evaluate at epoch ends
+        stopping = cfg.early_stopping
+        if (self.every or stopping) and self.val_loader is None:
+            raise UserError(
+                f"{'eval.every_steps' if self.every else 'train.early_stopping'} evaluates on a validation split, "
+                f"and the data has none ({', '.join(job.splits)}); cut one with data.splits (e.g. {{train: 0.8, "
+                "validation: 0.1, test: 0.1}) or remove the setting"
+            )
 
     def resume(self, folder: Path) -> TrainingState:
         """The state of the checkpoint in `folder`, its weights and optimizer states put in place."""
@@ -269,9 +280,14 @@ class _Loop:
             report.advance()
             if state.step >= self.total:
                 break
+            evaluated = bool(self.every) and state.step % self.every == 0
+            if evaluated:
+                self.evaluate(state, report)
+                if state.stopped:
+                    break
             every = self.cfg.checkpoint_every
-            if self.job.run_dir is not None and every and state.step % every == 0:
-                self.save(state)
+            if self.job.run_dir is not None and (evaluated or (every and state.step % every == 0)):
+                self.save(state)  # after an evaluation too: a resumed run does not score it again
 
     def train_batch(self, state: TrainingState, batch: dict) -> bool:
         """One forward and backward pass; returns whether it ended with an optimizer step (counted in state.step)."""
@@ -295,25 +311,57 @@ class _Loop:
         return accelerator.sync_gradients
 
     def end_epoch(self, state: TrainingState, report: _Report) -> None:
-        """Score the epoch on validation and keep the best weights so far, then move to the next epoch (and
-        checkpoint its start unless the run is over)."""
+        """Evaluate at the epoch's end (or, with eval.every_steps, after the last step), then move to the next
+        epoch and checkpoint its start, unless the run is over."""
+        last = state.step >= self.total or state.stopped
+        if self.every is None:
+            self.evaluate(state, report)
+        elif last and not state.stopped and (not state.history or state.history[-1]["step"] != state.step):
+            self.evaluate(state, report)  # the final weights are scored, as at an epoch's end
+        state.epoch, state.batches = state.epoch + 1, 0
+        state.data_generator = self.generator.get_state()
+        if self.job.run_dir is not None and not last and not state.stopped:
+            self.save(state)
+
+    def evaluate(self, state: TrainingState, report: _Report) -> None:
+        """Score the weights as they are now on validation (when there is one), keep them if they are the best
+        so far, and stop the run if train.early_stopping says so; one entry of the history."""
         recipe, entry = self.job.recipe, {"epoch": state.epoch, "step": state.step}
         if self.val_loader is not None:
             with self.meter.paused():  # throughput is the training's own
-                entry["validation"] = evaluate(
+                metrics = evaluate(
                     self.model, self.val_loader, self.job.task, self.job.labels, self.job.accelerator, recipe.task
                 )
-            sign = -1 if recipe.eval.metric_for_best in LOWER_IS_BETTER else 1
-            score = sign * entry["validation"][recipe.eval.metric_for_best]
-            if score > state.best_score and self.hooks.restore_best_epoch:
-                state.best_score, state.best_epoch = score, state.epoch
-                state.best_state = trainable_tensors(self.inner)
-            report.epoch(state.epoch, state.step, entry["validation"])
+            entry["validation"] = metrics
+            where = f"epoch {state.epoch}" if self.every is None else f"step {state.step}"
+            report.evaluation(where, state.step, metrics, self.cfg)
+            self.judge(state, metrics)
         state.history.append(entry)
-        state.epoch, state.batches = state.epoch + 1, 0
-        state.data_generator = self.generator.get_state()
-        if self.job.run_dir is not None and state.step < self.total:
-            self.save(state)
+
+    def judge(self, state: TrainingState, metrics: dict) -> None:
+        """The best evaluation so far (its weights kept unless the method ends on its last ones), and early
+        stopping's count of evaluations that did not improve on it by more than min_delta."""
+        name, stopping = self.job.recipe.eval.metric_for_best, self.cfg.early_stopping
+        score = (-1 if name in LOWER_IS_BETTER else 1) * metrics[name]
+        margin = stopping.min_delta if stopping else 0.0
+        state.stale = 0 if score > state.best_score + margin else state.stale + 1
+        if score > state.best_score:
+            state.best_score, state.best_epoch, state.best_step = score, state.epoch, state.step
+            if self.hooks.restore_best_epoch:
+                state.best_state = trainable_tensors(self.inner)
+        if stopping and state.stale >= stopping.patience:
+            state.stopped = True
+            log.info(
+                "early stopping at step %d of %d: %d evaluation(s) in a row without an improvement of validation "
+                "%s by more than %g (best %.4f, at step %d)",
+                state.step,
+                self.total,
+                state.stale,
+                name,
+                stopping.min_delta,
+                abs(state.best_score),
+                state.best_step,
+            )
 
     def save(self, state: TrainingState) -> None:
         """A checkpoint of `state`, with the random states and the method's training state as they are now. Only
@@ -337,15 +385,14 @@ class _Loop:
                 checkpoint.save(self.job.run_dir, self.cfg.keep_checkpoints, self.inner, self.optimization, now)
             accelerator.wait_for_everyone()
 
-    def keep_best(self, state: TrainingState) -> None:
-        """End on the best validation epoch's trainable weights, where they were kept."""
-        if state.best_state is not None:
-            load_trainable(self.inner, state.best_state, f"the adapter of epoch {state.best_epoch}")
-            log.info(
-                "kept the adapter of epoch %d (best validation %s)",
-                state.best_epoch,
-                self.job.recipe.eval.metric_for_best,
-            )
+    def keep_best(self, state: TrainingState) -> bool:
+        """End on the best evaluation's trainable weights, where they were kept; returns whether they were."""
+        if state.best_state is None:
+            return False
+        where = f"step {state.best_step}" if self.every else f"epoch {state.best_epoch}"
+        load_trainable(self.inner, state.best_state, f"the adapter of {where}")
+        log.info("kept the adapter of %s (best validation %s)", where, self.job.recipe.eval.metric_for_best)
+        return True
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainSection) -> torch.optim.Optimizer:
@@ -406,9 +453,11 @@ class _Report:
     def advance(self) -> None:
         self.progress.update(self.bar, advance=1)
 
-    def epoch(self, epoch: int, step: int, metrics: dict) -> None:
-        log.info("epoch %d: %s", epoch, short(metrics))
+    def evaluation(self, where: str, step: int, metrics: dict, cfg: TrainSection) -> None:
+        log.info("%s: %s", where, short(metrics))
         self.scalars.add(step, {f"validation/{k}": v for k, v in metrics.items()})
+        if "collapsed_to" in metrics:  # said at once, not only at the end
+            log.warning("validation, %s: %s", where, collapse_message(metrics, cfg))
 
 
 class _Scalars:
@@ -464,8 +513,43 @@ def evaluate(model, loader, task, labels, accelerator, config) -> dict:
             predictions.extend(preds.cpu().tolist())
             references.extend(refs.cpu().tolist())
     model.train()
+    metrics = task.compute_metrics(predictions, references, labels, config, loader.dataset)
     # rows: how many encoded rows were scored (QA: windows) — the split's size, whatever the process count
-    return {**task.compute_metrics(predictions, references, labels, config, loader.dataset), "rows": len(predictions)}
+    metrics["rows"] = len(predictions)
+    if task.LABEL_ROLE is not None:  # a label set: say how many classes the model predicts, and if only one
+        metrics.update(_class_counts(predictions, references, labels))
+    return metrics
+
+
+def _class_counts(predictions: list, references: list, labels: list[str]) -> dict:
+    """How many distinct classes the model predicted and the references hold, over the scored positions
+    (per token for tagging: -100 marks the unscored ones); `collapsed_to` names the one class predicted for
+    everything when the references hold several: a model that learned to answer one class."""
+    predicted, actual, per_token = Counter(), Counter(), False
+    for pred, ref in zip(predictions, references):
+        per_token = isinstance(ref, list)
+        for p, r in zip(pred, ref) if per_token else [(pred, ref)]:
+            if r != -100:
+                predicted[p] += 1
+                actual[r] += 1
+    counts = {"predicted_classes": len(predicted), "reference_classes": len(actual)}
+    if len(predicted) == 1 and len(actual) > 1:
+        (only,) = predicted
+        counts["collapsed_to"] = labels[only] if 0 <= only < len(labels) else str(only)
+        counts["collapsed_share"] = actual[only] / sum(actual.values())  # what the accuracy of that answer is
+        counts["collapsed_over"] = f"{sum(actual.values()):,} {'tokens' if per_token else 'rows'}"
+    return counts
+
+
+def collapse_message(metrics: dict, cfg: TrainSection) -> str:
+    """What a collapsed evaluation means, with the numbers and what to change (`cfg`: the run's train section)."""
+    return (
+        f"the model predicts '{metrics['collapsed_to']}' for all {metrics['collapsed_over']} scored, while the data "
+        f"has {metrics['reference_classes']} classes: it has collapsed to one class (its accuracy, "
+        f"{metrics['collapsed_share']:.3f}, is that class's share). Likely fixes: a lower train.lr (now "
+        f"{cfg.lr:g}; try 2-5x lower), a longer train.warmup_ratio (now {cfg.warmup_ratio:g}), more epochs, or "
+        "a learnable signal in the data (check the labels)"
+    )
 
 
 def model_inputs(batch) -> dict:

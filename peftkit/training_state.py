@@ -19,10 +19,13 @@ class TrainingState:
     step: int = 0  # optimizer steps done
     epoch: int = 1  # the epoch being trained, from 1
     batches: int = 0  # batches of `epoch` trained on: the position in the data a resumed run skips to
-    history: list[dict] = field(default_factory=list)  # per finished epoch: {"epoch", "step", "validation"?}
+    history: list[dict] = field(default_factory=list)  # per evaluation (or epoch): {"epoch", "step", "validation"?}
     best_score: float = -math.inf  # the best validation eval.metric_for_best so far, signed so that higher is better
-    best_epoch: int | None = None
-    best_state: dict[str, torch.Tensor] | None = None  # that epoch's trainable tensors (CPU copies), by name
+    best_epoch: int | None = None  # the epoch and step of that evaluation
+    best_step: int | None = None
+    best_state: dict[str, torch.Tensor] | None = None  # its trainable tensors (CPU copies), by name, when kept
+    stale: int = 0  # evaluations in a row since one improved on the best by more than min_delta (early stopping)
+    stopped: bool = False  # early stopping ended the run
     data_generator: torch.Tensor | None = None  # the shuffle generator's state at the start of `epoch`
     rng: dict | None = None  # torch_rng, cuda_rng, python_rng: the process's random states (checkpoint.rng_now)
     method_state: dict | None = None  # the method's own training state (AdaLoRA's importance scores), or None

@@ -14,7 +14,10 @@ from peftkit.methods.base import trainable_tensors
 from peftkit.recipe import TrainSection, load_recipe
 from peftkit.training_state import Optimization, TrainingState
 
-RESULT_KEYS = {"history", "best_epoch", "steps", "samples_per_s", "tokens_per_s", "seconds", "tokens", "processes"}
+RESULT_KEYS = {
+    *("history", "best_epoch", "best_step", "stopped_early", "steps"),
+    *("samples_per_s", "tokens_per_s", "seconds", "tokens", "processes"),
+}
 
 
 def same(a: object, b: object) -> bool:
@@ -50,6 +53,8 @@ def test_a_training_state_goes_through_a_checkpoint_whole(tmp_path):
         batches=3,
         best_score=-0.25,
         best_epoch=1,
+        best_step=4,
+        stale=1,
         processes=2,
         history=[{"epoch": 1, "step": 4, "validation": {"accuracy": 0.75, "f1_per_class": {"neg": 0.5}, "rows": 20}}],
         best_state={name: 2 * p.detach() for name, p in model.named_parameters()},
@@ -69,7 +74,8 @@ def test_a_training_state_goes_through_a_checkpoint_whole(tmp_path):
         "trainable.safetensors",
     ]
     progress = json.loads((folder / "progress.json").read_text())
-    assert list(progress) == ["step", "epoch", "batches", "history", "best_score", "best_epoch", "processes"]
+    assert list(progress)[:7] == ["step", "epoch", "batches", "history", "best_score", "best_epoch", "processes"]
+    assert list(progress)[7:] == ["best_step", "stale"]  # added with step evaluation and early stopping
     stored = json.loads((folder / "state.json").read_text())["dict"]  # [[key, value], ...] as _to_json writes them
     assert [key["value"] for key, _ in stored] == [
         "optimizer",
@@ -220,3 +226,77 @@ def test_a_loader_shuffles_with_the_generator_it_is_given():
         theirs = train.make_loader(rows, lambda batch: batch, 8, True, grouped, 5)
         assert list(ours) == list(theirs)  # the seed's order: the generator is the shuffle's only source
         assert not torch.equal(given.get_state(), start)  # the shuffle drew from it: fit saves its state
+
+
+def test_step_evaluation_keeps_the_best_evaluations_weights_and_checkpoints_each(recipe_file, monkeypatch, tmp_path):
+    job = job_for(
+        recipe_file(train={"epochs": 2, "batch_size": 16, "lr": 5e-3}, eval={"every_steps": 4}), tmp_path / "run"
+    )
+    seen = scripted_evaluation(monkeypatch, [0.5, 0.6, 0.9, 0.7, 0.8, 0.4])
+    result = train.fit(job)
+    # 20 steps: every 4th, and the last (20 is one of them: scored once)
+    assert [(e["epoch"], e["step"]) for e in result["history"]] == [(1, 4), (1, 8), (2, 12), (2, 16), (2, 20)]
+    assert result["best_step"] == 12 and result["best_epoch"] == 2 and not result["stopped_early"]
+    assert same(trainable_tensors(job.model), seen[2])
+    checkpoints = sorted(int(p.name.removeprefix("step-")) for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints[-2:] == [12, 16]  # after each evaluation (train.keep_checkpoints: 2), none at the end
+
+
+def test_early_stopping_ends_the_run_after_patience_evaluations_without_improvement(recipe_file, monkeypatch):
+    path = recipe_file(
+        train={"epochs": 3, "batch_size": 16, "lr": 5e-3, "early_stopping": {"patience": 2, "min_delta": 0.05}},
+        eval={"every_steps": 3},
+    )
+    job = job_for(path)
+    # 0.62 beats 0.6 by less than min_delta: not an improvement for the patience count, but the best weights
+    seen = scripted_evaluation(monkeypatch, [0.5, 0.6, 0.62, 0.55, 0.9, 0.9])
+    result = train.fit(job)
+    assert [e["step"] for e in result["history"]] == [3, 6, 9, 12]  # 9 and 12 did not improve by 0.05: stop
+    assert result["stopped_early"] and result["steps"] == 12 < train.total_steps(160, job.recipe.train)
+    assert result["best_step"] == 9 and same(trainable_tensors(job.model), seen[2])
+
+
+def test_step_evaluation_and_early_stopping_need_a_validation_split(recipe_file):
+    import yaml
+
+    from peftkit.errors import UserError
+
+    path = recipe_file(eval={"every_steps": 2, "splits": ["test"]})
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["splits"] = {"train": 0.9, "validation": 0.0, "test": 0.1}  # no validation split is cut
+    path.write_text(yaml.safe_dump(raw))
+    job = job_for(path)
+    assert "validation" not in job.splits
+    with pytest.raises(UserError, match="eval.every_steps evaluates on a validation split"):
+        train.fit(job)
+
+
+@pytest.mark.parametrize(
+    "predictions,references,expected",
+    [
+        ([1, 1, 1, 1], [0, 1, 1, 0], {"predicted_classes": 1, "reference_classes": 2, "collapsed_to": "pos"}),
+        ([1, 0, 1, 1], [0, 1, 1, 0], {"predicted_classes": 2, "reference_classes": 2}),
+        ([1, 1], [1, 1], {"predicted_classes": 1, "reference_classes": 1}),  # one class in the data: no collapse
+        # tagging: every scored token "O" (id 0); unscored positions (-100) predict anything
+        ([[0, 0, 3], [0, 2]], [[0, 1, -100], [0, -100]], {"predicted_classes": 1, "collapsed_to": "neg"}),
+    ],
+)
+def test_evaluations_count_the_predicted_classes_and_name_a_collapse(predictions, references, expected):
+    counts = train._class_counts(predictions, references, ["neg", "pos", "x", "y"])
+    assert {k: counts[k] for k in expected} == expected and ("collapsed_to" in counts) == ("collapsed_to" in expected)
+
+
+def test_a_collapsed_run_says_so_loudly(recipe_file, tmp_path):
+    """A learning rate of 0: the fresh head answers one class for everything, and the run ends in red."""
+    from .conftest import peftkit_here
+
+    path = recipe_file(train={"epochs": 1, "batch_size": 16, "lr": 1e-12}, method={"name": "lora", "r": 4})
+    done = peftkit_here("run", path)
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads((tmp_path / "runs" / "recipe" / "metrics.json").read_text())
+    collapsed = [split for split in ("validation", "test") if "collapsed_to" in metrics[split]]
+    if not collapsed:  # the random head happened to split the classes: nothing to say
+        pytest.skip("this seed's fresh head predicts both classes")
+    assert metrics["test" if "test" in collapsed else "validation"]["predicted_classes"] == 1
+    assert len(metrics["warnings"]) == len(collapsed) and "collapsed to one class" in metrics["warnings"][0]
+    assert "WARNING" in done.stdout and "Likely fixes: a lower train.lr" in done.stdout

@@ -149,8 +149,13 @@ def _training_facts(metrics: dict) -> list[str]:
         facts.append(f"- adapter size: {metrics['adapter_bytes'] / 2**20:.2f} MiB")
     train = metrics.get("train", {})
     if train:
-        best = f", kept epoch {train['best_epoch']} (best on validation)" if train.get("best_epoch") else ""
-        facts.append(f"- {len(train.get('history', []))} epoch(s), {train.get('steps', '?')} optimizer steps{best}")
+        history = train.get("history", [])
+        epochs = max((entry["epoch"] for entry in history), default=0)
+        kept = train.get("best_step") or train.get("best_epoch")  # best_step: since step evaluation
+        where = f"step {train['best_step']}" if train.get("best_step") else f"epoch {train.get('best_epoch')}"
+        best = f", kept the adapter of {where} (best on validation)" if kept else ""
+        stopped = ", stopped early (validation no longer improved)" if train.get("stopped_early") else ""
+        facts.append(f"- {epochs} epoch(s), {train.get('steps', '?')} optimizer steps{best}{stopped}")
     if "precision" in metrics:
         facts.append(f"- precision {metrics['precision']} on {metrics.get('device', '?')}")
     return facts

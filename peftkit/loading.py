@@ -20,6 +20,7 @@ from peftkit.tasks import TASKS
 
 if TYPE_CHECKING:
     import torch
+    from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from peftkit.tasks.common import Task
@@ -100,7 +101,7 @@ def load_trained(
     dequantize: bool = False,
     recipe: Recipe | None = None,
     inference: bool = True,
-) -> tuple[Recipe, Task, PreTrainedTokenizerBase, torch.nn.Module, list[str] | None]:
+) -> tuple[Recipe, Task, PreTrainedTokenizerBase, PreTrainedModel | PeftModel, list[str] | None]:
     """(recipe, task, tokenizer, model with its adapter, labels) of a finished run, ready for inference.
     `dequantize`: a quantised base is turned back into full precision first; `recipe` replaces the run's own
     (e.g. without its quantization section, for the adapter on the original full-precision base); `inference`

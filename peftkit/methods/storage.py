@@ -22,6 +22,7 @@ from peftkit.methods.base import Context, load_trainable, optional, save_peft, t
 
 if TYPE_CHECKING:
     import torch
+    from peft import PeftModel
     from transformers import PreTrainedModel
 
 OWN_WEIGHTS = "peftkit_adapter.safetensors"
@@ -47,7 +48,7 @@ def save(model: torch.nn.Module, out: Path, method_config: Any, base_model_name:
     return method.FORMAT
 
 
-def load(base_model: PreTrainedModel, adapter_dir: Path, context: Context) -> torch.nn.Module:
+def load(base_model: PreTrainedModel, adapter_dir: Path, context: Context) -> PreTrainedModel | PeftModel:
     """`base_model` with the adapter in `adapter_dir` applied, whichever format it was saved in."""
     import torch
     from peft import PeftModel
@@ -92,7 +93,7 @@ def save_own(model: torch.nn.Module, out: Path, method_name: str, config: Any) -
     (Path(out) / OWN_CONFIG).write_text(json.dumps(info, indent=2), encoding="utf-8")
 
 
-def load_own(base: PreTrainedModel, adapter_dir: Path, context: Context) -> torch.nn.Module:
+def load_own(base: PreTrainedModel, adapter_dir: Path, context: Context) -> PreTrainedModel:
     """A base with a peftkit-format adapter applied and its trained tensors loaded."""
     from safetensors.torch import load_file
 

@@ -22,7 +22,7 @@ import json
 import random
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from peftkit.methods.base import load_trainable, trainable_tensors
 from peftkit.training_state import Optimization, TrainingState
@@ -114,7 +114,7 @@ def load(folder: Path, model: torch.nn.Module, optimization: Optimization) -> Tr
     )
 
 
-def _to_json(value, tensors: dict):
+def _to_json(value: Any, tensors: dict) -> dict[str, Any]:
     """A state (nested dicts with int keys, lists, tuples, tensors, numbers) as JSON, its tensors moved to
     `tensors` by number. Written here because torch.save would pickle, and these states are not flat."""
     import torch
@@ -132,7 +132,7 @@ def _to_json(value, tensors: dict):
     raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
 
 
-def _from_json(value, tensors: dict):
+def _from_json(value: dict[str, Any], tensors: dict) -> Any:
     ((kind, content),) = value.items()
     if kind == "tensor":
         return tensors[content]

@@ -7,13 +7,17 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.models import OptionInfo
 
 from peftkit.errors import UserError, is_out_of_memory
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 app = typer.Typer(
     help="Parameter-efficient fine-tuning from a YAML recipe.", no_args_is_help=True, pretty_exceptions_enable=False
@@ -37,7 +41,7 @@ HubDir = Annotated[
 ]
 
 
-def _replace(what: str):
+def _replace(what: str) -> OptionInfo:
     """The --overwrite option (alias --force) of a command that refuses to replace an existing `what`."""
     return typer.Option("--overwrite", "--force", help=f"Replace an existing {what}.")
 
@@ -58,7 +62,7 @@ def run(
             "started with torchrun. train.batch_size is per process.",
         ),
     ] = 1,
-):
+) -> None:
     """Train the recipe's method on its task and data, evaluate, and export the adapter."""
     from peftkit.recipe import load_recipe
 
@@ -88,7 +92,7 @@ def run(
 
 
 @app.command()
-def validate(files: Annotated[list[Path], typer.Argument(help="Recipe files to check.")]):
+def validate(files: Annotated[list[Path], typer.Argument(help="Recipe files to check.")]) -> None:
     """Check recipes against the schema; every problem in a file is reported at once."""
     from peftkit.recipe import load_recipe
 
@@ -105,7 +109,9 @@ def validate(files: Annotated[list[Path], typer.Argument(help="Recipe files to c
 
 
 @app.command()
-def schema(output: Annotated[Optional[Path], typer.Option(help="Write to this file instead of stdout.")] = None):
+def schema(
+    output: Annotated[Optional[Path], typer.Option(help="Write to this file instead of stdout.")] = None,
+) -> None:
     """Print the recipe schema as JSON Schema (for editor completion and validation)."""
     from peftkit.recipe import json_schema
 
@@ -121,7 +127,7 @@ def evaluate(
     run_dir: RunDir,
     split: Annotated[str, typer.Option(help="train, validation or test.")] = "test",
     hub_dir: HubDir = None,
-):
+) -> None:
     """Evaluate a finished run's adapter on one split of its recipe's data."""
     _quiet_libraries()
     from peftkit.loading import evaluate_run
@@ -147,7 +153,7 @@ def predict(
             "(repeat)."
         ),
     ] = None,
-):
+) -> None:
     """Run a finished run's adapter on texts given inline or in a file; with --adapter, several runs' adapters on
     one base, switched without reloading it."""
     items = list(texts or [])
@@ -189,7 +195,7 @@ def _is_file(text: str) -> bool:
         return False
 
 
-def _cell(value) -> str:
+def _cell(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     if isinstance(value, list):  # entities: "Empire State Building (facility); ..."
@@ -207,7 +213,7 @@ def merge(
         bool, typer.Option(help="Runs on an 8/4-bit base: store the merged model quantised again (lossy; reported).")
     ] = False,
     hub_dir: HubDir = None,
-):
+) -> None:
     """Merge the adapter into the base weights and verify merged vs unmerged logits. An 8/4-bit base is
     dequantised and the merged model saved in full precision."""
     _quiet_libraries()
@@ -251,7 +257,7 @@ def bench(
         Optional[list[str]], typer.Option("--set", help="A section.key=value override for every variant (repeat).")
     ] = None,
     overwrite: Annotated[bool, _replace("report")] = False,
-):
+) -> None:
     """Measure recipes (x methods x 8/4-bit) for a fixed number of steps: throughput, memory, trainable share,
     adapter size, metric and model FLOPs utilisation, into report.json, report.md and PNG plots."""
     from peftkit import atomic
@@ -301,7 +307,7 @@ def sweep(
     ],
     out: Annotated[Optional[Path], typer.Option(help="Sweep folder (default: runs/sweep-RECIPE).")] = None,
     overwrite: Annotated[bool, _replace("sweep folder")] = False,
-):
+) -> None:
     """Run every combination of the values given (full runs), then table metric, time, memory and trainable
     share, and write the best run's recipe (chosen on validation) as best.yaml."""
     from peftkit import atomic
@@ -361,7 +367,7 @@ def push(
         bool, typer.Option(help="List the files and sizes that would be uploaded, and where; upload nothing.")
     ] = False,
     message: Annotated[Optional[str], typer.Option(help="Commit message.")] = None,
-):
+) -> None:
     """Upload a run's adapter with a generated model card (metadata, recipe, results, training curve) to the Hugging
     Face Hub (token: HF_TOKEN or `hf auth login`) or to a local directory hub."""
     from peftkit.sharing import hub
@@ -400,7 +406,7 @@ def init(
     encoding: Annotated[
         Optional[str], typer.Option(help="Text encoding of a csv/tsv file (e.g. latin-1); default: the schema's.")
     ] = None,
-):
+) -> None:
     """Design a commented recipe from a data file and a model: task, columns and labels from the data, max_length
     from its length distribution, target layers from the model, method and batch for its size and this machine."""
     from peftkit.init import designer
@@ -454,7 +460,7 @@ def combine(
     ] = None,
     overwrite: Annotated[bool, _replace("output folder")] = False,
     hub_dir: HubDir = None,
-):
+) -> None:
     """Combine LoRA adapters with peft's add_weighted_adapter into a new run folder that predict, eval and merge
     take like any other; task heads are averaged with the weights (README: Several adapters on one base)."""
     from peftkit import multi_adapter
@@ -489,7 +495,7 @@ def combine(
     )
 
 
-def _runs_progress():
+def _runs_progress() -> "Progress":
     """bench and sweep: one bar over their runs, on stderr, with the run in progress named."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

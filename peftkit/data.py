@@ -12,13 +12,19 @@ import logging
 import math
 import re
 from collections import Counter
-from typing import TYPE_CHECKING
+from collections.abc import Collection, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from peftkit import assets
 from peftkit.errors import UserError, did_you_mean
 
 if TYPE_CHECKING:  # annotations only: recipe.py imports the task registry, whose tasks import this module
+    from datasets import Dataset, DatasetDict
+    from fsspec.core import OpenFile
+
     from peftkit.sections import DataSection
+    from peftkit.tasks.common import Task
 
 log = logging.getLogger("peftkit")
 
@@ -37,7 +43,7 @@ _SPLIT_ALIASES = {"valid": "validation", "dev": "validation", "val": "validation
 ROW = "source_row"  # 1-based row of the source split (a csv's data rows after its header; a conll's sentences)
 
 
-def load(cfg: DataSection, task, order: list[str] | None = None):
+def load(cfg: DataSection, task: Task, order: list[str] | None = None) -> tuple[DatasetDict, list[str] | None]:
     """(DatasetDict with train/validation/test, label names or None). `order`: a trained run's labels (its
     peftkit.json), so its data is encoded with the ids the run was trained with, whatever order this version
     would give a label set read from the data."""
@@ -66,7 +72,7 @@ def load(cfg: DataSection, task, order: list[str] | None = None):
     return splits, labels
 
 
-def read_source(cfg: DataSection):
+def read_source(cfg: DataSection) -> DatasetDict:
     from datasets import DatasetDict, load_dataset
 
     path = assets.resolve_file(cfg.source) if cfg.format != "hub" else None
@@ -104,7 +110,7 @@ def read_source(cfg: DataSection):
         raise UserError(f"data.source: could not read {path} as {fmt}: {cause}") from None
 
 
-def open_binary(path):
+def open_binary(path: Path) -> OpenFile | None:
     """The file's bytes, decompressed; None for a compression fsspec cannot read (datasets still may)."""
     import fsspec
     from fsspec.utils import infer_compression
@@ -115,7 +121,7 @@ def open_binary(path):
     return fsspec.open(str(path), "rb", compression=compression)
 
 
-def _check_encoding(path, fmt: str, encoding: str) -> None:
+def _check_encoding(path: Path, fmt: str, encoding: str) -> None:
     """Name the first line that is not valid text. Written here because the readers do not: pyarrow's json
     reader keeps undecodable bytes and fails much later on first access, and its csv error names no line."""
     import codecs
@@ -139,7 +145,7 @@ def _check_encoding(path, fmt: str, encoding: str) -> None:
                 ) from None
 
 
-def _is_blank(path, header: bool) -> bool:
+def _is_blank(path: Path, header: bool) -> bool:
     """True when the file has no data rows (nothing, or a csv header only)."""
     opened = open_binary(path)
     if opened is None:
@@ -149,7 +155,7 @@ def _is_blank(path, header: bool) -> bool:
     return len(lines) <= int(header)
 
 
-def _read_conll(path, cfg: DataSection):
+def _read_conll(path: Path, cfg: DataSection) -> Dataset:
     """CoNLL-style text: `token ... tag` per line (tab or spaces), a blank line between sentences."""
     import fsspec
     from datasets import Dataset
@@ -182,7 +188,7 @@ def _read_conll(path, cfg: DataSection):
     return Dataset.from_list(sentences)
 
 
-def _read_squad(path, required: bool):
+def _read_squad(path: Path, required: bool) -> Dataset | None:
     """SQuAD's nested JSON (data -> paragraphs -> qas) as flat rows: id, question, context, answers{text,
     answer_start}, the layout of the Hub's `squad` dataset. None when the file is other JSON and not `required`."""
     import json
@@ -215,7 +221,7 @@ def _read_squad(path, required: bool):
     return Dataset.from_list(rows)
 
 
-def format_of(path) -> str:
+def format_of(path: Path) -> str:
     name = path.name.lower()
     for suffix in _COMPRESSION:
         name = name.removesuffix(suffix)
@@ -227,7 +233,7 @@ def format_of(path) -> str:
     )
 
 
-def _select_columns(splits, cfg: DataSection, roles: dict[str, bool]):
+def _select_columns(splits: DatasetDict, cfg: DataSection, roles: dict[str, bool]) -> DatasetDict:
     unknown = [role for role in cfg.columns if role not in roles]
     if unknown:
         raise UserError(
@@ -249,12 +255,12 @@ def _select_columns(splits, cfg: DataSection, roles: dict[str, bool]):
     return splits.rename_columns({c: r for c, r in mapping.items() if c != r})
 
 
-def blank(value) -> bool:
+def blank(value: object) -> bool:
     """An empty or missing text (None, or only whitespace)."""
     return value is None or not str(value).strip()
 
 
-def _check_text(splits, empty_texts: str, roles):
+def _check_text(splits: DatasetDict, empty_texts: str, roles: Iterable[str]) -> DatasetDict:
     """Empty or missing texts in the task's text `roles` (its TEXT_ROLES) fail with their row numbers, or are
     dropped and counted (data.empty_texts)."""
     columns = [c for c in roles if c in splits["train"].column_names]
@@ -284,7 +290,7 @@ def _check_text(splits, empty_texts: str, roles):
     return splits
 
 
-def _check_tokens(split):
+def _check_tokens(split: Dataset) -> None:
     """Token-labelled data: every sentence has tokens, and as many tags as tokens."""
     empty = [row for row, tokens in zip(split[ROW], split["tokens"]) if not tokens]
     if empty:
@@ -307,7 +313,7 @@ def _rows(rows: list[int]) -> str:
     return ", ".join(map(str, rows[:5])) + (" ..." if len(rows) > 5 else "")
 
 
-def label_names(splits, role: str, per_token: bool = False):
+def label_names(splits: DatasetDict, role: str, per_token: bool = False) -> DatasetDict:
     """A Hub dataset's ClassLabel column (or a list of them) as its names, so it is handled like any text label."""
     from datasets import ClassLabel
 
@@ -322,7 +328,7 @@ def label_names(splits, role: str, per_token: bool = False):
 _NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?")
 
 
-def _number(name) -> int | float | None:
+def _number(name: object) -> int | float | None:
     """The label's value when it is a number (int, float, or a string spelling one, such as "10" or "-0.5")."""
     if isinstance(name, bool):
         return None
@@ -333,7 +339,7 @@ def _number(name) -> int | float | None:
     return None
 
 
-def label_order(names) -> list:
+def label_order(names: Collection[object]) -> list:
     """The id order of a label set read from the data (data.labels not given), for `peftkit run` (data.load) and
     `peftkit init` (init/profile.py label_set, which writes it into the recipe as data.labels) alike:
 
@@ -351,12 +357,14 @@ def label_order(names) -> list:
     return sorted(names, key=lambda name: (str(name) != "O", str(name)))
 
 
-def _encode_labels(splits, cfg: DataSection, role: str, per_token: bool = False, order: list[str] | None = None):
+def _encode_labels(
+    splits: DatasetDict, cfg: DataSection, role: str, per_token: bool = False, order: list[str] | None = None
+) -> tuple[DatasetDict, list[str]]:
     """Map labels (one per row, or one per token when `per_token`) to ids in the label set's order (`order`, a
     trained run's, when given; labels outside it are unknown labels)."""
     from datasets import ClassLabel, List
 
-    def items(value):  # the labels one row carries
+    def items(value: Any) -> list:  # the labels one row carries
         return value if per_token else [value]
 
     splits = label_names(splits, role, per_token)
@@ -403,7 +411,7 @@ def _encode_labels(splits, cfg: DataSection, role: str, per_token: bool = False,
     return splits.cast_column(role, label_feature), names
 
 
-def _make_splits(splits, cfg: DataSection, stratify: str | None, group: str | None = None):
+def _make_splits(splits: DatasetDict, cfg: DataSection, stratify: str | None, group: str | None = None) -> DatasetDict:
     """Keep train/validation/test the source has; cut the missing ones from train with data.splits' shares.
     `group`: rows sharing this column's value stay in one split (QA: questions on one context)."""
     from datasets import DatasetDict
@@ -433,7 +441,7 @@ def _make_splits(splits, cfg: DataSection, stratify: str | None, group: str | No
     return DatasetDict({k: result[k] for k in ("train", "validation", "test") if k in result})
 
 
-def _group_split(split, column: str, fraction: float, seed: int):
+def _group_split(split: Dataset, column: str, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     """(rest, cut): about `fraction` of the distinct values of `column`, with all their rows, go to cut."""
     import random
 

@@ -1,9 +1,12 @@
 """Save what was trained (adapter + task head, in peft's format) and merge it into a standalone model, checking
 that the merged model computes what the adapter did."""
 
+from __future__ import annotations
+
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peftkit import __version__, atomic, quant
 from peftkit.errors import UserError
@@ -11,10 +14,23 @@ from peftkit.loading import load_trained
 from peftkit.methods import METHODS, storage
 from peftkit.run_folder import INFO
 
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from peftkit.recipe import Recipe
+    from peftkit.tasks.common import Task
+
 log = logging.getLogger("peftkit")
 
 
-def save_adapter(model, tokenizer, out: Path, recipe, labels) -> None:
+def save_adapter(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    out: Path,
+    recipe: Recipe,
+    labels: list[str] | None,
+) -> None:
     """The trained part in its method's format (methods/storage.py): peft's, so plain `PeftModel.from_pretrained`
     loads it, head included; peftkit's own for prefix tuning and bottleneck adapters; the whole model for full
     fine-tuning. Plus the tokenizer, and peftkit.json with what the formats do not hold (task, labels)."""
@@ -94,7 +110,14 @@ def merge(
     return report
 
 
-def _requantize(folder: Path, model_class, recipe, task, batch, trained) -> float:
+def _requantize(
+    folder: Path,
+    model_class: type[PreTrainedModel],
+    recipe: Recipe,
+    task: Task,
+    batch: dict[str, torch.Tensor],
+    trained: torch.Tensor,
+) -> float:
     """Replace the merged model in `folder` by its 8/4-bit copy (the recipe's quantization settings); returns its
     max abs logit difference from the quantised base + adapter that was trained."""
     import torch
@@ -112,18 +135,18 @@ def _requantize(folder: Path, model_class, recipe, task, batch, trained) -> floa
     return diff
 
 
-def _logits(model, batch):
+def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     import torch
 
     with torch.no_grad():
         return model(**batch).logits.float()
 
 
-def _max_diff(a, b) -> float:
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
-def probe_batch(tokenizer, batch: int = 8, length: int = 48, seed: int = 0) -> dict:
+def probe_batch(tokenizer: PreTrainedTokenizerBase, batch: int = 8, length: int = 48, seed: int = 0) -> dict:
     """A fixed batch of random ordinary tokens: the merge check tests the maths, so it needs no dataset."""
     import torch
 

@@ -4,8 +4,11 @@ finished run's adapter on its base, for predicting, evaluating, merging and push
 Used by the pipeline (run.py) and by every command that works on a finished run (export, multi_adapter, cli).
 """
 
+from __future__ import annotations
+
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peftkit import assets, data, quant, train
 from peftkit.errors import UserError
@@ -15,10 +18,17 @@ from peftkit.recipe import Recipe
 from peftkit.run_folder import finished_adapter
 from peftkit.tasks import TASKS
 
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from peftkit.tasks.common import Task
+
 log = logging.getLogger("peftkit")
 
 
-def method_context(recipe: Recipe, task, model, total_steps: int = 1000) -> Context:
+def method_context(recipe: Recipe, task: Task, model: torch.nn.Module, total_steps: int = 1000) -> Context:
     return Context(
         head_modules=[name for name in task.HEAD_MODULES if hasattr(model, name)],
         peft_task_type=task.PEFT_TASK_TYPE,
@@ -28,8 +38,14 @@ def method_context(recipe: Recipe, task, model, total_steps: int = 1000) -> Cont
 
 
 def load_base(
-    recipe: Recipe, task, labels, device, precision: str = "no", dequantize: bool = False, inference: bool = False
-):
+    recipe: Recipe,
+    task: Task,
+    labels: list[str] | None,
+    device: torch.device,
+    precision: str = "no",
+    dequantize: bool = False,
+    inference: bool = False,
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """(tokenizer, model) for the recipe's base model, quantised if the recipe asks, head freshly initialised.
     `dequantize`: load the quantised weights, then turn them back into full-precision layers (for merging).
     `inference`: the model will only predict, so a 4-bit base may take bitsandbytes' inference-only CPU
@@ -60,7 +76,7 @@ def load_base(
     return tokenizer, model
 
 
-def base_dtype(recipe: Recipe, precision: str):
+def base_dtype(recipe: Recipe, precision: str) -> torch.dtype:
     """fp32, or bf16 for a frozen base the method leaves untouched in a bf16 run (model.dtype auto). Under autocast
     every matmul runs in bf16 anyway, so an fp32 base only doubles the base's memory, and is cast again at every
     use (autocast caches its casts of trainable weights only). Not fp16: its range is too small for the residual
@@ -80,8 +96,12 @@ def base_dtype(recipe: Recipe, precision: str):
 
 
 def load_trained(
-    run_dir: Path, device=None, dequantize: bool = False, recipe: Recipe | None = None, inference: bool = True
-):
+    run_dir: Path,
+    device: torch.device | None = None,
+    dequantize: bool = False,
+    recipe: Recipe | None = None,
+    inference: bool = True,
+) -> tuple[Recipe, Task, PreTrainedTokenizerBase, PreTrainedModel | PeftModel, list[str] | None]:
     """(recipe, task, tokenizer, model with its adapter, labels) of a finished run, ready for inference.
     `dequantize`: a quantised base is turned back into full precision first; `recipe` replaces the run's own
     (e.g. without its quantization section, for the adapter on the original full-precision base); `inference`

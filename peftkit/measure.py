@@ -1,33 +1,41 @@
 """The one place where throughput and memory are measured, so every number peftkit reports agrees."""
 
+from __future__ import annotations
+
 import contextlib
 import math
 import resource
 import sys
 import time
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
 
 
 class Throughput:
     """Samples and non-padding tokens per second over the steps it has seen; time spent `paused()` (evaluation
     between epochs) does not count."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.start = time.perf_counter()
         self.excluded = 0.0
         self.samples = 0
         self.tokens = 0
 
     @contextmanager
-    def paused(self):
+    def paused(self) -> Iterator[None]:
         began = time.perf_counter()
         try:
             yield
         finally:
             self.excluded += time.perf_counter() - began
 
-    def update(self, batch) -> None:
+    def update(self, batch: Mapping[str, torch.Tensor]) -> None:
         self.samples += int(batch["input_ids"].shape[0])
         mask = batch.get("attention_mask")
         # summed where the batch is (a tensor on a GPU): reading it every step would make the host wait for the
@@ -38,7 +46,7 @@ class Throughput:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start - self.excluded
 
-    def rates(self, accelerator=None) -> dict:
+    def rates(self, accelerator: Accelerator | None = None) -> dict:
         """Rates of the whole job: with several processes, their samples and tokens are summed (a collective
         call: every process must make it) over the slowest one's time."""
         samples, tokens, seconds = self.samples, int(self.tokens), max(self.elapsed, 1e-9)
@@ -56,7 +64,7 @@ class Throughput:
         }
 
 
-def peak_memory(device) -> dict:
+def peak_memory(device: torch.device) -> dict:
     """Peak memory in MiB since the start or the last `reset_peak_memory`: allocated/reserved on CUDA, resident
     set size of this process on CPU."""
     import torch
@@ -73,7 +81,7 @@ def peak_memory(device) -> dict:
     return {"peak_rss_mib": rss / (2**20 if sys.platform == "darwin" else 2**10)}
 
 
-def reset_peak_memory(device) -> None:
+def reset_peak_memory(device: torch.device) -> None:
     """Start a new peak: training's own, apart from loading (which briefly holds weights twice)."""
     import torch
 
@@ -84,7 +92,7 @@ def reset_peak_memory(device) -> None:
             Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
 
 
-def memory_now(device) -> dict:
+def memory_now(device: torch.device) -> dict:
     """Memory in use right now (MiB): allocated on CUDA, resident set size on CPU (Linux)."""
     import torch
 
@@ -94,7 +102,7 @@ def memory_now(device) -> dict:
     return {"rss_mib": rss} if rss is not None else {}
 
 
-def model_mib(model) -> float:
+def model_mib(model: torch.nn.Module) -> float:
     """Size of the model's weights and buffers as loaded (an 8/4-bit base counts its packed bytes)."""
     tensors = [*model.parameters(), *model.buffers()]
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
@@ -110,10 +118,10 @@ def _proc_status(field: str) -> float | None:
     return None
 
 
-def parameter_counts(model) -> dict:
+def parameter_counts(model: torch.nn.Module) -> dict:
     """Trainable and total parameters; a 4-bit weight counts as the matrix it stands for, not its packed bytes."""
 
-    def count(p) -> int:
+    def count(p: torch.nn.Parameter) -> int:
         state = getattr(p, "quant_state", None)  # bitsandbytes Params4bit: numel() is the packed uint8 size
         return math.prod(state.shape) if state is not None else p.numel()
 
@@ -122,7 +130,7 @@ def parameter_counts(model) -> dict:
     return {"trainable_params": trainable, "total_params": total, "trainable_share": trainable / total}
 
 
-def training_flops_per_token(model) -> float:
+def training_flops_per_token(model: torch.nn.Module) -> float:
     """Model FLOPs of one training token: 2 per weight of every matmul layer forward, 2 more backward for the
     input gradients, and 2 more for the weight gradients of trainable matmul weights only (a frozen base needs
     none): 4N + 2T, which is the usual 6N for full fine-tuning. Embedding lookups cost none; attention-score
@@ -143,7 +151,7 @@ def training_flops_per_token(model) -> float:
     return 4.0 * total + 2.0 * trainable
 
 
-def matmul_peak_tflops(precision: str, device, repeat: int = 5) -> float:
+def matmul_peak_tflops(precision: str, device: torch.device, repeat: int = 5) -> float:
     """The machine's measured matmul rate (TFLOP/s) in the given precision: the denominator of model FLOPs
     utilisation. The matrix grows until one product takes 50 ms (up to 2048 on CPU, 8192 on GPU), so a precision
     the hardware only emulates (bf16 on CPUs without AMX: 90-400x slower here) is measured in seconds, not minutes; the
@@ -153,7 +161,7 @@ def matmul_peak_tflops(precision: str, device, repeat: int = 5) -> float:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     largest = 8192 if device.type == "cuda" else 2048
 
-    def seconds(a, b) -> float:
+    def seconds(a: torch.Tensor, b: torch.Tensor) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()

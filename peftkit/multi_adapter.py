@@ -16,19 +16,29 @@ Causal LM has no head (its output layer is the frozen, tied embedding). The resu
 folder that predict, eval and merge take like any other.
 """
 
+from __future__ import annotations
+
 import json
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from peftkit import atomic, export
 from peftkit.errors import UserError, did_you_mean
 from peftkit.loading import evaluate_run, load_base
-from peftkit.recipe import validate
+from peftkit.recipe import Recipe, validate
 from peftkit.run_folder import METRICS, RECIPE, finished_adapter
 from peftkit.sharing.hub import resolve_run
 from peftkit.tasks import TASKS
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from peft.utils.other import ModulesToSaveWrapper
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger("peftkit")
 
@@ -67,17 +77,17 @@ class Source:
     ref: str  # as the user gave it
     run_dir: Path
     adapter_dir: Path
-    recipe: object  # peftkit.recipe.Recipe
+    recipe: Recipe
     info: dict  # adapter/peftkit.json: task, method, format, base model, labels
     name: str  # its adapter name in the PeftModel
     label: str  # its columns' name in the predictions: the run folder's name
 
     @property
-    def labels(self):
+    def labels(self) -> list[str] | None:
         return self.info["labels"]
 
 
-def read(refs, hub_dir=None) -> list[Source]:
+def read(refs: Sequence[str | Path], hub_dir: Path | str | None = None) -> list[Source]:
     """The runs named by `refs` (folders or user/name[@revision]), with unique adapter names."""
     sources, seen = [], set()
     for ref in refs:
@@ -137,7 +147,7 @@ def _peft_config(s: Source) -> dict:
     return json.loads((s.adapter_dir / "adapter_config.json").read_text())
 
 
-def _load_onto_one_base(sources: list[Source], device, recipe=None):
+def _load_onto_one_base(sources: list[Source], device: torch.device, recipe: Recipe | None = None) -> PeftModel:
     """One base (the first run's, or `recipe`'s), every source's adapter on it under its own name."""
     from peft import PeftModel
 
@@ -157,16 +167,16 @@ def _load_onto_one_base(sources: list[Source], device, recipe=None):
 class Loaded:
     """One base with several runs' adapters: what `predict` switches between."""
 
-    model: object  # PeftModel
+    model: PeftModel
     sources: list[Source]
-    tokenizers: dict  # adapter name -> the run's own tokenizer (padding side included)
+    tokenizers: dict[str, PreTrainedTokenizerBase]  # adapter name -> the run's own tokenizer (padding side included)
 
     @property
-    def recipe(self):
+    def recipe(self) -> Recipe:
         return self.sources[0].recipe
 
 
-def load(refs, hub_dir=None, device=None) -> Loaded:
+def load(refs: Sequence[str | Path], hub_dir: Path | str | None = None, device: torch.device | None = None) -> Loaded:
     """Load the base once and every run's adapter onto it; refuses runs that cannot share it."""
     import torch
     from transformers import AutoTokenizer
@@ -202,7 +212,7 @@ def use(loaded: Loaded, source: Source) -> None:
         config.label2id = {label: i for i, label in enumerate(source.labels)}
 
 
-def predict(loaded: Loaded, items: list[str], **options) -> list[dict]:
+def predict(loaded: Loaded, items: list[str], **options: Any) -> list[dict]:
     """Each run's predictions for `items`, one row per item: the input, then each run's outputs under
     "<run> <field>" (e.g. "sentiment-a label")."""
     task = TASKS[loaded.recipe.task.type]
@@ -307,7 +317,7 @@ def _has_head(s: Source) -> bool:
     return bool(_peft_config(s).get("modules_to_save"))
 
 
-def _take_heads_aside(model, names: list[str]) -> dict:
+def _take_heads_aside(model: PeftModel, names: list[str]) -> dict[ModulesToSaveWrapper, list[dict]]:
     """{wrapper: [state dict of each source's head copy]}; the copies are removed from the wrappers, as
     add_weighted_adapter refuses adapters that share a modules_to_save module."""
     from peft.utils.other import ModulesToSaveWrapper
@@ -330,7 +340,7 @@ def _take_heads_aside(model, names: list[str]) -> dict:
     return heads
 
 
-def _put_heads(heads: dict, weights: list[float]) -> None:
+def _put_heads(heads: dict[ModulesToSaveWrapper, list[dict]], weights: list[float]) -> None:
     """The weighted average of each head (weights normalised to sum 1) as the combined adapter's copy."""
     share = [w / sum(weights) for w in weights]
     for wrapper, states in heads.items():
@@ -348,14 +358,14 @@ def default_out(sources: list[Source], how: str) -> Path:
 
 
 def combine(
-    refs,
+    refs: Sequence[str | Path],
     weights: list[float],
     how: str,
     out: Path | None = None,
     density: float | None = None,
     svd_rank: int | None = None,
     overwrite: bool = False,
-    hub_dir=None,
+    hub_dir: Path | str | None = None,
 ) -> dict:
     """Combine the runs' LoRA adapters with add_weighted_adapter into a new finished run folder; returns what
     was combined (also written to combine.json there)."""
@@ -379,7 +389,9 @@ def combine(
     }
 
 
-def _combined_model(sources: list[Source], weights, how, density, svd_rank):
+def _combined_model(
+    sources: list[Source], weights: list[float], how: str, density: float | None, svd_rank: int | None
+) -> tuple[PeftModel, dict[ModulesToSaveWrapper, list[dict]]]:
     """(PeftModel holding only the combined adapter, with the averaged heads; the heads taken aside)."""
     import torch
 
@@ -404,7 +416,15 @@ def _combined_model(sources: list[Source], weights, how, density, svd_rank):
 
 
 def _write_run(
-    folder: Path, out: Path, model, sources: list[Source], weights, how, density, svd_rank, heads: int
+    folder: Path,
+    out: Path,
+    model: PeftModel,
+    sources: list[Source],
+    weights: list[float],
+    how: str,
+    density: float | None,
+    svd_rank: int | None,
+    heads: int,
 ) -> None:
     """adapter/ (peft's format), recipe.yaml (the first run's, with the combined adapter as its method) and
     combine.json (what was combined, and each source's metrics)."""

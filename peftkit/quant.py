@@ -1,17 +1,27 @@
 """Load the frozen base in 8-bit or 4-bit through bitsandbytes, keeping the task head in full precision."""
 
+from __future__ import annotations
+
+from collections.abc import Sequence
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 from peftkit import cpu_kind
 from peftkit.errors import UserError
 from peftkit.sections import QuantizationSection
+
+if TYPE_CHECKING:
+    import torch
+    from bitsandbytes.functional import QuantState
+    from bitsandbytes.nn import Linear4bit
+    from transformers import PreTrainedModel
 
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _BLOCK_N = 32  # rows per block of bitsandbytes' repacked CPU layout (functional._convert_weight_packed_for_cpu)
 _registered = False  # reference_gemv_4bit, once per process
 
 
-def load_kwargs(cfg: QuantizationSection, head_modules: list[str], device, precision: str = "no") -> dict:
+def load_kwargs(cfg: QuantizationSection, head_modules: list[str], device: torch.device, precision: str = "no") -> dict:
     """from_pretrained keyword arguments for a quantised base. `precision`: the run's (bf16/fp16/fp32/no), which
     compute_dtype auto follows: bf16 only where the machine computes it natively (train.resolve_precision)."""
     try:
@@ -43,7 +53,7 @@ def load_kwargs(cfg: QuantizationSection, head_modules: list[str], device, preci
     return {"quantization_config": config, "device_map": {"": device}}
 
 
-def prepare(model, inference: bool = False):
+def prepare(model: PreTrainedModel, inference: bool = False) -> PreTrainedModel:
     """peft's k-bit preparation (freeze the base, upcast norms, make inputs require grad for checkpointing), and
     the 4-bit layers' CPU layout: see cpu_layout."""
     from peft import prepare_model_for_kbit_training
@@ -52,7 +62,7 @@ def prepare(model, inference: bool = False):
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
-def cpu_layout(model, inference: bool) -> None:
+def cpu_layout(model: torch.nn.Module, inference: bool) -> None:
     """Whether bitsandbytes may repack each 4-bit layer for its CPU bf16 kernel.
 
     bitsandbytes 0.50, on a CPU with AVX512-BF16 (cpu_kind.py), rewrites a Linear4bit's weight in place into
@@ -77,19 +87,19 @@ def cpu_layout(model, inference: bool) -> None:
             module.support_avx512bf16_for_cpu = repack and fits
 
 
-def is_repacked(module) -> bool:
+def is_repacked(module: torch.nn.Module) -> bool:
     """A 4-bit layer whose weight bitsandbytes has repacked for its CPU kernel (shape [N, K/2], bf16 scales)."""
     return getattr(getattr(getattr(module, "weight", None), "quant_state", None), "packing_format_for_cpu", False)
 
 
-def repacked_weight(packed, state):
+def repacked_weight(packed: torch.Tensor, state: QuantState | SimpleNamespace) -> torch.Tensor:
     """The [N, K] float32 matrix a repacked 4-bit weight ([N, K/2] uint8) stands for: its codes' values times
     their block's absmax ([K/blocksize, N], bf16 in this layout)."""
     values = state.code.float()[_repacked_codes(packed).long()]
     return values * state.absmax.float().t().repeat_interleave(state.blocksize, dim=1)
 
 
-def _repacked_codes(packed):
+def _repacked_codes(packed: torch.Tensor) -> torch.Tensor:
     """[N, K] 4-bit codes of a repacked weight: the inverse of bitsandbytes' _convert_weight_packed_for_cpu, where
     each run of 32 bytes is a tile of 32 rows x 2 columns, rows 0-15 in the low nibbles, 16-31 in the high ones."""
     import torch
@@ -100,7 +110,7 @@ def _repacked_codes(packed):
     return codes.reshape(n // _BLOCK_N, half, _BLOCK_N, 2).transpose(1, 2).reshape(n, 2 * half)
 
 
-def _unpack(module) -> None:
+def _unpack(module: Linear4bit) -> None:
     """A repacked layer back in bitsandbytes' own layout, exactly as the repacked kernel computed it: codes two to
     a byte, high nibble first, and the scales as the flat per-block fp32 vector, not double-quantised again.
     (bitsandbytes 0.50's own inverse re-quantises double-quantised scales, and leaves the others transposed.)"""
@@ -113,7 +123,14 @@ def _unpack(module) -> None:
     state.nested, state.dtype, state.packing_format_for_cpu = False, state.original_dtype, False
 
 
-def reference_gemv_4bit(A, B, shapeB, absmax, code, blocksize):  # noqa: N803 - bitsandbytes' argument names
+def reference_gemv_4bit(  # noqa: N803 - bitsandbytes' argument names
+    A: torch.Tensor,
+    B: torch.Tensor,
+    shapeB: Sequence[int],
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+) -> torch.Tensor:
     """bitsandbytes' CPU kernel for the repacked layout, in plain torch: bf16 activations times the bf16 weight,
     fp32 accumulation, returned in A's dtype. (Linear4bit calls the plain overload only, never `.out`.)"""
     import torch
@@ -135,7 +152,7 @@ def _register_reference_kernel() -> None:
         _registered = True
 
 
-def dequantize(model):
+def dequantize(model: PreTrainedModel) -> PreTrainedModel:
     """The quantised model with every 8/4-bit layer turned back into a full-precision one (transformers'
     dequantize), and GPT-2's Conv1D layers restored: bitsandbytes replaced them by Linear layers, whose weight is
     the transpose of Conv1D's, so the merged model would not load back as the architecture it claims to be."""

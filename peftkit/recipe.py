@@ -29,7 +29,7 @@ from peftkit.sections import (
 from peftkit.tasks import TASKS
 
 
-def _union(registry: dict, tag: str):
+def _union(registry: dict, tag: str) -> Any:
     configs = tuple(module.Config for module in registry.values())
     return Annotated[Union[configs], Field(discriminator=tag)]  # noqa: UP007 (a runtime-built union)
 
@@ -50,7 +50,7 @@ class Recipe(Section):
     export: ExportSection = Field(default_factory=ExportSection)
 
     @model_validator(mode="after")
-    def _metric_belongs_to_task(self):
+    def _metric_belongs_to_task(self) -> Recipe:
         metrics = TASKS[self.task.type].METRICS
         if self.eval.metric_for_best is None:
             self.eval.metric_for_best = metrics[0]
@@ -129,7 +129,7 @@ def json_schema() -> str:
 # --- error messages -------------------------------------------------------------------------------------------
 
 
-def _models_in(annotation) -> list[type[BaseModel]]:
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
     """The pydantic models an annotation can hold (several for a discriminated union)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
@@ -155,7 +155,7 @@ def _walk(loc: tuple) -> tuple[type[BaseModel] | None, list[str]]:
     return cls, path
 
 
-def _tag_annotation(cls: type[BaseModel]):
+def _tag_annotation(cls: type[BaseModel]) -> Any:
     field = cls.model_fields.get("name") or cls.model_fields.get("type")
     return field.annotation
 

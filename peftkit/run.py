@@ -3,10 +3,14 @@
 recipe -> data (splits, labels) -> base model (+ 8/4-bit) -> method -> train -> evaluate -> export
 """
 
+from __future__ import annotations
+
 import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from peftkit import atomic, checkpoint, data, export, loading, measure, train
 from peftkit.errors import UserError, is_out_of_memory, out_of_memory
@@ -15,6 +19,10 @@ from peftkit.recipe import Recipe
 from peftkit.run_folder import ADAPTER, LOG, METRICS, RECIPE
 from peftkit.sharing import hub
 from peftkit.tasks import TASKS
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from datasets import DatasetDict
 
 log = logging.getLogger("peftkit")
 
@@ -149,7 +157,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
 
 
 @contextlib.contextmanager
-def _run_folder(recipe: Recipe, accelerator, overwrite: bool, resume: bool):
+def _run_folder(recipe: Recipe, accelerator: Accelerator, overwrite: bool, resume: bool) -> Iterator[Path]:
     """atomic.building, for one process or several: every process checks the folder (so a refusal comes from
     all of them at once), then the main process alone creates it, and renames (or removes) it once every
     process is done with it. The others log only errors: the main process logs the same things."""
@@ -190,7 +198,7 @@ def _resume_point(run_dir: Path, recipe: Recipe) -> Path | None:
     return found
 
 
-def _differences(old, new, path: str = "") -> list[str]:
+def _differences(old: Any, new: Any, path: str = "") -> list[str]:
     """'key: old -> new' for every dotted key whose value differs ('(none)' where a side lacks it: e.g. a recipe
     written by an older peftkit, before a key existed)."""
     if isinstance(old, dict) and isinstance(new, dict):
@@ -222,7 +230,7 @@ def _memory_knobs(recipe: Recipe) -> str:
     return "; ".join(knobs)
 
 
-def _check_encoded(encoded, recipe: Recipe) -> None:
+def _check_encoded(encoded: DatasetDict, recipe: Recipe) -> None:
     """Nothing to learn from, or less than one batch: said before any time is spent."""
     for name, split in encoded.items():
         if len(split) == 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from peftkit.errors import UserError
@@ -62,7 +63,9 @@ def name_of(overrides: list[str]) -> str:
     return "_".join(overrides).translate(str.maketrans({c: "-" for c in "/\\ :[]{}'\",*?<>|"}))
 
 
-def run_all(recipe: Path, runs: list[list[str]], folder: Path, on_start=None) -> list[dict]:
+def run_all(
+    recipe: Path, runs: list[list[str]], folder: Path, on_start: Callable[[str], object] | None = None
+) -> list[dict]:
     rows = []
     for overrides in runs:
         name = name_of(overrides)

@@ -20,6 +20,7 @@ import tempfile
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from peftkit import assets, train
 from peftkit.data import blank
@@ -29,6 +30,13 @@ from peftkit.methods import METHODS, targets
 from peftkit.recipe import load_recipe
 from peftkit.sections import SplitSection, TrainSection
 from peftkit.tasks import TASKS, causal_lm
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
+    from transformers import PreTrainedTokenizerBase
+
+    from peftkit.init.profile import Column
+    from peftkit.tasks.common import Task
 
 log = logging.getLogger("peftkit")
 
@@ -48,7 +56,7 @@ class Design:
     summary: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
-    def set(self, section: str, key: str, value, why: str | None = None, before: tuple[str, ...] = ()) -> None:
+    def set(self, section: str, key: str, value: Any, why: str | None = None, before: tuple[str, ...] = ()) -> None:
         """`why`: the comment on the key's line (or above it, when long); `before`: comment lines above it."""
         self.spec.setdefault(section, {})[key] = value
         if why:
@@ -71,7 +79,7 @@ class ModelFacts:
     max_positions: int | None
     layers: list[str]  # adaptable layer names (last dotted component), head and output layer excluded
     peft_default: list[str] | None
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
 
 
 def inspect_model(name: str, task: str, labels: list | None) -> ModelFacts:
@@ -133,12 +141,12 @@ def choose_targets(task: str, facts: ModelFacts) -> tuple[list[str], str]:
 # --- lengths --------------------------------------------------------------------------------------------------
 
 
-def token_lengths(task: str, roles: dict[str, str], split, tokenizer) -> list[int]:
+def token_lengths(task: str, roles: dict[str, str], split: Dataset, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Tokens per example, as the task's preprocessing counts them before truncation, for a seeded sample."""
     indices = sorted(random.Random(0).sample(range(len(split)), min(SAMPLE_ROWS, len(split))))
     rows = split.select(indices)
 
-    def column(role):
+    def column(role: str) -> list[str] | None:
         return [str(v) for v in rows[roles[role]] if v is not None] if role in roles else None
 
     if task == "token_classification":
@@ -220,7 +228,17 @@ def design(
     return d
 
 
-def _data_section(d: Design, source, splits, fmt, encoding, module, cols, roles, why) -> list | None:
+def _data_section(
+    d: Design,
+    source: str,
+    splits: DatasetDict,
+    fmt: str | None,
+    encoding: str | None,
+    module: Task,
+    cols: dict[str, Column],
+    roles: dict[str, str],
+    why: dict[str, str],
+) -> list | None:
     """data: source, format, columns, the label set with its counts, what to drop. Returns the labels."""
     total = sum(len(s) for s in splits.values())
     layout = f" in splits {', '.join(splits)}" if len(splits) > 1 else ", one split: validation and test cut from it"
@@ -284,7 +302,7 @@ def _data_section(d: Design, source, splits, fmt, encoding, module, cols, roles,
     return labels
 
 
-def _task_section(d: Design, task, roles, split, facts: ModelFacts) -> tuple[dict, bool]:
+def _task_section(d: Design, task: str, roles: dict[str, str], split: Dataset, facts: ModelFacts) -> tuple[dict, bool]:
     """task: max_length from the data's length distribution (and, by task, packing / windows)."""
     d.set("task", "type", task)
     lengths = token_lengths(task, roles, split, facts.tokenizer)
@@ -408,7 +426,7 @@ def _count(n: int) -> str:
 # --- the YAML text --------------------------------------------------------------------------------------------
 
 
-def _flow(value) -> str:
+def _flow(value: object) -> str:
     """One YAML value on one line, quoted where YAML would misread it ('no', '1.0', 'null')."""
     import yaml
 

@@ -6,13 +6,18 @@ exactly as `peftkit run` will.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from peftkit import assets, data
 from peftkit.errors import UserError, did_you_mean
 from peftkit.sections import DataSection
 from peftkit.tasks import TASKS
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
 
 LABEL_NAMES = ("label", "labels", "category", "class", "sentiment", "target", "intent", "topic", "emotion", "stance")
 MAX_CLASSES = 100  # a column with more distinct values is not taken for a label
@@ -33,7 +38,7 @@ class Column:
         return f"{self.name} ({self.kind}, {self.distinct:,} distinct)"
 
 
-def read_data(source: str, encoding: str | None):
+def read_data(source: str, encoding: str | None) -> tuple[DatasetDict, str | None]:
     """(the source's splits, data.format to write or None): through data.py's readers, so init reads a file
     exactly as `peftkit run` will. A text file of `token tag` lines with an extension data.py does not know
     (e.g. WNUT's ner.txt) is recognised as CoNLL."""
@@ -74,7 +79,7 @@ def _looks_like_conll(path: Path) -> bool:
     return bool(filled) and len(filled) < len(lines) and sum(len(f) >= 2 for f in filled) >= 0.95 * len(filled)
 
 
-def profile(split) -> dict[str, Column]:
+def profile(split: Dataset) -> dict[str, Column]:
     """Each column's kind and number of distinct values, from the rows given (init passes a sample
     of up to 5,000)."""
     columns = {}
@@ -103,7 +108,9 @@ def _label_like(column: Column, rows: int, values: list) -> bool:
     return False
 
 
-def _label_candidates(columns: dict[str, Column], values, given: dict[str, str]) -> list[Column]:
+def _label_candidates(
+    columns: dict[str, Column], values: Callable[[str], Sequence[Any]], given: dict[str, str]
+) -> list[Column]:
     rows = len(values(next(iter(columns))))
     return [c for c in columns.values() if c.name not in given.values() and _label_like(c, rows, values(c.name))]
 
@@ -117,7 +124,9 @@ def _check_columns(given: dict[str, str], available: list[str]) -> None:
             )
 
 
-def assign_roles(columns: dict[str, Column], values, task: str | None, given: dict[str, str]):
+def assign_roles(
+    columns: dict[str, Column], values: Callable[[str], Sequence[Any]], task: str | None, given: dict[str, str]
+) -> tuple[str, dict[str, str], dict[str, str]]:
     """(task, role -> column, why) from the columns' names and contents; `given` (the column options) wins.
     `values(name)` returns a column's sampled values."""
     _check_columns(given, list(columns))
@@ -164,7 +173,12 @@ def assign_roles(columns: dict[str, Column], values, task: str | None, given: di
     return task, roles, why
 
 
-def _infer_task(columns, values, named, given) -> str:
+def _infer_task(
+    columns: dict[str, Column],
+    values: Callable[[str], Sequence[Any]],
+    named: dict[str, str],
+    given: dict[str, str],
+) -> str:
     lists = [c for c in columns.values() if c.kind == "list"]
     if "tokens" in named and "tags" in named or len(lists) == 2 and not given:
         return "token_classification"
@@ -187,7 +201,7 @@ def _infer_task(columns, values, named, given) -> str:
     return "classification"
 
 
-def _list_roles(columns, named, given) -> dict[str, str]:
+def _list_roles(columns: dict[str, Column], named: dict[str, str], given: dict[str, str]) -> dict[str, str]:
     if "tokens" in named and "tags" in named:
         return {"tokens": named["tokens"], "tags": named["tags"]}
     lists = sorted((c for c in columns.values() if c.kind == "list"), key=lambda c: c.distinct)
@@ -200,7 +214,9 @@ def _list_roles(columns, named, given) -> dict[str, str]:
     return {"tokens": lists[1].name, "tags": lists[0].name}  # the tag set is the smaller vocabulary
 
 
-def _label_column(columns, values, given) -> tuple[str, str]:
+def _label_column(
+    columns: dict[str, Column], values: Callable[[str], Sequence[Any]], given: dict[str, str]
+) -> tuple[str, str]:
     if "label" in given:
         return given["label"], "given"
     candidates = _label_candidates(columns, values, given)
@@ -223,7 +239,9 @@ def _label_column(columns, values, given) -> tuple[str, str]:
     return chosen.name, reason
 
 
-def _text_column(columns, values, given, taken: set[str]) -> tuple[str, str]:
+def _text_column(
+    columns: dict[str, Column], values: Callable[[str], Sequence[Any]], given: dict[str, str], taken: set[str]
+) -> tuple[str, str]:
     if "text" in given:
         return given["text"], "given"
     rows = len(values(next(iter(columns))))
@@ -241,7 +259,7 @@ def _text_column(columns, values, given, taken: set[str]) -> tuple[str, str]:
     return longest.name, f"the longest text column, mean {longest.mean_chars:.0f} characters"
 
 
-def label_set(splits, role: str, per_token: bool) -> tuple[list, Counter, int]:
+def label_set(splits: DatasetDict, role: str, per_token: bool) -> tuple[list, Counter, int]:
     """(labels in id order, count of each, rows without a label), over every row of every split."""
     splits = data.label_names(splits, role, per_token)  # what `peftkit run` will see: names, not ClassLabel ids
     counts, missing = Counter(), 0

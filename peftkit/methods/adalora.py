@@ -8,12 +8,16 @@ Rank goes where it helps most. The training loop calls `after_optimizer_step` fo
 so the adapted model equals the base at init; ΔW folds into W on merge.
 """
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
 from peftkit.methods.base import Context, peft_targets, peft_wrap
 from peftkit.sections import Section
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 FORMAT = "peft"  # peft's format: plain `PeftModel.from_pretrained` loads it
 MERGEABLE = True
@@ -37,7 +41,7 @@ class Config(Section):
     )
 
     @model_validator(mode="after")
-    def _budget(self):
+    def _budget(self) -> "Config":
         if self.target_r > self.init_r:
             raise ValueError(f"target_r ({self.target_r}) must not exceed init_r ({self.init_r})")
         if self.tinit + self.tfinal >= 1:
@@ -45,7 +49,7 @@ class Config(Section):
         return self
 
 
-def apply(model, config: Config, context: Context):
+def apply(model: "PreTrainedModel", config: Config, context: Context) -> "PeftModel":
     from peft import AdaLoraConfig
 
     modules = peft_targets(
@@ -68,7 +72,7 @@ def apply(model, config: Config, context: Context):
     return peft_wrap(model, peft_config, context)
 
 
-def after_optimizer_step(model, step: int) -> None:
+def after_optimizer_step(model: "PeftModel", step: int) -> None:
     """Prune singular values by importance (peft needs the gradients: call before zero_grad)."""
     model.base_model.update_and_allocate(step)
 
@@ -79,13 +83,13 @@ def after_optimizer_step(model, step: int) -> None:
 SCORES = ("ipt", "exp_avg_ipt", "exp_avg_unc")
 
 
-def training_state(model) -> dict:
+def training_state(model: "PeftModel") -> dict:
     allocator = model.base_model.rankallocator
     config = model.peft_config[model.base_model.trainable_adapter_name]
     return {**{name: dict(getattr(allocator, name)) for name in SCORES}, "rank_pattern": config.rank_pattern}
 
 
-def load_training_state(model, state: dict) -> None:
+def load_training_state(model: "PeftModel", state: dict) -> None:
     allocator = model.base_model.rankallocator
     device = next(p.device for p in model.parameters() if p.requires_grad)
     for name in SCORES:

@@ -3,12 +3,20 @@ target modules, freezing, refusals), plus the trainable tensors by name that che
 hold. Saving and loading adapters is methods/storage.py.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from peftkit.errors import UserError
 from peftkit.methods.targets import resolve
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftConfig, PeftModel
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -30,7 +38,7 @@ class Method(Protocol):
     FORMAT: ClassVar[Literal["peft", "peftkit", "full"]]  # how its adapter is saved (methods/storage.py)
     MERGEABLE: ClassVar[bool]  # whether the trained update folds into the base weights
 
-    def apply(self, model: Any, config: Any, context: "Context") -> Any:
+    def apply(self, model: Any, config: Any, context: Context) -> Any:
         """Freeze the base and add the method; only the method's parameters and the task head train."""
 
 
@@ -62,14 +70,14 @@ def optional(method: Method, hook: str) -> Any:
     return getattr(method, hook, OPTIONAL[hook])
 
 
-def save_peft(model, out: Path) -> None:
+def save_peft(model: PeftModel, out: Path) -> None:
     """peft's own save, weights in safetensors."""
     # save_embedding_layers=False: the default "auto" looks the base up on the Hub to see if its vocabulary
     # changed; peftkit never resizes the vocabulary.
     model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
 
 
-def quantized_bits(model) -> int | None:
+def quantized_bits(model: torch.nn.Module) -> int | None:
     """8 or 4 when the base was loaded through bitsandbytes (the recipe's quantization section), else None."""
     config = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
     if config is None:
@@ -77,7 +85,7 @@ def quantized_bits(model) -> int | None:
     return 8 if getattr(config, "load_in_8bit", False) else 4 if getattr(config, "load_in_4bit", False) else None
 
 
-def refuse_quantized(method: str, model, bits: tuple[int, ...], why: str) -> None:
+def refuse_quantized(method: str, model: torch.nn.Module, bits: tuple[int, ...], why: str) -> None:
     """A clear error for a method that cannot work on a base quantised to one of `bits`."""
     found = quantized_bits(model)
     if found in bits:
@@ -105,14 +113,14 @@ def refuse_per_token_tasks(method: str, context: Context) -> None:
 # --- peft -----------------------------------------------------------------------------------------------------
 
 
-def peft_wrap(model, peft_config, context: Context):
+def peft_wrap(model: PreTrainedModel, peft_config: PeftConfig, context: Context) -> PeftModel:
     from peft import get_peft_model
 
     peft_config.task_type = context.peft_task_type
     return get_peft_model(model, peft_config)
 
 
-def peft_targets(model, requested, mapping_name: str, context: Context) -> list[str]:
+def peft_targets(model: PreTrainedModel, requested: list[str] | None, mapping_name: str, context: Context) -> list[str]:
     """Requested target modules checked against the model, or peft's per-architecture default list."""
     from peft.utils import constants
 
@@ -122,14 +130,14 @@ def peft_targets(model, requested, mapping_name: str, context: Context) -> list[
 # --- peftkit's own format -------------------------------------------------------------------------------------
 
 
-def train_only(model, is_method_param, context: Context) -> None:
+def train_only(model: torch.nn.Module, is_method_param: Callable[[str], bool], context: Context) -> None:
     """Freeze the base; train the method's parameters and the task head."""
     for name, param in model.named_parameters():
         head = any(name == h or name.startswith(h + ".") for h in context.head_modules)
         param.requires_grad_(head or is_method_param(name))
 
 
-def trainable_in_fp32(model) -> None:
+def trainable_in_fp32(model: torch.nn.Module) -> None:
     """Every trainable parameter in fp32, whatever the base is held in: peft makes its adapters fp32 on a half-
     precision base, but a task head copied from the base (modules_to_save) keeps the base's dtype, and AdamW's
     updates (lr x ~1e-3 of a weight) vanish in bf16's 8-bit mantissa."""
@@ -140,13 +148,13 @@ def trainable_in_fp32(model) -> None:
             param.data = param.data.float()
 
 
-def trainable_tensors(model) -> dict:
+def trainable_tensors(model: torch.nn.Module) -> dict:
     """A copy of every trainable tensor, on the CPU, by its name in the model: what peftkit-format adapters,
     checkpoints and the kept best epoch hold."""
     return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def load_trainable(model, tensors: dict, source) -> None:
+def load_trainable(model: torch.nn.Module, tensors: dict, source: Path) -> None:
     """Put `tensors` (from trainable_tensors) back into `model`; the names must be exactly its trainable ones."""
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = expected - tensors.keys(), tensors.keys() - expected

@@ -13,13 +13,17 @@ folded into a weight matrix. Saved in peftkit's format (methods/base.py).
 """
 
 import re
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
 from peftkit.errors import UserError
 from peftkit.methods.base import Context, train_only
 from peftkit.sections import Section
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
 
 FORMAT = "peftkit"  # peftkit's own format (peft lacks or breaks this method)
 MERGEABLE = False
@@ -65,12 +69,12 @@ class Config(Section):
     )
 
 
-def apply(model, config: Config, context: Context):
+def apply(model: "PreTrainedModel", config: Config, context: Context) -> "PreTrainedModel":
     import torch
     from transformers.activations import ACT2FN
 
     class Bottleneck(torch.nn.Module):
-        def __init__(self, width: int):
+        def __init__(self, width: int) -> None:
             super().__init__()
             self.down = torch.nn.Linear(width, max(1, width // config.reduction_factor))
             self.act = ACT2FN[config.non_linearity]
@@ -80,7 +84,7 @@ def apply(model, config: Config, context: Context):
             torch.nn.init.zeros_(self.up.weight)  # zero up: the block is the identity at init
             torch.nn.init.zeros_(self.up.bias)
 
-        def forward(self, h):
+        def forward(self, h: "torch.Tensor") -> "torch.Tensor":
             return h + self.up(self.act(self.down(h)))
 
     for _, module in _targets(model, config, context):
@@ -91,7 +95,7 @@ def apply(model, config: Config, context: Context):
     return model
 
 
-def _targets(model, config: Config, context: Context):
+def _targets(model: "PreTrainedModel", config: Config, context: Context) -> list[tuple[str, "torch.nn.Module"]]:
     model_type = model.config.model_type
     defaults = SUBLAYERS.get(FAMILY.get(model_type, model_type))
     attention = config.attention_modules or (defaults and defaults[0])

@@ -5,10 +5,13 @@ The export is the whole model (`save_pretrained`), so there is nothing to merge.
 lower than LoRA's (2e-5 .. 5e-5 is the usual range for BERT-sized models).
 """
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from peftkit.methods.base import Context, refuse_quantized
 from peftkit.sections import Section
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 FORMAT = "full"  # the whole model, with save_pretrained
 MERGEABLE = False
@@ -26,7 +29,7 @@ def rewrites_base(config: Config) -> bool:
     return True  # every weight trains: fp32 master weights under mixed precision
 
 
-def apply(model, config: Config, context: Context):
+def apply(model: "PreTrainedModel", config: Config, context: Context) -> "PreTrainedModel":
     refuse_quantized(
         "method full",
         model,

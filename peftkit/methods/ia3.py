@@ -6,13 +6,17 @@ so the adapted model equals the base at init; they fold into W on merge. The sma
 per channel of each adapted layer.
 """
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
 from peftkit.methods.base import Context, peft_targets, peft_wrap
 from peftkit.methods.targets import uses_conv1d
 from peftkit.sections import Section
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 FORMAT = "peft"  # peft's format: plain `PeftModel.from_pretrained` loads it
 MERGEABLE = True
@@ -32,7 +36,7 @@ class Config(Section):
     )
 
 
-def apply(model, config: Config, context: Context):
+def apply(model: "PreTrainedModel", config: Config, context: Context) -> "PeftModel":
     from peft import IA3Config
 
     modules = peft_targets(model, config.target_modules, "TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING", context)

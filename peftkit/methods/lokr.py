@@ -6,13 +6,17 @@ A Kronecker product keeps full rank with very few parameters. One factor starts 
 equals the base at init; ΔW folds into W on merge.
 """
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
 from peftkit.methods.base import Context, peft_targets, peft_wrap, refuse_quantized
 from peftkit.methods.targets import refuse_conv1d
 from peftkit.sections import Section
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 FORMAT = "peft"  # peft's format: plain `PeftModel.from_pretrained` loads it
 MERGEABLE = True
@@ -30,7 +34,7 @@ class Config(Section):
     )
 
 
-def apply(model, config: Config, context: Context):
+def apply(model: "PreTrainedModel", config: Config, context: Context) -> "PeftModel":
     from peft import LoKrConfig
 
     modules = peft_targets(model, config.target_modules, "TRANSFORMERS_MODELS_TO_LOKR_TARGET_MODULES_MAPPING", context)

@@ -12,7 +12,7 @@ After training B A folds into W0 (merge), so inference costs nothing extra.
 """
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
@@ -20,6 +20,10 @@ from peftkit.errors import UserError
 from peftkit.methods.base import Context, peft_targets, peft_wrap, refuse_quantized, save_peft
 from peftkit.methods.targets import uses_conv1d
 from peftkit.sections import Section
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 INITIAL = "_peftkit_initial_lora"  # the model attribute holding PiSSA / OLoRA's B0 A0 (_keep_initial_adapter)
 FORMAT = "peft"  # peft's format: plain `PeftModel.from_pretrained` loads it
@@ -46,7 +50,7 @@ class Config(Section):
     )
 
     @model_validator(mode="after")
-    def _init_and_dora(self):
+    def _init_and_dora(self) -> "Config":
         if self.dora and self.init in ("pissa", "olora"):
             raise ValueError(
                 f"init {self.init} cannot be combined with dora: its adapter could not be converted "
@@ -61,7 +65,7 @@ def rewrites_base(config: Config) -> bool:
     return config.init in ("pissa", "olora") or config.bias != "none"
 
 
-def apply(model, config: Config, context: Context):
+def apply(model: "PreTrainedModel", config: Config, context: Context) -> "PeftModel":
     from peft import LoraConfig
 
     modules = peft_targets(model, config.target_modules, "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING", context)
@@ -107,7 +111,7 @@ def apply(model, config: Config, context: Context):
     return model
 
 
-def _keep_initial_adapter(model, init: str) -> None:
+def _keep_initial_adapter(model: "PeftModel", init: str) -> None:
     """PiSSA / OLoRA subtract their initial B0 A0 from W0; remember B0 A0 (before any step) for the export. It
     travels with the model (the export may happen in another function than `apply`), read only by `save`."""
     from peft import get_peft_model_state_dict
@@ -116,7 +120,7 @@ def _keep_initial_adapter(model, init: str) -> None:
     setattr(model, INITIAL, {k: v.detach().clone() for k, v in state.items() if ".lora_" in k})
 
 
-def save(model, out: Path) -> None:
+def save(model: "PeftModel", out: Path) -> None:
     """The `save` hook (methods/base.py): a PiSSA / OLoRA adapter is converted for the original base; any other
     LoRA is saved as peft saves it."""
     if hasattr(model, INITIAL):
@@ -125,7 +129,7 @@ def save(model, out: Path) -> None:
         save_peft(model, out)
 
 
-def save_for_original_base(model, out: Path) -> None:
+def save_for_original_base(model: "PeftModel", out: Path) -> None:
     """Save a PiSSA / OLoRA adapter as a plain LoRA for the unmodified base (the export every user can load).
 
     The model computes (W0 - s B0 A0) + s B A = W0 + s [B, -B0] [A; A0]: a LoRA of rank 2r with the same scale s.

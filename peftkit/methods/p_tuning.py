@@ -5,12 +5,16 @@ encoder (an MLP or LSTM over trainable embeddings), which makes optimisation ste
 is extra input, not a change of weights.
 """
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
 from peftkit.methods.base import Context, left_if_last_token_pooled, peft_wrap, refuse_per_token_tasks
 from peftkit.sections import Section
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 FORMAT = "peft"  # peft's format: plain `PeftModel.from_pretrained` loads it
 MERGEABLE = False
@@ -27,7 +31,7 @@ class Config(Section):
     encoder_hidden_size: int | None = Field(None, gt=0, description="Its hidden size; omitted: the model's.")
 
 
-def apply(model, config: Config, context: Context):
+def apply(model: "PreTrainedModel", config: Config, context: Context) -> "PeftModel":
     refuse_per_token_tasks(config.name, context)
     from peft import PromptEncoderConfig
 

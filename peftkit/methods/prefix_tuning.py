@@ -17,13 +17,17 @@ which no weight can absorb. Saved in peftkit's format (methods/base.py).
 """
 
 import itertools
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
 from peftkit.errors import UserError
 from peftkit.methods.base import Context, train_only
 from peftkit.sections import Section
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
 
 FORMAT = "peftkit"  # peftkit's own format (peft lacks or breaks this method)
 MERGEABLE = False
@@ -43,7 +47,7 @@ class Config(Section):
     init_std: float = Field(0.02, gt=0, description="Std of the normal init of the prefix (or its embedding).")
 
 
-def apply(model, config: Config, context: Context):
+def apply(model: "PreTrainedModel", config: Config, context: Context) -> "PreTrainedModel":
     import torch
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -56,7 +60,7 @@ def apply(model, config: Config, context: Context):
     layers, tokens = cfg.num_hidden_layers, config.num_virtual_tokens
 
     class Prefix(torch.nn.Module):
-        def __init__(self):
+        def __init__(self) -> None:
             super().__init__()
             self.shape = (tokens, layers, 2, kv_heads, head_dim)
             if config.reparameterize:
@@ -70,7 +74,7 @@ def apply(model, config: Config, context: Context):
                 self.prefix = torch.nn.Parameter(torch.randn(self.shape) * config.init_std)
             self.current = None
 
-        def refresh(self, *_):
+        def refresh(self, *_: object) -> None:
             # once per model call: (layers, 2, kv_heads, P, head_dim), with the graph to the parameters
             raw = self.mlp(self.embedding).view(self.shape) if config.reparameterize else self.prefix
             self.current = raw.permute(1, 2, 3, 0, 4)
@@ -80,7 +84,14 @@ def apply(model, config: Config, context: Context):
     model.add_module(ATTR, prefix)
     model.register_forward_pre_hook(prefix.refresh)
 
-    def attention(module, query, key, value, attention_mask, **kwargs):
+    def attention(
+        module: "torch.nn.Module",
+        query: "torch.Tensor",
+        key: "torch.Tensor",
+        value: "torch.Tensor",
+        attention_mask: "torch.Tensor | None",
+        **kwargs: Any,
+    ) -> "tuple[torch.Tensor, None]":
         batch, q_len, k_len = query.shape[0], query.shape[2], key.shape[2]
         pk, pv = (p.to(key.dtype).unsqueeze(0).expand(batch, -1, -1, -1) for p in prefix.current[module.layer_idx])
         key, value = torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)
@@ -107,7 +118,7 @@ def apply(model, config: Config, context: Context):
     return model
 
 
-def _number_attention_layers(model, layers: int) -> None:
+def _number_attention_layers(model: "PreTrainedModel", layers: int) -> None:
     """The attention function finds a layer's prefix by `module.layer_idx`, which BERT, GPT-2 and Llama
     attention modules carry; for models whose attention has none (e.g. DistilBERT), number them in order."""
     if any(hasattr(m, "layer_idx") for m in model.modules()):

@@ -4,12 +4,16 @@ Learned "virtual token" embeddings are prepended to the input; the whole model s
 and decoders and every task. Not mergeable: the prompt is extra input, not a change of weights.
 """
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
 from peftkit.methods.base import Context, left_if_last_token_pooled, peft_wrap, refuse_per_token_tasks
 from peftkit.sections import Section
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 FORMAT = "peft"  # peft's format: plain `PeftModel.from_pretrained` loads it
 MERGEABLE = False
@@ -29,7 +33,7 @@ class Config(Section):
     )
 
 
-def apply(model, config: Config, context: Context):
+def apply(model: "PreTrainedModel", config: Config, context: Context) -> "PeftModel":
     refuse_per_token_tasks(config.name, context)
     from peft import PromptTuningConfig
 

@@ -11,17 +11,25 @@
 A method may write its adapter itself (its optional `save` hook: LoRA's PiSSA/OLoRA conversion).
 """
 
+from __future__ import annotations
+
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from peftkit.methods import METHODS
 from peftkit.methods.base import Context, load_trainable, optional, save_peft, trainable_tensors
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 OWN_WEIGHTS = "peftkit_adapter.safetensors"
 OWN_CONFIG = "peftkit_adapter.json"
 
 
-def save(model, out: Path, method_config, base_model_name: str) -> str:
+def save(model: torch.nn.Module, out: Path, method_config: Any, base_model_name: str) -> str:
     """Write the trained part of `model` into `out` in its method's format; returns the format's name."""
     Path(out).mkdir(parents=True, exist_ok=True)
     method = METHODS[method_config.name]
@@ -40,7 +48,7 @@ def save(model, out: Path, method_config, base_model_name: str) -> str:
     return method.FORMAT
 
 
-def load(base_model, adapter_dir: Path, context: Context):
+def load(base_model: PreTrainedModel, adapter_dir: Path, context: Context) -> PreTrainedModel | PeftModel:
     """`base_model` with the adapter in `adapter_dir` applied, whichever format it was saved in."""
     import torch
     from peft import PeftModel
@@ -53,7 +61,7 @@ def load(base_model, adapter_dir: Path, context: Context):
     return type(base_model).from_pretrained(adapter_dir, dtype=torch.float32)  # full fine-tuning: a whole model
 
 
-def load_weights(model, adapter_dir: Path) -> None:
+def load_weights(model: torch.nn.Module, adapter_dir: Path) -> None:
     """Copy the trained tensors saved in `adapter_dir` into `model`, to which the same method with the same options
     was just applied (a run starting from a published adapter). Raises ValueError when they do not fit."""
     from safetensors.torch import load_file
@@ -77,7 +85,7 @@ def load_weights(model, adapter_dir: Path) -> None:
         raise ValueError(f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
 
 
-def save_own(model, out: Path, method_name: str, config) -> None:
+def save_own(model: torch.nn.Module, out: Path, method_name: str, config: Any) -> None:
     from safetensors.torch import save_file
 
     save_file(trainable_tensors(model), Path(out) / OWN_WEIGHTS, metadata={"format": "pt", "method": method_name})
@@ -85,7 +93,7 @@ def save_own(model, out: Path, method_name: str, config) -> None:
     (Path(out) / OWN_CONFIG).write_text(json.dumps(info, indent=2), encoding="utf-8")
 
 
-def load_own(base, adapter_dir: Path, context: Context):
+def load_own(base: PreTrainedModel, adapter_dir: Path, context: Context) -> PreTrainedModel:
     """A base with a peftkit-format adapter applied and its trained tensors loaded."""
     from safetensors.torch import load_file
 

@@ -1,10 +1,18 @@
 """Which layers a method adapts: per-architecture defaults (peft's table) and a check that every requested
 target matches something, so a typo fails loudly instead of training nothing."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from peftkit.errors import UserError, did_you_mean
 
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
 
-def adaptable_layers(model, exclude: list[str]) -> list[str]:
+
+def adaptable_layers(model: torch.nn.Module, exclude: list[str]) -> list[str]:
     """Names of the Linear / GPT-2 Conv1D layers a method could adapt, minus the task head."""
     import torch
     from transformers.pytorch_utils import Conv1D
@@ -16,7 +24,9 @@ def adaptable_layers(model, exclude: list[str]) -> list[str]:
     ]
 
 
-def resolve(model, requested: list[str] | None, defaults: dict[str, list[str]], exclude: list[str]) -> list[str]:
+def resolve(
+    model: PreTrainedModel, requested: list[str] | None, defaults: dict[str, list[str]], exclude: list[str]
+) -> list[str]:
     """The requested targets after checking each one matches a layer, or the architecture's defaults."""
     layers = adaptable_layers(model, exclude)
     candidates = sorted({name.rsplit(".", 1)[-1] for name in layers})
@@ -38,7 +48,7 @@ def resolve(model, requested: list[str] | None, defaults: dict[str, list[str]], 
     return list(requested)
 
 
-def uses_conv1d(model, targets: list[str]) -> bool:
+def uses_conv1d(model: torch.nn.Module, targets: list[str]) -> bool:
     """GPT-2 stores its projections as Conv1D (weight transposed): LoRA must know (peft's fan_in_fan_out)."""
     from transformers.pytorch_utils import Conv1D
 
@@ -52,7 +62,7 @@ def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def refuse_conv1d(model, targets: list[str], method: str) -> None:
+def refuse_conv1d(model: torch.nn.Module, targets: list[str], method: str) -> None:
     """peft's LyCORIS methods (LoHa, LoKr) adapt nn.Linear only, not GPT-2's transposed Conv1D layers."""
     if uses_conv1d(model, targets):
         raise UserError(

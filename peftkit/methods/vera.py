@@ -7,13 +7,17 @@ much larger r because the random matrices cost nothing to train. Λb starts at z
 the base at init; ΔW folds into W on merge. The shared random matrices are saved with the adapter.
 """
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
 from peftkit.methods.base import Context, peft_targets, peft_wrap
 from peftkit.methods.targets import uses_conv1d
 from peftkit.sections import Section
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 FORMAT = "peft"  # peft's format: plain `PeftModel.from_pretrained` loads it
 MERGEABLE = True
@@ -30,7 +34,7 @@ class Config(Section):
     )
 
 
-def apply(model, config: Config, context: Context):
+def apply(model: "PreTrainedModel", config: Config, context: Context) -> "PeftModel":
     from peft import VeraConfig
 
     modules = peft_targets(model, config.target_modules, "TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING", context)

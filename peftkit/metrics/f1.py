@@ -7,7 +7,7 @@ from sklearn.metrics import f1_score
 
 
 class F1(evaluate.Metric):
-    def _info(self):
+    def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
             description="Harmonic mean of precision and recall, per class or averaged.",
             citation="",
@@ -15,6 +15,12 @@ class F1(evaluate.Metric):
             features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
         )
 
-    def _compute(self, predictions, references, labels=None, average="macro"):
+    def _compute(
+        self,
+        predictions: list[int],
+        references: list[int],
+        labels: list[int] | None = None,
+        average: str | None = "macro",
+    ) -> dict[str, float | list[float]]:
         score = f1_score(references, predictions, labels=labels, average=average, zero_division=0)
         return {"f1": score.tolist() if average is None else float(score)}

@@ -9,7 +9,7 @@ from seqeval.metrics import accuracy_score, classification_report
 
 
 class Seqeval(evaluate.Metric):
-    def _info(self):
+    def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
             description="Entity-level precision, recall and F1 of BIO / IOB2 tag sequences, overall and per type.",
             citation="",
@@ -22,7 +22,7 @@ class Seqeval(evaluate.Metric):
             ),
         )
 
-    def _compute(self, predictions, references, strict=False):
+    def _compute(self, predictions: list[list[str]], references: list[list[str]], strict: bool = False) -> dict:
         from seqeval.scheme import IOB2
 
         options = {"mode": "strict", "scheme": IOB2} if strict else {}

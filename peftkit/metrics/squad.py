@@ -32,7 +32,7 @@ def f1(prediction: str, truth: str) -> float:
 
 
 class Squad(evaluate.Metric):
-    def _info(self):
+    def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
             description="Exact match and token F1 of extracted answers, in percent (SQuAD v1.1 / v2.0).",
             citation="",
@@ -45,7 +45,7 @@ class Squad(evaluate.Metric):
             ),
         )
 
-    def _compute(self, predictions, references):
+    def _compute(self, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
         exact, overlap = [], []
         for prediction, golds in zip(predictions, references):
             golds = golds or [""]  # unanswerable: only the empty answer is right

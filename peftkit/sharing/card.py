@@ -2,9 +2,12 @@
 (base model, library, pipeline tag, datasets, metrics, tags), then how to use it, the results table, the training
 facts, the curve and the recipe it was trained with."""
 
+from __future__ import annotations
+
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peftkit import assets
 from peftkit.errors import UserError
@@ -12,13 +15,18 @@ from peftkit.recipe import Recipe
 from peftkit.run_folder import LOG, METRICS, TENSORBOARD
 from peftkit.tasks import TASKS
 
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard
+
 LIBRARY = {"peft": "peft", "full": "transformers", "peftkit": "peftkit"}  # adapter format -> what loads it
 
 
 # --- the model card -------------------------------------------------------------------------------------------
 
 
-def model_card(recipe: Recipe, info: dict, metrics: dict, recipe_text: str, repo_id: str, plot: bool = True):
+def model_card(
+    recipe: Recipe, info: dict, metrics: dict, recipe_text: str, repo_id: str, plot: bool = True
+) -> ModelCard:
     """huggingface_hub's ModelCard: metadata the Hub indexes, then what was trained, how, and how well. From a
     finished run: its recipe, its adapter's peftkit.json (`info`), its metrics.json and its recipe.yaml's text."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -161,7 +169,7 @@ def _training_facts(metrics: dict) -> list[str]:
     return facts
 
 
-def _number(value) -> str:
+def _number(value: object) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
 
 

@@ -17,18 +17,28 @@ first, then the local hub (--hub-dir or PEFTKIT_HUB_DIR), then the Hugging Face 
 The Hub token is huggingface_hub's own (HF_TOKEN, or `hf auth login`): peftkit never reads, prints or stores it.
 """
 
+from __future__ import annotations
+
 import json
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Literal
 
 from peftkit import atomic
 from peftkit.errors import UserError, did_you_mean
 from peftkit.methods import storage
 from peftkit.run_folder import METRICS, RECIPE, adapter_folder, finished_adapter, finished_run
 from peftkit.sharing import card
+
+if TYPE_CHECKING:
+    import torch
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from peftkit.recipe import Recipe
 
 log = logging.getLogger("peftkit")
 
@@ -54,7 +64,7 @@ def parse_ref(ref: str) -> tuple[str, str]:
     return repo_id, revision or DEFAULT_REVISION
 
 
-def resolve_run(ref, hub_dir: Path | str | None = None) -> Path:
+def resolve_run(ref: str | Path, hub_dir: Path | str | None = None) -> Path:
     """A finished run or pulled repo folder for `ref`: a local folder as given; else `user/name[@revision]` from
     the local hub (`hub_dir`, or PEFTKIT_HUB_DIR), else from the Hugging Face Hub (downloaded into its cache)."""
     path = Path(str(ref)).expanduser()
@@ -194,13 +204,15 @@ def _dry(run_dir: Path, repo_id: str) -> dict:
 class _hub_errors:
     """The Hub's and the network's failures as UserErrors naming the fix (the token never appears in them)."""
 
-    def __init__(self, repo_id: str, endpoint: str):
+    def __init__(self, repo_id: str, endpoint: str) -> None:
         self.repo_id, self.endpoint = repo_id, endpoint
 
-    def __enter__(self):
+    def __enter__(self) -> _hub_errors:
         return self
 
-    def __exit__(self, kind, err, tb):
+    def __exit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
+    ) -> Literal[False]:
         from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
         if err is None:
@@ -231,7 +243,7 @@ def _network_error(err: BaseException) -> bool:
     )
 
 
-def _http_error(err, repo_id: str) -> UserError:
+def _http_error(err: HfHubHTTPError, repo_id: str) -> UserError:
     status = err.response.status_code if getattr(err, "response", None) is not None else None
     if status == 401:
         return UserError(f"the Hugging Face Hub refused the credentials (401) for {repo_id}: {LOGIN_FIX}")
@@ -248,7 +260,7 @@ def _http_error(err, repo_id: str) -> UserError:
 # --- starting a run from a published adapter ------------------------------------------------------------------
 
 
-def starting_adapter(recipe, labels) -> Path:
+def starting_adapter(recipe: Recipe, labels: list[str] | None) -> Path:
     """The adapter folder `model.adapter` names, checked against the recipe (before any model is loaded)."""
     ref = recipe.model.adapter
     folder = resolve_run(ref)
@@ -289,7 +301,7 @@ def starting_adapter(recipe, labels) -> Path:
     return adapter
 
 
-def load_start(model, adapter: Path, ref: str) -> None:
+def load_start(model: torch.nn.Module, adapter: Path, ref: str) -> None:
     """Copy the checked adapter's trained tensors into `model` (the recipe's method just applied)."""
     try:
         storage.load_weights(model, adapter)

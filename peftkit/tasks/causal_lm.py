@@ -10,12 +10,20 @@ Scored by the mean token loss and its exponential, perplexity (lower is better).
 """
 
 import math
-from typing import Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
 from peftkit.errors import UserError
 from peftkit.sections import Section
+
+if TYPE_CHECKING:
+    import torch
+    from datasets import Dataset, DatasetDict
+    from peft import PeftModel
+    from transformers import BatchEncoding, DataCollatorForSeq2Seq, PreTrainedModel, PreTrainedTokenizerBase
+    from transformers.utils import ModelOutput
 
 COLUMNS = {"text": False, "prompt": False, "response": False}  # text, or prompt + response (checked below)
 TEXT_ROLES = ("text", "prompt", "response")
@@ -41,7 +49,9 @@ class Config(Section):
     max_new_tokens: int = Field(64, gt=0, description="`peftkit predict`: tokens to generate per prompt.")
 
 
-def load_model(path: str, labels, tokenizer, **kwargs):
+def load_model(
+    path: str, labels: list[str] | None, tokenizer: "PreTrainedTokenizerBase", **kwargs: Any
+) -> "PreTrainedModel":
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -50,7 +60,7 @@ def load_model(path: str, labels, tokenizer, **kwargs):
     return model
 
 
-def preprocess(splits, tokenizer, config: Config):
+def preprocess(splits: "DatasetDict", tokenizer: "PreTrainedTokenizerBase", config: Config) -> "DatasetDict":
     columns = next(iter(splits.values())).column_names  # the same in every split (data.load)
     if "prompt" in columns and "response" in columns:
         encode = lambda b: _pairs(b, tokenizer, config)  # noqa: E731
@@ -64,7 +74,7 @@ def preprocess(splits, tokenizer, config: Config):
     return splits.map(encode, batched=True, remove_columns=columns, desc="tokenize")
 
 
-def _texts(batch, tokenizer, config: Config) -> dict:
+def _texts(batch: dict[str, list], tokenizer: "PreTrainedTokenizerBase", config: Config) -> dict:
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids = [tokenizer(t, add_special_tokens=True)["input_ids"] + eos for t in batch["text"]]
     if config.packing:
@@ -76,7 +86,7 @@ def _texts(batch, tokenizer, config: Config) -> dict:
     return {"input_ids": ids, "attention_mask": [[1] * len(s) for s in ids], "labels": [list(s) for s in ids]}
 
 
-def _pairs(batch, tokenizer, config: Config) -> dict:
+def _pairs(batch: dict[str, list], tokenizer: "PreTrainedTokenizerBase", config: Config) -> dict:
     use_template = config.chat_template == "auto" and tokenizer.chat_template is not None
     input_ids, labels = [], []
     for prompt, response in zip(batch["prompt"], batch["response"]):
@@ -88,7 +98,9 @@ def _pairs(batch, tokenizer, config: Config) -> dict:
     return {"input_ids": input_ids, "attention_mask": [[1] * len(s) for s in input_ids], "labels": labels}
 
 
-def prompt_and_full(tokenizer, prompt: str, response: str | None, use_template: bool):
+def prompt_and_full(
+    tokenizer: "PreTrainedTokenizerBase", prompt: str, response: str | None, use_template: bool
+) -> tuple[list[int], list[int]]:
     """(prompt token ids ending where the response starts, prompt + response token ids)."""
     if use_template:
         user = [{"role": "user", "content": prompt}]
@@ -108,17 +120,17 @@ def prompt_and_full(tokenizer, prompt: str, response: str | None, use_template: 
     return prompt_ids, prompt_ids + tokenizer(response, add_special_tokens=False)["input_ids"] + eos
 
 
-def _ids(encoded) -> list[int]:
+def _ids(encoded: "BatchEncoding | list[int]") -> list[int]:
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
-def collator(tokenizer):
+def collator(tokenizer: "PreTrainedTokenizerBase") -> "DataCollatorForSeq2Seq":
     from transformers import DataCollatorForSeq2Seq
 
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE)  # pads labels with -100, not pad ids
 
 
-def eval_outputs(outputs, batch):
+def eval_outputs(outputs: "ModelOutput", batch: "Mapping[str, torch.Tensor]") -> "tuple[torch.Tensor, torch.Tensor]":
     """(per-sequence [summed token loss, scored tokens], unused) — perplexity is pooled over tokens."""
     import torch
 
@@ -131,14 +143,22 @@ def eval_outputs(outputs, batch):
     return torch.stack([losses.sum(dim=1), counts.float()], dim=1), counts
 
 
-def compute_metrics(predictions, references, labels, config: Config | None = None, features=None) -> dict:
+def compute_metrics(
+    predictions: list,
+    references: list,
+    labels: list[str] | None,
+    config: Config | None = None,
+    features: "Dataset | None" = None,
+) -> dict:
     total = sum(p[0] for p in predictions)
     tokens = sum(p[1] for p in predictions)
     loss = total / max(tokens, 1)
     return {"perplexity": math.exp(min(loss, 50)), "loss": loss, "tokens": int(tokens)}
 
 
-def predict(model, tokenizer, texts: list[str], config: Config) -> list[dict]:
+def predict(
+    model: "PreTrainedModel | PeftModel", tokenizer: "PreTrainedTokenizerBase", texts: list[str], config: Config
+) -> list[dict]:
     """Greedy continuation of each prompt (through the chat template when the tokenizer has one)."""
     import torch
 

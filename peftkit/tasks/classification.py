@@ -4,13 +4,21 @@ The head is the model's own `...ForSequenceClassification` head (`classifier` on
 Llama), newly initialised and trained in full precision next to the adapter, and saved with it.
 """
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
 from peftkit.sections import Section
 from peftkit.tasks.common import load_labelled_model
+
+if TYPE_CHECKING:
+    import torch
+    from datasets import Dataset, DatasetDict
+    from peft import PeftModel
+    from transformers import BatchEncoding, DataCollatorWithPadding, PreTrainedModel, PreTrainedTokenizerBase
+    from transformers.utils import ModelOutput
 
 COLUMNS = {"text": True, "text_pair": False, "label": True}
 TEXT_ROLES = ("text", "text_pair")
@@ -30,14 +38,14 @@ class Config(Section):
     max_length: int = Field(256, gt=0, description="Longer texts are truncated to this many tokens.")
 
 
-def load_model(path: str, labels: list[str], tokenizer, **kwargs):
+def load_model(path: str, labels: list[str], tokenizer: "PreTrainedTokenizerBase", **kwargs: Any) -> "PreTrainedModel":
     return load_labelled_model(AUTO_CLASS, path, labels, tokenizer, **kwargs)
 
 
-def preprocess(splits, tokenizer, config: Config):
+def preprocess(splits: "DatasetDict", tokenizer: "PreTrainedTokenizerBase", config: Config) -> "DatasetDict":
     """Tokenize without padding (the collator pads each batch to its own longest sequence)."""
 
-    def encode(batch):
+    def encode(batch: dict[str, list]) -> "BatchEncoding":
         pair = batch.get("text_pair")
         encoded = tokenizer(batch["text"], pair, truncation=True, max_length=config.max_length)
         encoded["labels"] = batch["label"]
@@ -47,18 +55,24 @@ def preprocess(splits, tokenizer, config: Config):
     return splits.map(encode, batched=True, remove_columns=columns, desc="tokenize")
 
 
-def collator(tokenizer):
+def collator(tokenizer: "PreTrainedTokenizerBase") -> "DataCollatorWithPadding":
     from transformers import DataCollatorWithPadding
 
     return DataCollatorWithPadding(tokenizer)
 
 
-def eval_outputs(outputs, batch):
+def eval_outputs(outputs: "ModelOutput", batch: "Mapping[str, torch.Tensor]") -> "tuple[torch.Tensor, torch.Tensor]":
     """(predictions, references) of one batch, as tensors that can be gathered across processes."""
     return outputs.logits.argmax(dim=-1), batch["labels"]
 
 
-def compute_metrics(predictions, references, labels: list[str], config: Config | None = None, features=None) -> dict:
+def compute_metrics(
+    predictions: list,
+    references: list,
+    labels: list[str],
+    config: Config | None = None,
+    features: "Dataset | None" = None,
+) -> dict:
     import evaluate
 
     # evaluate.load("accuracy") fetches the metric script from the Hub and fails offline; these local modules
@@ -74,7 +88,13 @@ def compute_metrics(predictions, references, labels: list[str], config: Config |
     }
 
 
-def predict(model, tokenizer, texts: list[str], config: Config, batch_size: int = 64) -> list[dict]:
+def predict(
+    model: "PreTrainedModel | PeftModel",
+    tokenizer: "PreTrainedTokenizerBase",
+    texts: list[str],
+    config: Config,
+    batch_size: int = 64,
+) -> list[dict]:
     """Label and probability for each text."""
     import torch
 

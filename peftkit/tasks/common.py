@@ -1,6 +1,11 @@
 """What every task module defines (`Task`), and what several tasks share."""
 
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @runtime_checkable
@@ -41,7 +46,9 @@ class Task(Protocol):
         """`peftkit predict`: one result row per input text."""
 
 
-def load_labelled_model(auto_class: str, path: str, labels: list[str], tokenizer, **kwargs):
+def load_labelled_model(
+    auto_class: str, path: str, labels: list[str], tokenizer: PreTrainedTokenizerBase, **kwargs: Any
+) -> PreTrainedModel:
     """A transformers `Auto...` model with a fresh head over `labels` (ids in their order)."""
     import transformers
 

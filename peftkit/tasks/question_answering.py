@@ -10,14 +10,22 @@ start + end logit, and maps the best back to the original text through the token
 """
 
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
 from peftkit.data import ROW
 from peftkit.errors import UserError
 from peftkit.sections import Section
+
+if TYPE_CHECKING:
+    import torch
+    from datasets import Dataset, DatasetDict
+    from peft import PeftModel
+    from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
+    from transformers.utils import ModelOutput
 
 COLUMNS = {"question": True, "context": True, "answers": True, "id": False}
 TEXT_ROLES = ("question", "context")
@@ -50,7 +58,9 @@ class Config(Section):
     )
 
 
-def load_model(path: str, labels, tokenizer, **kwargs):
+def load_model(
+    path: str, labels: list[str] | None, tokenizer: "PreTrainedTokenizerBase", **kwargs: Any
+) -> "PreTrainedModel":
     from transformers import AutoModelForQuestionAnswering
 
     model = AutoModelForQuestionAnswering.from_pretrained(path, **kwargs)
@@ -59,7 +69,7 @@ def load_model(path: str, labels, tokenizer, **kwargs):
     return model
 
 
-def preprocess(splits, tokenizer, config: Config):
+def preprocess(splits: "DatasetDict", tokenizer: "PreTrainedTokenizerBase", config: Config) -> "DatasetDict":
     """Check the answers, then cut every example into windows with start/end labels and what decoding needs."""
     from datasets import DatasetDict
 
@@ -76,7 +86,7 @@ def preprocess(splits, tokenizer, config: Config):
     return DatasetDict(encoded)
 
 
-def _check_answers(split, config: Config, name: str):
+def _check_answers(split: "Dataset", config: Config, name: str) -> "Dataset":
     bad, unanswered = [], []
     for row, context, answers in zip(split[ROW], split["context"], split["answers"]):
         if not answers["text"]:
@@ -98,7 +108,7 @@ def _check_answers(split, config: Config, name: str):
     if bad:
         log.warning("data: %d question(s) in %s had an answer not at its answer_start; dropped", len(bad), name)
 
-        def keep(example):
+        def keep(example: dict) -> dict:
             pairs = [
                 (t, s)
                 for t, s in zip(example["answers"]["text"], example["answers"]["answer_start"])
@@ -112,7 +122,7 @@ def _check_answers(split, config: Config, name: str):
     return split
 
 
-def _windows(tokenizer, batch, config: Config) -> dict:
+def _windows(tokenizer: "PreTrainedTokenizerBase", batch: dict[str, list], config: Config) -> dict:
     """Overlapping windows of each (question, context) with start/end labels, context offsets, and the gold
     answers of the example each window came from."""
     encoded = tokenizer(
@@ -155,27 +165,33 @@ def _windows(tokenizer, batch, config: Config) -> dict:
     }
 
 
-def collator(tokenizer):
+def collator(tokenizer: "PreTrainedTokenizerBase") -> "Callable[[list[dict]], BatchEncoding]":
     """Pads the model inputs; the decoding columns (offsets, context, gold answers) stay in the dataset and
     are found again through meta_feature, the window's index."""
     from transformers import DataCollatorWithPadding
 
     pad = DataCollatorWithPadding(tokenizer)
 
-    def collate(features):
+    def collate(features: list[dict]) -> "BatchEncoding":
         return pad([{k: v for k, v in f.items() if k in MODEL_INPUTS} for f in features])
 
     return collate
 
 
-def eval_outputs(outputs, batch):
+def eval_outputs(outputs: "ModelOutput", batch: "Mapping[str, torch.Tensor]") -> "tuple[torch.Tensor, torch.Tensor]":
     """(start and end logits (B, 2, L), window indices)."""
     import torch
 
     return torch.stack([outputs.start_logits, outputs.end_logits], dim=1), batch["meta_feature"]
 
 
-def compute_metrics(predictions, references, labels, config: Config, features=None) -> dict:
+def compute_metrics(
+    predictions: list,
+    references: list,
+    labels: list[str] | None,
+    config: Config,
+    features: "Dataset | None" = None,
+) -> dict:
     import evaluate
 
     by_example = {}
@@ -190,7 +206,7 @@ def compute_metrics(predictions, references, labels, config: Config, features=No
     return squad.compute(predictions=answers, references=golds)
 
 
-def best_answer(windows, config: Config) -> str:
+def best_answer(windows: list[tuple[tuple[list[float], list[float]], dict]], config: Config) -> str:
     """The best-scoring span over all windows of one example ('' for no answer when allowed)."""
     best_score, best_text, null_score = float("-inf"), "", float("inf")
     for (start_logits, end_logits), window in windows:
@@ -211,7 +227,13 @@ def best_answer(windows, config: Config) -> str:
     return best_text
 
 
-def predict(model, tokenizer, texts: list[str], config: Config, context: str | None = None) -> list[dict]:
+def predict(
+    model: "PreTrainedModel | PeftModel",
+    tokenizer: "PreTrainedTokenizerBase",
+    texts: list[str],
+    config: Config,
+    context: str | None = None,
+) -> list[dict]:
     """Answer each question (texts) from `context`."""
     import torch
 

@@ -6,13 +6,26 @@ turned into I-). Scored at the entity level with seqeval (CoNLL's evaluation: ty
 overall and per entity type. Words past `max_length` sub-words are cut off and not scored.
 """
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
 from peftkit.sections import Section
 from peftkit.tasks.common import load_labelled_model
+
+if TYPE_CHECKING:
+    import torch
+    from datasets import Dataset, DatasetDict
+    from peft import PeftModel
+    from transformers import (
+        BatchEncoding,
+        DataCollatorForTokenClassification,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+    )
+    from transformers.utils import ModelOutput
 
 COLUMNS = {"tokens": True, "tags": True}
 TEXT_ROLES = ()  # tokens are checked as lists: none empty, one tag each
@@ -37,11 +50,11 @@ class Config(Section):
     strict: bool = Field(False, description="Score IOB2 strictly (an I- tag without its B- starts no entity).")
 
 
-def load_model(path: str, labels: list[str], tokenizer, **kwargs):
+def load_model(path: str, labels: list[str], tokenizer: "PreTrainedTokenizerBase", **kwargs: Any) -> "PreTrainedModel":
     return load_labelled_model(AUTO_CLASS, path, labels, tokenizer, **kwargs)
 
 
-def preprocess(splits, tokenizer, config: Config):
+def preprocess(splits: "DatasetDict", tokenizer: "PreTrainedTokenizerBase", config: Config) -> "DatasetDict":
     """Tokenize the words (no padding: the collator pads each batch) and align the tags to sub-words."""
     first = next(iter(splits.values()))  # every split has the same columns and tag names (data.load)
     names = first.features["tags"].feature.names
@@ -49,12 +62,12 @@ def preprocess(splits, tokenizer, config: Config):
         names.index("I-" + n[2:]) if n.startswith("B-") and "I-" + n[2:] in names else i for i, n in enumerate(names)
     ]
 
-    def encode(batch):
+    def encode(batch: dict[str, list]) -> "BatchEncoding":
         encoded = tokenizer(batch["tokens"], is_split_into_words=True, truncation=True, max_length=config.max_length)
         encoded["labels"] = [align(encoded.word_ids(i), tags) for i, tags in enumerate(batch["tags"])]
         return encoded
 
-    def align(word_ids, tags):
+    def align(word_ids: list[int | None], tags: list[int]) -> list[int]:
         labels, previous = [], None
         for word in word_ids:
             if word is None:  # special tokens
@@ -69,18 +82,24 @@ def preprocess(splits, tokenizer, config: Config):
     return splits.map(encode, batched=True, remove_columns=first.column_names, desc="tokenize")
 
 
-def collator(tokenizer):
+def collator(tokenizer: "PreTrainedTokenizerBase") -> "DataCollatorForTokenClassification":
     from transformers import DataCollatorForTokenClassification
 
     return DataCollatorForTokenClassification(tokenizer, label_pad_token_id=IGNORE)
 
 
-def eval_outputs(outputs, batch):
+def eval_outputs(outputs: "ModelOutput", batch: "Mapping[str, torch.Tensor]") -> "tuple[torch.Tensor, torch.Tensor]":
     """(predicted tag ids, reference tag ids) per position; -100 marks positions that are not scored."""
     return outputs.logits.argmax(dim=-1), batch["labels"]
 
 
-def compute_metrics(predictions, references, labels: list[str], config: Config | None = None, features=None) -> dict:
+def compute_metrics(
+    predictions: list,
+    references: list,
+    labels: list[str],
+    config: Config | None = None,
+    features: "Dataset | None" = None,
+) -> dict:
     import evaluate
 
     pred_tags, ref_tags = [], []
@@ -92,7 +111,13 @@ def compute_metrics(predictions, references, labels: list[str], config: Config |
     return seqeval.compute(predictions=pred_tags, references=ref_tags, strict=bool(config and config.strict))
 
 
-def predict(model, tokenizer, texts: list[str], config: Config, batch_size: int = 64) -> list[dict]:
+def predict(
+    model: "PreTrainedModel | PeftModel",
+    tokenizer: "PreTrainedTokenizerBase",
+    texts: list[str],
+    config: Config,
+    batch_size: int = 64,
+) -> list[dict]:
     """Entities found in each text (words split at whitespace)."""
     import torch
 

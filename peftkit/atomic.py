@@ -3,13 +3,14 @@
 
 import contextlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from peftkit.errors import UserError
 
 
 @contextlib.contextmanager
-def building(target: Path, overwrite: bool, keep_failed: bool = False, resume: bool = False):
+def building(target: Path, overwrite: bool, keep_failed: bool = False, resume: bool = False) -> Iterator[Path]:
     """Yield the folder to write into. On success it becomes `target` (replacing an old one if `overwrite`);
     on failure it is deleted, or kept under its .partial name (for inspection, or to `resume` into) when
     `keep_failed`."""

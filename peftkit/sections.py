@@ -53,7 +53,7 @@ class SplitSection(Section):
     test: float = Field(0.1, ge=0, lt=1)
 
     @model_validator(mode="after")
-    def _sum_to_one(self):
+    def _sum_to_one(self) -> SplitSection:
         total = self.train + self.validation + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"data.splits must add up to 1, they add up to {total:g}")

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from peftkit import checkpoint, cpu_kind, measure
 from peftkit.errors import UserError
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from rich.progress import Progress
     from torch.utils.data import DataLoader
+    from torch.utils.tensorboard import SummaryWriter
 
     from peftkit.recipe import Recipe, TrainSection
 
@@ -34,7 +35,7 @@ log = logging.getLogger("peftkit")
 LOWER_IS_BETTER = {"loss", "perplexity"}
 
 
-def resolve_precision(choice: str, device) -> str:
+def resolve_precision(choice: str, device: torch.device) -> str:
     """'auto' -> bf16 where the hardware computes it natively, else fp32. On a CPU without AMX or AVX512-BF16,
     bf16 matmuls are emulated and hundreds of times slower than fp32 (measured: benchmarks/RESULTS.md); which
     kind of CPU this is, cpu_kind.py says (PEFTKIT_CPU_BF16 overrides it)."""
@@ -49,12 +50,12 @@ def resolve_precision(choice: str, device) -> str:
     return "fp32"
 
 
-def precision_of(accelerator) -> str:
+def precision_of(accelerator: Accelerator) -> str:
     """bf16 / fp16 / fp32 (accelerate calls full precision "no")."""
     return {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
 
 
-def make_accelerator(precision_choice: str, grad_accum: int, cpu: bool = False):
+def make_accelerator(precision_choice: str, grad_accum: int, cpu: bool = False) -> Accelerator:
     import torch
     from accelerate import Accelerator
 
@@ -112,7 +113,7 @@ def make_loader(
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate)
 
 
-def eval_loader(split, collate, recipe, accelerator):
+def eval_loader(split: Dataset, collate: Callable, recipe: Recipe, accelerator: Accelerator) -> DataLoader:
     """An evaluation split's loader, sorted by length, prepared for the accelerator's processes."""
     return accelerator.prepare(make_loader(split, collate, recipe.eval.batch_size, False, True, recipe.train.seed))
 
@@ -463,7 +464,7 @@ class _Report:
 class _Scalars:
     """TensorBoard scalars in <run>/tensorboard, or nothing (turned off, no run folder, package missing)."""
 
-    def __init__(self, writer=None):
+    def __init__(self, writer: SummaryWriter | None = None) -> None:
         self.writer = writer
 
     def add(self, step: int, values: dict) -> None:
@@ -472,10 +473,10 @@ class _Scalars:
                 if isinstance(value, (int, float)):
                     self.writer.add_scalar(tag, value, step)
 
-    def __enter__(self):
+    def __enter__(self) -> _Scalars:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.writer is not None:
             self.writer.close()
 
@@ -494,7 +495,14 @@ def _scalar_writer(run_dir: Path | None, wanted: bool) -> _Scalars:
     return _Scalars(SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard")))
 
 
-def evaluate(model, loader, task, labels, accelerator, config) -> dict:
+def evaluate(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    task: Task,
+    labels: list[str] | None,
+    accelerator: Accelerator,
+    config: Any,
+) -> dict:
     """The task's metrics over a whole split (`config`: the recipe's task section); predictions gathered from
     every process exactly once."""
     import torch
@@ -552,12 +560,12 @@ def collapse_message(metrics: dict, cfg: TrainSection) -> str:
     )
 
 
-def model_inputs(batch) -> dict:
+def model_inputs(batch: Mapping[str, Any]) -> dict:
     """The batch without the task's bookkeeping columns (meta_*: e.g. which QA window a row is)."""
     return {k: v for k, v in batch.items() if not k.startswith("meta_")}
 
 
-def _check_finite(loss: float, step: int, run_dir: Path | None, cfg, precision: str) -> None:
+def _check_finite(loss: float, step: int, run_dir: Path | None, cfg: TrainSection, precision: str) -> None:
     """Stop a diverged run, naming the likely causes and the last good checkpoint (the run folder is kept)."""
     if math.isfinite(loss):
         return
@@ -587,7 +595,7 @@ def short(metrics: dict) -> str:
     return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
 
 
-def _progress(accelerator):
+def _progress(accelerator: Accelerator) -> Progress:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,

@@ -225,6 +225,7 @@ class _Loop:
         self.inner = accelerator.unwrap_model(self.model)  # parameter names without DDP's "module." prefix
         self.meter, self.losses = measure.Throughput(), _Losses(accelerator)
         self.every = job.recipe.eval.every_steps  # None: evaluate at epoch ends
+        self.loss = job.task.loss(job.recipe.task, job.splits["train"], job.labels)  # None: the model's own
         stopping = cfg.early_stopping
         if (self.every or stopping) and self.val_loader is None:
             raise UserError(
@@ -295,7 +296,12 @@ class _Loop:
         accelerator, model, cfg = self.job.accelerator, self.model, self.cfg
         optimizer, scheduler = self.optimization.optimizer, self.optimization.scheduler
         with accelerator.accumulate(model):
-            loss = model(**model_inputs(batch)).loss
+            if self.loss is None:
+                loss = model(**model_inputs(batch)).loss
+            else:  # the task section's loss (class weights, label smoothing): the model is given no labels
+                inputs = model_inputs(batch)
+                targets = inputs.pop("labels")
+                loss = self.loss(model(**inputs).logits, targets)
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)

@@ -124,6 +124,11 @@ def _ids(encoded: "BatchEncoding | list[int]") -> list[int]:
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
+def loss(config: Config, train: "Dataset", labels: list[str] | None) -> None:
+    """The model's own loss (the task has no class weights or smoothing to apply)."""
+    return None
+
+
 def collator(tokenizer: "PreTrainedTokenizerBase") -> "DataCollatorForSeq2Seq":
     from transformers import DataCollatorForSeq2Seq
 

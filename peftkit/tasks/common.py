@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
+from peftkit.errors import UserError
+
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger("peftkit")
 
 
 @runtime_checkable
@@ -31,6 +39,10 @@ class Task(Protocol):
     def preprocess(self, splits: Any, tokenizer: Any, config: Any) -> Any:
         """The splits (a DatasetDict) tokenized into model inputs and targets."""
 
+    def loss(self, config: Any, train: Any, labels: list[str] | None) -> Any:
+        """The training loss `(logits, labels) -> tensor` when the task section changes it from the model's own
+        (class weights, label smoothing), given the encoded train split and the label names; else None."""
+
     def collator(self, tokenizer: Any) -> Any:
         """Pads a list of encoded rows into a batch."""
 
@@ -44,6 +56,46 @@ class Task(Protocol):
 
     def predict(self, model: Any, tokenizer: Any, texts: list[str], config: Any) -> list[dict]:
         """`peftkit predict`: one result row per input text."""
+
+
+def cross_entropy(
+    class_weights: str | list[float] | None, smoothing: float, train: Any, labels: list[str]
+) -> Callable | None:
+    """`(logits, labels) -> loss`: cross-entropy over every scored position (-100 is not scored), each class
+    weighted (`class_weights`: "balanced", from the counts in the encoded `train` split, or one per label), and
+    `smoothing` of each target spread over the other classes; None when neither is asked (the model's own)."""
+    if class_weights is None and not smoothing:
+        return None
+    weights = _class_weights(class_weights, train, labels) if class_weights is not None else None
+    if weights is not None:
+        log.info("class weights (%s): %s", "balanced" if class_weights == "balanced" else "given",
+                 ", ".join(f"{name} {w:.3g}" for name, w in zip(labels, weights)))  # fmt: skip
+
+    def loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        import torch
+        import torch.nn.functional as F
+
+        weight = torch.tensor(weights, device=logits.device) if weights is not None else None
+        flat = logits.float().reshape(-1, logits.shape[-1])  # per row, or per token for tagging
+        return F.cross_entropy(flat, targets.reshape(-1), weight=weight, ignore_index=-100, label_smoothing=smoothing)
+
+    return loss
+
+
+def _class_weights(asked: str | list[float], train: Any, labels: list[str]) -> list[float]:
+    if asked != "balanced":
+        if len(asked) != len(labels):
+            raise UserError(
+                f"task.class_weights: {len(asked)} weight(s) for {len(labels)} labels ({', '.join(labels)}); give "
+                "one per label, in id order, or 'balanced'"
+            )
+        return [float(w) for w in asked]
+    counts = Counter()
+    for value in train["labels"]:
+        counts.update(v for v in (value if isinstance(value, list) else [value]) if v != -100)
+    total = sum(counts.values())
+    # a class with no training example gets weight 1: it is never a target, so its weight changes nothing
+    return [total / (len(labels) * counts[i]) if counts[i] else 1.0 for i in range(len(labels))]
 
 
 def load_labelled_model(

@@ -165,6 +165,11 @@ def _windows(tokenizer: "PreTrainedTokenizerBase", batch: dict[str, list], confi
     }
 
 
+def loss(config: Config, train: "Dataset", labels: list[str] | None) -> None:
+    """The model's own loss (the task has no class weights or smoothing to apply)."""
+    return None
+
+
 def collator(tokenizer: "PreTrainedTokenizerBase") -> "Callable[[list[dict]], BatchEncoding]":
     """Pads the model inputs; the decoding columns (offsets, context, gold answers) stay in the dataset and
     are found again through meta_feature, the window's index."""

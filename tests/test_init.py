@@ -47,7 +47,7 @@ def test_classification_from_a_csv(tmp_path, tiny_bert):
     assert spec["data"]["columns"] == {"text": "review", "label": "sentiment"}
     assert spec["data"]["labels"] == ["neg", "pos"]
     assert "rows per label: neg 60 (50.0%), pos 60 (50.0%)" in out.read_text()
-    assert spec["method"] == {"name": "lora", "target_modules": ["query", "value"]}  # peft's BERT default
+    assert spec["method"] == {"name": "lora", "target_modules": ["dense", "key", "query", "value"]}  # all linear
     assert "quantization" not in spec and "metric_for_best" not in spec.get("eval", {})  # balanced, small model
     assert f"peftkit run {out}" in result.stdout
     metrics = train_from(tmp_path, out)

@@ -55,8 +55,11 @@ def test_output_at_init_equals_base(tiny_bert):
 
 def test_trainable_parameter_count_is_exact(tiny_bert):
     _, _, _, model = build(tiny_bert)
-    hidden, layers, r = 32, 2, 4
-    lora = layers * 2 * r * (hidden + hidden)  # query and value: A (r, in) + B (out, r)
+    hidden, inner, layers, r = 32, 64, 2, 4
+    # every linear layer (LoRA's default), each A (r, in) + B (out, r): query, key, value and the attention
+    # output (hidden -> hidden), the feed-forward's two (hidden -> inner -> hidden), and the pooler's dense
+    per_layer = 4 * r * (hidden + hidden) + 2 * r * (hidden + inner)
+    lora = layers * per_layer + r * (hidden + hidden)
     head = hidden * len(LABELS) + len(LABELS)  # classifier weight + bias
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == lora + head
     assert all("lora_" in n or "classifier" in n for n, p in model.named_parameters() if p.requires_grad)

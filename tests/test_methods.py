@@ -323,3 +323,27 @@ def test_method_trains_on_a_bf16_base(method, arch, task):
     assert torch.isfinite(loss)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if not p.requires_grad)
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_loras_default_targets_every_linear_layer_of_the_body():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from peftkit.methods.targets import all_linear
+
+    assert all_linear(tiny("bert", "cls"), ["classifier"]) == ["dense", "key", "query", "value"]
+    assert all_linear(tiny("gpt2", "lm"), []) == ["c_attn", "c_fc", "c_proj"]  # not lm_head, the output layer
+    llama = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert all_linear(tiny("llama", "lm"), []) == all_linear(tiny("llama", "cls"), ["score"]) == llama
+    # RoBERTa's head has a `dense` of its own: the body's dense layers are then named in full, so it is not adapted
+    config = RobertaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=70,
+        num_labels=2,
+    )
+    chosen = all_linear(RobertaForSequenceClassification(config), ["classifier"])
+    assert "dense" not in chosen and "roberta.encoder.layer.0.intermediate.dense" in chosen
+    assert not any(name.startswith("classifier") for name in chosen) and {"query", "key", "value"} <= set(chosen)

@@ -57,6 +57,7 @@ def test_first_ten_losses_of_a_tiny_lora_run_are_pinned(tmp_path):
         make_bert(tmp_path / "bert"), write_csv(tmp_path / "reviews.csv", sentiment_rows(200)), tmp_path / "runs"
     )
     recipe["train"].update({"precision": "fp32", "seed": 0, "batch_size": 16, "epochs": 1})
+    recipe["method"]["target_modules"] = ["query", "value"]  # pinned with LoRA's default before it became all layers
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     done = subprocess.run([sys.executable, "-c", RECORD, "run", str(path)], capture_output=True, text=True)

@@ -78,7 +78,6 @@ class ModelFacts:
     params: int
     max_positions: int | None
     layers: list[str]  # adaptable layer names (last dotted component), head and output layer excluded
-    peft_default: list[str] | None
     tokenizer: PreTrainedTokenizerBase
 
 
@@ -87,7 +86,6 @@ def inspect_model(name: str, task: str, labels: list | None) -> ModelFacts:
     device (accelerate's init_empty_weights), so a 7B model costs no memory here."""
     import transformers
     from accelerate import init_empty_weights
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
 
     ref = assets.resolve_model(name)
     try:
@@ -105,10 +103,7 @@ def inspect_model(name: str, task: str, labels: list | None) -> ModelFacts:
             f"--model {name}: a {config.model_type} model has no {task} head in transformers ({err})"
         ) from None
     model.tie_weights()  # init_empty_weights leaves tied embeddings apart: they would count twice
-    output = model.get_output_embeddings()
-    output_layer = [n for n, m in model.named_modules() if output is not None and m is output]  # lm_head: not adapted
-    exclude = list(TASKS[task].HEAD_MODULES) + output_layer
-    layers = sorted({n.rsplit(".", 1)[-1] for n in targets.adaptable_layers(model, exclude)})
+    layers = targets.all_linear(model, list(TASKS[task].HEAD_MODULES))  # lm_head, the output layer: not adapted
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if positions is None and getattr(tokenizer, "model_max_length", 0) < 1e6:
         positions = tokenizer.model_max_length
@@ -118,24 +113,16 @@ def inspect_model(name: str, task: str, labels: list | None) -> ModelFacts:
         sum(p.numel() for p in model.parameters()),
         positions,
         layers,
-        PEFT_DEFAULTS.get(config.model_type),
         tokenizer,
     )
 
 
 def choose_targets(task: str, facts: ModelFacts) -> tuple[list[str], str]:
-    """Classification: peft's default for the architecture (what the run picks when target_modules is omitted;
-    attention only). Tagging, QA and generation: every linear layer, attention and feed-forward, as the
-    hand-written recipes do for them (recipes/ner-lora.yaml, qa-lora.yaml, lm-lora.yaml)."""
+    """Every linear layer, attention and feed-forward, for every task: what a run picks when target_modules is
+    omitted (methods/lora.py), written out so the recipe shows it."""
     if not facts.layers:
         raise UserError(f"--model: no linear layers found in this {facts.model_type} model for LoRA to adapt")
-    if task == "classification" and facts.peft_default and all(t in facts.layers for t in facts.peft_default):
-        return list(facts.peft_default), f"peft's default for {facts.model_type} (attention only)"
-    if facts.peft_default is None:
-        return facts.layers, f"every linear layer: peft has no default list for {facts.model_type}"
-    return facts.layers, (
-        "every linear layer (attention and feed-forward): tagging, answers and generation need more than attention"
-    )
+    return facts.layers, "every linear layer (attention and feed-forward): LoRA's default (the QLoRA paper's finding)"
 
 
 # --- lengths --------------------------------------------------------------------------------------------------

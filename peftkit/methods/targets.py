@@ -20,8 +20,23 @@ def adaptable_layers(model: torch.nn.Module, exclude: list[str]) -> list[str]:
     return [
         name
         for name, module in model.named_modules()
-        if isinstance(module, (torch.nn.Linear, Conv1D)) and not any(_matches(name, h) for h in exclude)
+        if isinstance(module, (torch.nn.Linear, Conv1D)) and not any(_within(name, h) for h in exclude)
     ]
+
+
+def all_linear(model: torch.nn.Module, head: list[str]) -> list[str]:
+    """Every Linear / Conv1D layer of the model's body, as the last parts of their names (query, dense, ...): the
+    task head and the output layer (a language model's lm_head) left out. A last part that a left-out layer
+    shares (RoBERTa's classifier.dense) gives the body's layers by their full names instead."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    left_out = list(head) + [name for name, module in model.named_modules() if output is not None and module is output]
+    body = adaptable_layers(model, left_out)
+    others = set(adaptable_layers(model, [])) - set(body)
+    chosen = set()
+    for name in body:
+        last = name.rsplit(".", 1)[-1]
+        chosen.add(name if any(_matches(other, last) for other in others) else last)
+    return sorted(chosen)
 
 
 def resolve(
@@ -55,6 +70,11 @@ def uses_conv1d(model: torch.nn.Module, targets: list[str]) -> bool:
     return any(
         isinstance(module, Conv1D) and any(_matches(name, t) for t in targets) for name, module in model.named_modules()
     )
+
+
+def _within(name: str, excluded: str) -> bool:
+    """The layer is the excluded module or inside it (RoBERTa's head `classifier` holds dense and out_proj)."""
+    return _matches(name, excluded) or name.startswith(excluded + ".") or f".{excluded}." in name
 
 
 def _matches(name: str, target: str) -> bool:

@@ -341,6 +341,14 @@ def sweep(
             f"{100 * r['trainable_share']:.2f}%",
         )
     console.print(table)
+    for summary in sweeps.over_seeds(rows):
+        console.print(
+            f"over {summary['seeds']} seeds{': ' + ' '.join(summary['overrides']) if summary['overrides'] else ''}: "
+            f"validation {summary['metric']} {sweeps.spread(summary.get('selection'))}, "
+            f"test {sweeps.spread(summary.get('test'))}"
+            + (f", [bold red]{summary['collapsed']} collapsed[/]" if summary["collapsed"] else ""),
+            highlight=False,
+        )
     if winner is None:
         raise UserError(f"sweep: every run failed (see {out / 'results.md'})")
     console.print(

@@ -41,3 +41,24 @@ def test_sweep_runs_the_grid_and_writes_the_best_recipe(recipe_file, tmp_path):
     best = load_recipe(out / "best.yaml")
     assert f"method.r={best.method.r}" == winner["overrides"][0] and best.train.max_steps == 3
     assert "(best)" in (out / "results.md").read_text() and "best on validation accuracy" in result.stdout
+
+
+def test_runs_over_seeds_are_summarised_as_median_min_max():
+    def row(overrides, selection, test, collapsed=False):
+        return {
+            **{"overrides": overrides, "metric": "accuracy", "selection": selection, "test": test},
+            **{"collapsed": collapsed, "train_seconds": 60, "peak_memory_mib": 900, "trainable_share": 0.01},
+        }
+
+    rows = [
+        row(["method.r=4", "train.seed=1"], 0.80, 0.70),
+        row(["method.r=4", "train.seed=2"], 0.90, 0.72, collapsed=True),
+        row(["method.r=4", "train.seed=3"], 0.85, 0.71),
+        row(["method.r=8", "train.seed=1"], 0.5, 0.5),  # one seed: no spread to give
+        {"overrides": ["method.r=8", "train.seed=2"], "error": "out of memory"},
+    ]
+    (summary,) = sweep.over_seeds(rows)
+    assert summary["overrides"] == ["method.r=4"] and summary["seeds"] == 3 and summary["collapsed"] == 1
+    assert summary["selection"] == {"median": 0.85, "min": 0.80, "max": 0.90}
+    assert summary["test"] == {"median": 0.71, "min": 0.70, "max": 0.72}
+    assert "| method.r=4 | 3 | 0.8500 (0.8000–0.9000) | 0.7100 (0.7000–0.7200) | 1 |" in sweep.markdown(rows, None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -88,6 +89,7 @@ def run_all(
                 "train_seconds": metrics["train"]["seconds"],
                 "peak_memory_mib": bench.peak_mib(metrics["memory"]["train_peak"]),
                 "trainable_share": metrics["trainable_share"],
+                "collapsed": bool(metrics.get("warnings")),  # the kept model answers one class (run.py)
             }
         )
     return rows
@@ -101,8 +103,31 @@ def best(rows: list[dict]) -> dict | None:
     return max(done, key=lambda r: sign * r["selection"])
 
 
+def over_seeds(rows: list[dict]) -> list[dict]:
+    """Per configuration (a run's overrides but train.seed) that ran with several seeds: the median, min and max
+    of its validation (selection) and test scores, and how many seeds ended collapsed. A quality claim is a
+    spread over seeds, not one lucky run."""
+    groups: dict[tuple[str, ...], list[dict]] = {}
+    for r in rows:
+        if "error" not in r:
+            groups.setdefault(tuple(o for o in r["overrides"] if not o.startswith("train.seed=")), []).append(r)
+    summaries = []
+    for overrides, group in groups.items():
+        if len(group) < 2:
+            continue
+        summary = {"overrides": list(overrides), "seeds": len(group), "metric": group[0]["metric"]}
+        for score in ("selection", "test"):
+            values = sorted(r[score] for r in group if r[score] is not None)
+            if values:
+                summary[score] = {"median": statistics.median(values), "min": values[0], "max": values[-1]}
+        summary["collapsed"] = sum(r["collapsed"] for r in group)
+        summaries.append(summary)
+    return summaries
+
+
 def write(folder: Path, rows: list[dict], winner: dict | None) -> None:
-    (folder / "results.json").write_text(json.dumps({"best": winner and winner["run"], "runs": rows}, indent=2))
+    results = {"best": winner and winner["run"], "runs": rows, "over_seeds": over_seeds(rows)}
+    (folder / "results.json").write_text(json.dumps(results, indent=2))
     (folder / "results.md").write_text(markdown(rows, winner))
     if winner is not None:
         shutil.copy(folder / "runs" / winner["run"] / RECIPE, folder / "best.yaml")
@@ -125,4 +150,18 @@ def markdown(rows: list[dict], winner: dict | None) -> str:
             f"| {' '.join(r['overrides'])}{mark} | {r['selection']:.4f} | {test} | {r['train_seconds']:.0f} "
             f"| {r['peak_memory_mib']:,.0f} | {100 * r['trainable_share']:.2f}% |"
         )
+    summaries = over_seeds(rows)
+    if summaries:
+        lines += ["", f"Over seeds (median, min–max of {metric}):", ""]
+        lines += ["| configuration | seeds | validation | test | collapsed |", "|---|---|---|---|---|"]
+        for summary in summaries:
+            lines.append(
+                f"| {' '.join(summary['overrides']) or '(the recipe)'} | {summary['seeds']} "
+                f"| {spread(summary.get('selection'))} | {spread(summary.get('test'))} | {summary['collapsed']} |"
+            )
     return "\n".join(lines) + "\n"
+
+
+def spread(scores: dict | None) -> str:
+    """'0.8412 (0.8376–0.8455)': a median with its min and max."""
+    return "-" if scores is None else f"{scores['median']:.4f} ({scores['min']:.4f}–{scores['max']:.4f})"

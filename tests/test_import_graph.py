@@ -80,3 +80,16 @@ def test_the_checker_finds_a_cycle():
 
 def test_peftkit_has_no_import_cycle():
     assert cycles(import_graph()) == []
+
+
+def test_contributings_map_names_every_module():
+    """CONTRIBUTING's layout tables name each module (a package's files may be named by its folder)."""
+    text = (ROOT.parent / "CONTRIBUTING.md").read_text(encoding="utf-8")
+    unnamed = [
+        str(path.relative_to(ROOT.parent))
+        for path in sorted(ROOT.rglob("*.py"))
+        if path.name not in ("__init__.py", "__main__.py")
+        and f"`{path.relative_to(ROOT.parent)}`" not in text
+        and f"`{path.parent.relative_to(ROOT.parent)}/`" not in text
+    ]
+    assert unnamed == [], "add these to CONTRIBUTING.md's layout tables"

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peftkit import atomic, checkpoint, data, export, loading, measure, train
+from peftkit import atomic, checkpoint, data, export, loading, measure, tracking, train
 from peftkit.errors import UserError, is_out_of_memory, out_of_memory
 from peftkit.methods import METHODS, base
 from peftkit.recipe import Recipe
@@ -42,6 +42,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
     main = accelerator.is_main_process
     with _run_folder(recipe, accelerator, overwrite, resume) as run_dir:
         handler = _log_to_file(run_dir / LOG) if main else logging.NullHandler()
+        tracked = tracking.Tracking()  # nowhere, until started in the folder
         try:
             resume_from = _resume_point(run_dir, recipe) if resume else None
             if main and resume_from is None:  # a resumed run's is the same (checked), and other processes read it
@@ -54,6 +55,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
                 accelerator.device,
                 f", {accelerator.num_processes} processes" if accelerator.num_processes > 1 else "",
             )
+            tracked = tracking.start(recipe, accelerator, run_dir)
             splits, labels = data.load(recipe.data, task)
             missing = [s for s in recipe.eval.splits if s not in splits]
             if missing:
@@ -108,7 +110,9 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
                             recipe.task,
                         )
                     log.info("before training, %s: %s", split, train.short(before[split]))
-            job = train.Job(model, encoded, collate, task, recipe, accelerator, labels, method, run_dir=run_dir)
+            job = train.Job(
+                model, encoded, collate, task, recipe, accelerator, labels, method, run_dir=run_dir, tracking=tracked
+            )
             result = train.fit(job, resume=resume_from)
             memory["train_peak"] = measure.peak_memory(accelerator.device)  # training and its validation passes
 
@@ -151,6 +155,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
                 raise out_of_memory(accelerator.device, _memory_knobs(recipe)) from err
             raise
         finally:
+            tracked.close()
             logging.getLogger("peftkit").removeHandler(handler)
             handler.close()
     return recipe.output_dir

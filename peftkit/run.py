@@ -37,7 +37,10 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
     from accelerate.utils import set_seed
 
     task, method = TASKS[recipe.task.type], METHODS[recipe.method.name]
-    accelerator = train.make_accelerator(recipe.train.precision, recipe.train.grad_accum)
+    tracking.check_installed(recipe.train.report_to)  # a missing mlflow / wandb: said now, not after the training
+    accelerator = train.make_accelerator(
+        recipe.train.precision, recipe.train.grad_accum, log_with=tracking.accelerate_trackers(recipe.train.report_to)
+    )
     set_seed(recipe.train.seed)
     main = accelerator.is_main_process
     with _run_folder(recipe, accelerator, overwrite, resume) as run_dir:
@@ -55,7 +58,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
                 accelerator.device,
                 f", {accelerator.num_processes} processes" if accelerator.num_processes > 1 else "",
             )
-            tracked = tracking.start(recipe, accelerator, run_dir)
+            tracked = tracking.start(recipe, accelerator, run_dir, resumed=resume_from is not None)
             splits, labels = data.load(recipe.data, task)
             missing = [s for s in recipe.eval.splits if s not in splits]
             if missing:
@@ -123,6 +126,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
                     loader = train.eval_loader(encoded[split], collate, recipe, accelerator)
                     final[split] = train.evaluate(model, loader, task, labels, accelerator, recipe.task)
                 log.info("%s: %s", split, train.short(final[split]))
+            tracked.final(result["steps"], final)
             # a model that answers one class whatever the input learned nothing: said last, loudly (the CLI: red)
             warnings = [
                 f"{split}: {train.collapse_message(final[split], recipe.train)}"
@@ -151,11 +155,12 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
             checkpoint.remove(run_dir)  # finished: the adapter is what remains
         except BaseException as err:
             log.debug("run failed: %s: %s", type(err).__name__, err)  # debug: the log file only; the CLI prints it
+            tracked.close(err)
             if is_out_of_memory(err):
                 raise out_of_memory(accelerator.device, _memory_knobs(recipe)) from err
             raise
         finally:
-            tracked.close()
+            tracked.close()  # (a run that raised was closed as failed above)
             logging.getLogger("peftkit").removeHandler(handler)
             handler.close()
     return recipe.output_dir

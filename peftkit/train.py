@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,7 +55,11 @@ def precision_of(accelerator: Accelerator) -> str:
     return {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
 
 
-def make_accelerator(precision_choice: str, grad_accum: int, cpu: bool = False) -> Accelerator:
+def make_accelerator(
+    precision_choice: str, grad_accum: int, cpu: bool = False, log_with: Sequence[str] = ()
+) -> Accelerator:
+    """`log_with`: the accelerate trackers the run reports to (tracking.accelerate_trackers), which only the
+    constructor takes; they start later, in the run folder (tracking.start)."""
     import torch
     from accelerate import Accelerator
 
@@ -69,6 +73,7 @@ def make_accelerator(precision_choice: str, grad_accum: int, cpu: bool = False) 
         gradient_accumulation_steps=grad_accum,
         cpu=device.type == "cpu",
         step_scheduler_with_optimizer=False,
+        log_with=list(log_with) or None,
     )
     if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
         # Saving the adapter, the best epoch's weights and checkpoints happens on the main process from its own

@@ -68,10 +68,11 @@ def run(
 
     parsed = load_recipe(recipe, overrides or [])
     if processes > 1 and "WORLD_SIZE" not in os.environ:  # not yet inside a launched process
-        from peftkit import atomic
+        from peftkit import atomic, tracking
         from peftkit.launch import launch
 
         atomic.check(parsed.output_dir, overwrite, keep_failed=True, resume=resume)  # before N processes start
+        tracking.check_installed(parsed.train.report_to)
 
         flags = ["--overwrite"] * overwrite + ["--resume"] * resume
         raise typer.Exit(launch(processes, ["run", str(recipe), *(overrides or []), *flags]))

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peftkit import atomic, checkpoint, data, export, loading, measure, train
+from peftkit import atomic, checkpoint, data, export, loading, measure, tracking, train
 from peftkit.errors import UserError, is_out_of_memory, out_of_memory
 from peftkit.methods import METHODS, base
 from peftkit.recipe import Recipe
@@ -37,11 +37,15 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
     from accelerate.utils import set_seed
 
     task, method = TASKS[recipe.task.type], METHODS[recipe.method.name]
-    accelerator = train.make_accelerator(recipe.train.precision, recipe.train.grad_accum)
+    tracking.check_installed(recipe.train.report_to)  # a missing mlflow / wandb: said now, not after the training
+    accelerator = train.make_accelerator(
+        recipe.train.precision, recipe.train.grad_accum, log_with=tracking.accelerate_trackers(recipe.train.report_to)
+    )
     set_seed(recipe.train.seed)
     main = accelerator.is_main_process
     with _run_folder(recipe, accelerator, overwrite, resume) as run_dir:
         handler = _log_to_file(run_dir / LOG) if main else logging.NullHandler()
+        tracked = tracking.Tracking()  # nowhere, until started in the folder
         try:
             resume_from = _resume_point(run_dir, recipe) if resume else None
             if main and resume_from is None:  # a resumed run's is the same (checked), and other processes read it
@@ -54,6 +58,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
                 accelerator.device,
                 f", {accelerator.num_processes} processes" if accelerator.num_processes > 1 else "",
             )
+            tracked = tracking.start(recipe, accelerator, run_dir, resumed=resume_from is not None)
             splits, labels = data.load(recipe.data, task)
             missing = [s for s in recipe.eval.splits if s not in splits]
             if missing:
@@ -108,7 +113,9 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
                             recipe.task,
                         )
                     log.info("before training, %s: %s", split, train.short(before[split]))
-            job = train.Job(model, encoded, collate, task, recipe, accelerator, labels, method, run_dir=run_dir)
+            job = train.Job(
+                model, encoded, collate, task, recipe, accelerator, labels, method, run_dir=run_dir, tracking=tracked
+            )
             result = train.fit(job, resume=resume_from)
             memory["train_peak"] = measure.peak_memory(accelerator.device)  # training and its validation passes
 
@@ -119,6 +126,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
                     loader = train.eval_loader(encoded[split], collate, recipe, accelerator)
                     final[split] = train.evaluate(model, loader, task, labels, accelerator, recipe.task)
                 log.info("%s: %s", split, train.short(final[split]))
+            tracked.final(result["steps"], final)
             # a model that answers one class whatever the input learned nothing: said last, loudly (the CLI: red)
             warnings = [
                 f"{split}: {train.collapse_message(final[split], recipe.train)}"
@@ -147,10 +155,12 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
             checkpoint.remove(run_dir)  # finished: the adapter is what remains
         except BaseException as err:
             log.debug("run failed: %s: %s", type(err).__name__, err)  # debug: the log file only; the CLI prints it
+            tracked.close(err)
             if is_out_of_memory(err):
                 raise out_of_memory(accelerator.device, _memory_knobs(recipe)) from err
             raise
         finally:
+            tracked.close()  # (a run that raised was closed as failed above)
             logging.getLogger("peftkit").removeHandler(handler)
             handler.close()
     return recipe.output_dir

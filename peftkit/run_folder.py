@@ -5,7 +5,9 @@
         metrics.json     per-split metrics, history, parameter counts, throughput, memory
         train.log        the whole log, debug lines included
         adapter/         the trained adapter in its method's format, the tokenizer, and peftkit.json
-        tensorboard/     scalars (train.tensorboard)
+        tensorboard/     scalars (train.report_to: tensorboard, the default)
+        mlruns/          an MLflow file store (train.report_to: mlflow)
+        wandb/           a W&B offline run (train.report_to: wandb)
     runs/<name>.partial/ while it runs (checkpoints/ inside); renamed when complete (atomic.py)
 
 A pushed adapter repo (sharing/hub.py) holds adapter/'s files at its root, beside recipe.yaml and metrics.json.
@@ -22,6 +24,8 @@ METRICS = "metrics.json"
 LOG = "train.log"
 ADAPTER = "adapter"
 TENSORBOARD = "tensorboard"
+MLRUNS = "mlruns"
+WANDB = "wandb"
 INFO = "peftkit.json"  # in the adapter folder: task, method, format, base model, labels (export.save_adapter)
 
 

@@ -7,9 +7,9 @@ Defaults live here (and, for a method's or a task's own options, in its `Config`
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -153,16 +153,70 @@ class TrainSection(Section):
     )
     keep_checkpoints: int = Field(2, gt=0, description="How many of the newest checkpoints to keep.")
     log_every: int = Field(10, gt=0, description="Write loss and throughput to the log every N steps.")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        ["tensorboard"],
+        description="Where loss, learning rate, throughput and validation metrics go besides train.log, each inside "
+        "the run folder. tensorboard: scalars in <run>/tensorboard (skipped, said in the log, without the "
+        "tensorboard package). mlflow: a local MLflow file store, <run>/mlruns, with the resolved recipe as "
+        "params and the final split metrics (pip install 'peftkit[mlflow]'). wandb: a Weights & Biases run in "
+        "offline mode, <run>/wandb, to upload later with `wandb sync`; no login (pip install 'peftkit[wandb]'). "
+        "mlflow and wandb go through accelerate's trackers; a missing package is an error before training. "
+        "[]: none.",
+    )
     tensorboard: bool = Field(
         True,
-        description="Also write loss, learning rate, throughput and validation metrics as TensorBoard "
-        "scalars to <run>/tensorboard (needs the tensorboard package: pip install 'peftkit[tensorboard]').",
+        description="Whether report_to holds tensorboard (the older switch for it): false removes it, true keeps "
+        "it. Given both, they must agree.",
     )
     early_stopping: EarlyStoppingSection | None = Field(
         None,
         description="Stop before the last step when validation has stopped improving, e.g. {patience: 3}; the "
         "kept adapter is the best evaluation's either way. Omitted: train every epoch (or train.max_steps).",
     )
+
+    @field_validator("report_to")
+    @classmethod
+    def _listed_once(cls, report_to: list[str]) -> list[str]:
+        twice = sorted({name for name in report_to if report_to.count(name) > 1})
+        if twice:
+            raise ValueError(f"train.report_to lists {', '.join(twice)} more than once")
+        return report_to
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tensorboard_in_report_to(cls, data: Any) -> Any:
+        """train.tensorboard and train.report_to are kept in step, so the resolved recipe holds both, agreeing:
+        tensorboard alone adds it to or removes it from report_to's default; report_to alone sets tensorboard;
+        both given must say the same about TensorBoard. Values that are not a bool or a list are left to the
+        fields' own errors."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if isinstance(data.get("report_to"), str):  # train.report_to=mlflow on the command line
+            data["report_to"] = [data["report_to"]]
+        tensorboard, report_to = _as_bool(data.get("tensorboard")), data.get("report_to")
+        listed = isinstance(report_to, list)
+        if isinstance(tensorboard, bool) and listed:
+            if tensorboard != ("tensorboard" in report_to):
+                raise ValueError(
+                    f"train.tensorboard is {str(tensorboard).lower()} but train.report_to "
+                    f"{'lists' if not tensorboard else 'does not list'} tensorboard ({report_to}); report_to says "
+                    "where a run reports: list tensorboard there or not, and drop train.tensorboard"
+                )
+        elif isinstance(tensorboard, bool) and "report_to" not in data:
+            default = [name for name in cls.model_fields["report_to"].get_default() if name != "tensorboard"]
+            data["report_to"] = ["tensorboard", *default] if tensorboard else default
+        elif listed and "tensorboard" not in data:
+            data["tensorboard"] = "tensorboard" in report_to
+        return data
+
+
+def _as_bool(value: Any) -> bool | None:
+    """`value` read as the bool field reads it ("false", 0, ...), or None where that field would refuse it."""
+    try:
+        return TypeAdapter(bool).validate_python(value)
+    except ValidationError:
+        return None
 
 
 class EvalSection(Section):

@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +18,7 @@ from peftkit import checkpoint, cpu_kind, measure
 from peftkit.errors import UserError
 from peftkit.methods.base import Method, load_trainable, optional, trainable_tensors
 from peftkit.tasks.common import Task
+from peftkit.tracking import Tracking
 from peftkit.training_state import Optimization, TrainingState
 
 if TYPE_CHECKING:
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from rich.progress import Progress
     from torch.utils.data import DataLoader
-    from torch.utils.tensorboard import SummaryWriter
 
     from peftkit.recipe import Recipe, TrainSection
 
@@ -55,7 +55,11 @@ def precision_of(accelerator: Accelerator) -> str:
     return {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
 
 
-def make_accelerator(precision_choice: str, grad_accum: int, cpu: bool = False) -> Accelerator:
+def make_accelerator(
+    precision_choice: str, grad_accum: int, cpu: bool = False, log_with: Sequence[str] = ()
+) -> Accelerator:
+    """`log_with`: the accelerate trackers the run reports to (tracking.accelerate_trackers), which only the
+    constructor takes; they start later, in the run folder (tracking.start)."""
     import torch
     from accelerate import Accelerator
 
@@ -69,6 +73,7 @@ def make_accelerator(precision_choice: str, grad_accum: int, cpu: bool = False) 
         gradient_accumulation_steps=grad_accum,
         cpu=device.type == "cpu",
         step_scheduler_with_optimizer=False,
+        log_with=list(log_with) or None,
     )
     if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
         # Saving the adapter, the best epoch's weights and checkpoints happens on the main process from its own
@@ -138,6 +143,7 @@ class Job:
     labels: list[str] | None  # the task's label names (None for tasks without: causal_lm)
     method: Method | None = None  # the method's module, for its optional hooks (MethodHooks)
     run_dir: Path | None = None  # where checkpoints go (train.checkpoint_every, and every epoch end); None: nowhere
+    tracking: Tracking = field(default_factory=Tracking)  # where the numbers go besides train.log (default nowhere)
 
 
 @dataclass(frozen=True)
@@ -168,9 +174,8 @@ def fit(job: Job, resume: Path | None = None) -> dict:
     loop = _Loop(job)
     state = loop.resume(resume) if resume is not None else TrainingState(processes=job.accelerator.num_processes)
     log.info("training: %d epoch(s), %d optimizer steps, %d per epoch", loop.epochs, loop.total, loop.steps_per_epoch)
-    scalars = _scalar_writer(job.run_dir, loop.cfg.tensorboard and job.accelerator.is_main_process)
-    with _progress(job.accelerator) as progress, scalars:
-        report = _Report(progress, scalars, loop.total, state.step)
+    with _progress(job.accelerator) as progress:
+        report = _Report(progress, job.tracking, loop.total, state.step)
         while state.epoch <= loop.epochs and state.step < loop.total and not state.stopped:
             loop.train_epoch(state, report)
             loop.end_epoch(state, report)
@@ -437,17 +442,17 @@ class _Losses:
 
 
 class _Report:
-    """What a run shows as it trains: the progress bar, the log (train.log) and the TensorBoard scalars."""
+    """What a run shows as it trains: the progress bar, the log (train.log) and its tracking (train.report_to)."""
 
-    def __init__(self, progress: Progress, scalars: _Scalars, total: int, done: int) -> None:
-        self.progress, self.scalars = progress, scalars
+    def __init__(self, progress: Progress, tracking: Tracking, total: int, done: int) -> None:
+        self.progress, self.tracking = progress, tracking
         self.bar = progress.add_task("train", total=total, completed=done, loss=float("nan"), rate="")
 
     def step(self, step: int, loss: float, lr: float, rates: dict) -> None:
         rate = f"{rates['samples_per_s']:.3g} samples/s, {rates['tokens_per_s']:.4g} tok/s"
         self.progress.update(self.bar, loss=loss, rate=rate)
         log.debug("step %d  loss %.4f  lr %.2e  %s", step, loss, lr, rate)
-        self.scalars.add(
+        self.tracking.log(
             step,
             {
                 "train/loss": loss,
@@ -462,43 +467,9 @@ class _Report:
 
     def evaluation(self, where: str, step: int, metrics: dict, cfg: TrainSection) -> None:
         log.info("%s: %s", where, short(metrics))
-        self.scalars.add(step, {f"validation/{k}": v for k, v in metrics.items()})
+        self.tracking.log(step, {f"validation/{k}": v for k, v in metrics.items()})
         if "collapsed_to" in metrics:  # said at once, not only at the end
             log.warning("validation, %s: %s", where, collapse_message(metrics, cfg))
-
-
-class _Scalars:
-    """TensorBoard scalars in <run>/tensorboard, or nothing (turned off, no run folder, package missing)."""
-
-    def __init__(self, writer: SummaryWriter | None = None) -> None:
-        self.writer = writer
-
-    def add(self, step: int, values: dict) -> None:
-        if self.writer is not None:
-            for tag, value in values.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(tag, value, step)
-
-    def __enter__(self) -> _Scalars:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.writer is not None:
-            self.writer.close()
-
-
-def _scalar_writer(run_dir: Path | None, wanted: bool) -> _Scalars:
-    if not wanted or run_dir is None:
-        return _Scalars()
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # torch's writer needs the tensorboard package
-        log.info(
-            "TensorBoard scalars skipped: the tensorboard package is not installed "
-            "(pip install 'peftkit[tensorboard]', or set train.tensorboard: false)"
-        )
-        return _Scalars()
-    return _Scalars(SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard")))
 
 
 def evaluate(

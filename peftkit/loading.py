@@ -7,7 +7,7 @@ Used by the pipeline (run.py) and by every command that works on a finished run 
 import logging
 from pathlib import Path
 
-from peftkit import assets, data, quant, train
+from peftkit import assets, data, dropout, quant, train
 from peftkit.errors import UserError
 from peftkit.methods import METHODS, storage
 from peftkit.methods.base import Context, optional
@@ -58,6 +58,13 @@ def load_base(
     if recipe.quantization:
         model = quant.dequantize(model) if dequantize else quant.prepare(model, inference)
     return tokenizer, model
+
+
+def use_fast_dropout(model, recipe: Recipe, device) -> None:
+    """train.fast_dropout in a CPU run: every dropout of the adapted `model` (its nn.Dropout modules, its
+    attention's, the method's own) draws its mask from random integers (dropout.py). Left alone on GPUs."""
+    if recipe.train.fast_dropout and device.type == "cpu":
+        log.info("fast dropout: %s", dropout.install(model))
 
 
 def base_dtype(recipe: Recipe, precision: str):

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peftkit import dropout
+from peftkit import dropout, loading
 from peftkit.dropout import FastDropout, effective_p, fast_dropout
 
 from .conftest import make_bert
@@ -159,3 +159,15 @@ def test_a_tiny_bert_after_the_swap(tmp_path, attn):
     assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, first)
     assert torch.equal(model.eval()(input_ids=ids, attention_mask=mask).logits, before)  # eval: unchanged
     assert dropout.install(model).startswith("0 dropout module(s) replaced; attention already")
+
+
+def test_the_recipe_switch_and_the_device_decide(tmp_path):
+    from types import SimpleNamespace
+
+    folder = make_bert(tmp_path / "bert")
+    for fast, device, expected in [(False, "cpu", True), (True, "cuda", True), (True, "cpu", False)]:
+        model = lora_bert(folder, "eager")
+        recipe = SimpleNamespace(train=SimpleNamespace(fast_dropout=fast))
+        loading.use_fast_dropout(model, recipe, torch.device(device))
+        assert any(type(m) is torch.nn.Dropout for m in model.modules()) is expected
+        assert model.config._attn_implementation == ("eager" if expected else dropout.PREFIX + "eager")

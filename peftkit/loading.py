@@ -76,6 +76,15 @@ def load_base(
     return tokenizer, model
 
 
+def use_fast_dropout(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> None:
+    """train.fast_dropout in a CPU run: every dropout of the adapted `model` (its nn.Dropout modules, its
+    attention's, the method's own) draws its mask from random integers (dropout.py). Left alone on GPUs."""
+    if recipe.train.fast_dropout and device.type == "cpu":
+        from peftkit import dropout  # imports torch at its top: loaded only when a run trains
+
+        log.info("fast dropout: %s", dropout.install(model))
+
+
 def base_dtype(recipe: Recipe, precision: str) -> torch.dtype:
     """fp32, or bf16 for a frozen base the method leaves untouched in a bf16 run (model.dtype auto). Under autocast
     every matmul runs in bf16 anyway, so an fp32 base only doubles the base's memory, and is cast again at every

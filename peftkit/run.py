@@ -79,6 +79,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
             context = loading.method_context(recipe, task, model, steps)
             model = method.apply(model, recipe.method, context)
             base.trainable_in_fp32(model)  # a bf16 base (model.dtype) left the copied task head in bf16
+            loading.use_fast_dropout(model, recipe, accelerator.device)
             if start is not None:
                 hub.load_start(model, start, recipe.model.adapter)
             tokenizer.padding_side = base.optional(method, "padding_side")(context) or tokenizer.padding_side

@@ -144,6 +144,13 @@ class TrainSection(Section):
         "longer sequences or bigger batches, about a third more compute.",
     )
     seed: int = Field(42, description="Seed for initialisation, shuffling and dropout.")
+    fast_dropout: bool = Field(
+        True,
+        description="On a CPU, every dropout (the model's, attention's, LoRA's) draws its mask from random 16-bit "
+        "integers instead of one random float per element: the same distribution with p rounded to a multiple of "
+        "1/65536, several times cheaper (peftkit/dropout.py, benchmarks/RESULTS.md). Seeds, checkpoints and resume "
+        "work as before; the masks differ from torch's. No effect on GPUs, whose dropout is fused.",
+    )
     checkpoint_every: int | None = Field(
         None,
         gt=0,

@@ -13,18 +13,21 @@ import yaml
 
 from .conftest import make_bert, sentiment_rows, small_recipe, write_csv
 
-# What main at 57a413c computed (fp32, seed 0); any CPU: these are far above fp32's rounding.
+# What main at 57a413c computed (fp32, seed 0); any CPU: these are far above fp32's rounding. Re-pinned when
+# train.fast_dropout (peftkit/dropout.py, on by default on CPUs) changed how dropout masks are drawn: the same
+# distribution, other draws. With train.fast_dropout: false the run still gives the values pinned before it
+# (0.6946322, 0.6865886, 0.6926648, 0.6934558, 0.7129263, 0.6892793, 0.6985517, 0.7044311, 0.7068878, 0.6855808).
 PINNED = [
-    0.6946322,
-    0.6865886,
-    0.6926648,
-    0.6934558,
-    0.7129263,
-    0.6892793,
-    0.6985517,
-    0.7044311,
-    0.7068878,
-    0.6855808,
+    0.6946859,
+    0.6856306,
+    0.6923373,
+    0.6934893,
+    0.7130539,
+    0.6919898,
+    0.7000808,
+    0.7034159,
+    0.7098488,
+    0.6846582,
 ]
 
 RECORD = """

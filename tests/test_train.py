@@ -128,6 +128,7 @@ def job_for(path: Path, run_dir: Path | None = None, method: ModuleType | Simple
     steps = train.total_steps(len(splits["train"]), recipe.train, accelerator.num_processes)
     model = module.apply(model, recipe.method, loading.method_context(recipe, task, model, steps))
     base.trainable_in_fp32(model)
+    loading.use_fast_dropout(model, recipe, accelerator.device)
     encoded = task.preprocess(splits, tokenizer, recipe.task)
     return train.Job(
         model,

@@ -1,13 +1,15 @@
 """Speed levers for a LoRA training step on MiniLM (batch 32, 20-40 tokens, the demo's shape), each in a fresh
 process, rounds alternating so machine drift hits every variant alike:
 
-    .venv/bin/python benchmarks/levers.py [--rounds 2] [--variants base fused compile 1thread]
-    .venv/bin/python benchmarks/levers.py --profile    # where a base step's time goes, by kind of operator
+    .venv/bin/python benchmarks/levers.py [--rounds 2] [--variants base fused compile 1thread fast_dropout]
+    .venv/bin/python benchmarks/levers.py --profile [--variants fast_dropout]   # where a step's time goes
 
-base: what peftkit's loop does (SDPA, AdamW, the machine's threads); fused: AdamW(fused=True); compile:
-torch.compile(model, dynamic=True) (its compilation time is reported apart); 1thread: torch.set_num_threads(1),
-the share each process gets with `peftkit run --processes 2` on 2 cores. Reports the median step time after
-4 warm-up steps (which include compilation).
+base: torch's own dropout, SDPA, AdamW, the machine's threads (peftkit's loop with train.fast_dropout: false);
+fused: AdamW(fused=True); compile: torch.compile(model, dynamic=True) (its compilation time is reported apart);
+1thread: torch.set_num_threads(1), the share each process gets with `peftkit run --processes 2` on 2 cores;
+fast_dropout: peftkit's fast CPU dropout installed (peftkit/dropout.py: what peftkit's loop does on a CPU by
+default). Reports the median step time after 4 warm-up steps (which include compilation). --profile profiles
+the base variant, or the first of --variants when given.
 """
 
 import argparse
@@ -22,7 +24,7 @@ LENGTHS = [20, 24, 28, 32, 36, 40, 28, 24]  # padded lengths of length-grouped b
 # Operator families of a step (torch.profiler's self CPU time), in the order the report lists them.
 FAMILIES = {
     "matmul (mm, addmm, bmm)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
-    "dropout's random numbers (bernoulli_)": ("aten::bernoulli_",),
+    "dropout's random numbers (bernoulli_; random_ for the fast dropout)": ("aten::bernoulli_", "aten::random_"),
     "GELU forward + backward": ("aten::gelu", "aten::gelu_backward"),
     "layer norm forward + backward": ("aten::native_layer_norm", "aten::native_layer_norm_backward"),
     "softmax forward + backward": ("aten::_softmax", "aten::_softmax_backward_data"),
@@ -38,15 +40,20 @@ def worker(variant: str, steps: int = 24) -> str:
 
     from peftkit import assets
 
-    if variant == "1thread":
+    kind = variant.removeprefix("profile-")  # "profile" alone: the base variant
+    if kind == "1thread":
         torch.set_num_threads(1)
     torch.manual_seed(0)
     path = assets.resolve_model("sentence-transformers/all-MiniLM-L6-v2")
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, attn_implementation="sdpa")
     model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1)).train()
+    if kind == "fast_dropout":
+        from peftkit import dropout
+
+        dropout.install(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3,
-                                  fused=variant == "fused")  # fmt: skip
-    forward = torch.compile(model, dynamic=True) if variant == "compile" else model
+                                  fused=kind == "fused")  # fmt: skip
+    forward = torch.compile(model, dynamic=True) if kind == "compile" else model
     generator = torch.Generator().manual_seed(0)
 
     def step(length: int) -> float:
@@ -59,7 +66,7 @@ def worker(variant: str, steps: int = 24) -> str:
         return time.perf_counter() - began
 
     warm = sum(step(length) for length in LENGTHS[:4])
-    if variant == "profile":
+    if variant.startswith("profile"):
         return profile(lambda: [step(LENGTHS[i % len(LENGTHS)]) for i in range(16)])
     median = statistics.median(step(LENGTHS[i % len(LENGTHS)]) for i in range(steps))
     return f"{warm:.1f} {median:.4f}"
@@ -86,12 +93,13 @@ def profile(run) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--variants", nargs="+", default=["base", "fused", "compile", "1thread"])
+    parser.add_argument("--variants", nargs="+", default=["base", "fused", "compile", "1thread", "fast_dropout"])
     parser.add_argument("--profile", action="store_true", help="profile base steps by operator family")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.profile:
-        print(worker("profile"))
+        given = "--variants" in sys.argv
+        print(worker(f"profile-{args.variants[0]}" if given else "profile"))
         return
     if args.worker:
         print(worker(args.worker))
@@ -105,8 +113,10 @@ def main() -> None:
     print("| variant | warm-up s (incl. compilation) | step ms (median per round) | samples/s |\n|---|---|---|---|")
     for variant, runs in results.items():
         steps = [1000 * s for _, s in runs]
-        print(f"| {variant} | {', '.join(f'{w:.0f}' for w, _ in runs)} | {', '.join(f'{s:.0f}' for s in steps)} | "
-              f"{32000 / statistics.median(steps):.1f} |")
+        print(
+            f"| {variant} | {', '.join(f'{w:.0f}' for w, _ in runs)} | {', '.join(f'{s:.0f}' for s in steps)} | "
+            f"{32000 / statistics.median(steps):.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ def test_run_leaves_a_complete_run_folder(finished_run):
     assert not run_dir.with_name("tiny.partial").exists()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["test"]) >= {"accuracy", "macro_f1", "f1_per_class"}
-    assert metrics["train"]["steps"] == 2 and metrics["trainable_params"] == 1090
+    # LoRA r 4 on every linear layer of the 2-layer, 32-wide BERT (and its pooler) + the 2-label head: as test_lora
+    assert metrics["train"]["steps"] == 2 and metrics["trainable_params"] == 3906
     resolved = (run_dir / "recipe.yaml").read_text()
     assert "max_steps: 2" in resolved and "metric_for_best: macro_f1" in resolved and "weight_decay" in resolved
     assert "step 2  loss" in (run_dir / "train.log").read_text()

@@ -4,14 +4,14 @@ The head is the model's own `...ForSequenceClassification` head (`classifier` on
 Llama), newly initialised and trained in full precision next to the adapter, and saved with it.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
 from peftkit.sections import Section
-from peftkit.tasks.common import cross_entropy, load_labelled_model
+from peftkit.tasks.common import ClassWeights, LabelSmoothing, class_loss, load_labelled_model
 
 if TYPE_CHECKING:
     import torch
@@ -36,15 +36,8 @@ _METRIC_DIR = Path(__file__).resolve().parent.parent / "metrics"
 class Config(Section):
     type: Literal["classification"]
     max_length: int = Field(256, gt=0, description="Longer texts are truncated to this many tokens.")
-    class_weights: Literal["balanced"] | list[float] | None = Field(
-        None,
-        description="Weigh each class in the loss: balanced (total / (classes x count) over the training rows, as "
-        "scikit-learn's), or one weight per label in id order. Rare classes then count: without, a model can "
-        "score well by never predicting them (a tagger answering O).",
-    )
-    label_smoothing: float = Field(
-        0.0, ge=0, lt=1, description="Move this share of each target's probability to the other classes."
-    )
+    class_weights: ClassWeights = None
+    label_smoothing: LabelSmoothing = 0.0
 
 
 def load_model(path: str, labels: list[str], tokenizer: "PreTrainedTokenizerBase", **kwargs: Any) -> "PreTrainedModel":
@@ -64,9 +57,7 @@ def preprocess(splits: "DatasetDict", tokenizer: "PreTrainedTokenizerBase", conf
     return splits.map(encode, batched=True, remove_columns=columns, desc="tokenize")
 
 
-def loss(config: Config, train: "Dataset", labels: list[str]) -> "Callable | None":
-    """Cross-entropy with the section's class weights and label smoothing; None (the model's own) without."""
-    return cross_entropy(config.class_weights, config.label_smoothing, train, labels)
+loss = class_loss  # the Task hook: class weights and label smoothing (tasks/common.py)
 
 
 def collator(tokenizer: "PreTrainedTokenizerBase") -> "DataCollatorWithPadding":

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol, runtime_checkable
+
+from pydantic import Field
 
 from peftkit.errors import UserError
 
@@ -56,6 +58,27 @@ class Task(Protocol):
 
     def predict(self, model: Any, tokenizer: Any, texts: list[str], config: Any) -> list[dict]:
         """`peftkit predict`: one result row per input text."""
+
+
+# The loss options of the tasks that predict classes (classification, token classification): each Config declares
+# `class_weights: ClassWeights = None` and `label_smoothing: LabelSmoothing = 0.0`, after its `type`.
+ClassWeights = Annotated[
+    Literal["balanced"] | list[float] | None,
+    Field(
+        description="Weigh each class in the loss: balanced (total / (classes x count) over the training labels, "
+        "rows or tokens, as scikit-learn's), or one weight per label in id order. Rare classes then count: "
+        "without, a model can score well by never predicting them (a tagger answering O)."
+    ),
+]
+LabelSmoothing = Annotated[
+    float, Field(ge=0, lt=1, description="Move this share of each target's probability to the other classes.")
+]
+
+
+def class_loss(config: Any, train: Any, labels: list[str]) -> Callable | None:
+    """The `loss` hook of those tasks: cross_entropy with the section's class weights and label smoothing, or
+    None (the model's own loss) without either."""
+    return cross_entropy(config.class_weights, config.label_smoothing, train, labels)
 
 
 def cross_entropy(

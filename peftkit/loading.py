@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from peftkit import assets, data, quant, train
 from peftkit.errors import UserError
 from peftkit.methods import METHODS, storage
-from peftkit.methods.base import Context, optional
+from peftkit.methods.base import Context, optional, trainable_in_fp32
 from peftkit.recipe import Recipe
 from peftkit.run_folder import finished_adapter
 from peftkit.tasks import TASKS
@@ -73,6 +73,26 @@ def load_base(
         raise assets.hub_error("model.name", recipe.model.name, err) from None
     if recipe.quantization:
         model = quant.dequantize(model) if dequantize else quant.prepare(model, inference)
+    return tokenizer, model
+
+
+def adapted_model(
+    recipe: Recipe, task: Task, labels: list[str] | None, device: torch.device, precision: str, total_steps: int
+) -> tuple[PreTrainedTokenizerBase, torch.nn.Module]:
+    """(tokenizer, model) ready to train: the recipe's base with its method applied (only the method and the head
+    train, in fp32), gradient checkpointing and the fast dropout as the recipe asks, and the tokenizer padding on
+    the side the method needs. What `peftkit run` trains; `total_steps`: the run's optimizer steps."""
+    tokenizer, model = load_base(recipe, task, labels, device, precision)
+    if recipe.train.gradient_checkpointing:
+        # Non-reentrant: the reentrant variant drops gradients when the checkpointed block's inputs do not
+        # require grad, which is the case with a frozen (e.g. quantised) base.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    method = METHODS[recipe.method.name]
+    context = method_context(recipe, task, model, total_steps)
+    model = method.apply(model, recipe.method, context)
+    trainable_in_fp32(model)  # a bf16 base (model.dtype) left the copied task head in bf16
+    use_fast_dropout(model, recipe, device)
+    tokenizer.padding_side = optional(method, "padding_side")(context) or tokenizer.padding_side
     return tokenizer, model
 
 

@@ -56,16 +56,7 @@ COMBINATIONS = (
     "magnitude_prune",
     "magnitude_prune_svd",
 )
-NEEDS_DENSITY = {
-    "ties",
-    "ties_svd",
-    "dare_linear",
-    "dare_ties",
-    "dare_linear_svd",
-    "dare_ties_svd",
-    "magnitude_prune",
-    "magnitude_prune_svd",
-}
+NEEDS_DENSITY = set(COMBINATIONS) - {"linear", "cat", "svd"}  # the pruning ones: ties, dare_*, magnitude_prune*
 NEEDS_EQUAL_RANK = {"linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"}  # they mix A and B as they are
 COMBINED = "default"  # peft saves the adapter named "default" at the folder's root (others go in a subfolder)
 

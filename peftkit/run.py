@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from peftkit import atomic, checkpoint, data, export, loading, measure, tracking, train
 from peftkit.errors import UserError, is_out_of_memory, out_of_memory
-from peftkit.methods import METHODS, base
+from peftkit.methods import METHODS
 from peftkit.recipe import Recipe
 from peftkit.run_folder import ADAPTER, LOG, METRICS, RECIPE
 from peftkit.sharing import hub
@@ -68,21 +68,12 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
             if recipe.model.adapter:  # continue from a published adapter: checked before minutes of loading
                 with accelerator.main_process_first():  # one download, which the other processes then find
                     start = hub.starting_adapter(recipe, labels)
-            tokenizer, model = loading.load_base(
-                recipe, task, labels, accelerator.device, train.precision_of(accelerator)
-            )
-            if recipe.train.gradient_checkpointing:
-                # Non-reentrant: the reentrant variant drops gradients when the checkpointed block's inputs do
-                # not require grad, which is the case with a frozen (e.g. quantised) base.
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             steps = train.total_steps(len(splits["train"]), recipe.train, accelerator.num_processes)
-            context = loading.method_context(recipe, task, model, steps)
-            model = method.apply(model, recipe.method, context)
-            base.trainable_in_fp32(model)  # a bf16 base (model.dtype) left the copied task head in bf16
-            loading.use_fast_dropout(model, recipe, accelerator.device)
+            tokenizer, model = loading.adapted_model(
+                recipe, task, labels, accelerator.device, train.precision_of(accelerator), steps
+            )
             if start is not None:
                 hub.load_start(model, start, recipe.model.adapter)
-            tokenizer.padding_side = base.optional(method, "padding_side")(context) or tokenizer.padding_side
             counts = {**measure.parameter_counts(model), "flops_per_token": measure.training_flops_per_token(model)}
             memory = {
                 "model_mib": measure.model_mib(model),

@@ -17,6 +17,7 @@ from peftkit.errors import UserError
 from peftkit.recipe import validate
 
 from .conftest import peftkit, peftkit_here, small_recipe
+from .test_recipe import BASE
 
 INSTALLED = [name for name in ("mlflow", "wandb") if importlib.util.find_spec(name) is not None]
 FOLDERS = {"mlflow": "mlruns", "wandb": "wandb"}
@@ -227,14 +228,6 @@ def test_a_resumed_run_continues_its_mlflow_and_wandb_runs(recipe_file, tmp_path
 
 
 # --- train.report_to and train.tensorboard -----------------------------------------------------------------------
-
-BASE = {
-    "name": "t",
-    "model": {"name": "some/model"},
-    "data": {"source": "x.csv"},
-    "task": {"type": "classification"},
-    "method": {"name": "lora"},
-}
 
 
 @pytest.mark.parametrize(

@@ -116,7 +116,7 @@ def job_for(path: Path, run_dir: Path | None = None, method: ModuleType | Simple
     from accelerate.utils import set_seed
 
     from peftkit import data, loading
-    from peftkit.methods import METHODS, base
+    from peftkit.methods import METHODS
     from peftkit.tasks import TASKS
 
     recipe = load_recipe(path)
@@ -124,11 +124,10 @@ def job_for(path: Path, run_dir: Path | None = None, method: ModuleType | Simple
     accelerator = train.make_accelerator(recipe.train.precision, recipe.train.grad_accum)
     set_seed(recipe.train.seed)
     splits, labels = data.load(recipe.data, task)
-    tokenizer, model = loading.load_base(recipe, task, labels, accelerator.device, train.precision_of(accelerator))
     steps = train.total_steps(len(splits["train"]), recipe.train, accelerator.num_processes)
-    model = module.apply(model, recipe.method, loading.method_context(recipe, task, model, steps))
-    base.trainable_in_fp32(model)
-    loading.use_fast_dropout(model, recipe, accelerator.device)
+    tokenizer, model = loading.adapted_model(
+        recipe, task, labels, accelerator.device, train.precision_of(accelerator), steps
+    )
     encoded = task.preprocess(splits, tokenizer, recipe.task)
     return train.Job(
         model,

@@ -308,9 +308,14 @@ def sweep(
     ],
     out: Annotated[Optional[Path], typer.Option(help="Sweep folder (default: runs/sweep-RECIPE).")] = None,
     overwrite: Annotated[bool, _replace("sweep folder")] = False,
+    jobs: Annotated[
+        int,
+        typer.Option(min=1, help="Runs at a time. Small models share one GPU well; on a CPU the runs share its cores."),
+    ] = 1,
 ) -> None:
     """Run every combination of the values given (full runs), then table metric, time, memory and trainable
-    share, and write the best run's recipe (chosen on validation) as best.yaml."""
+    share, and write the best run's recipe (chosen on validation) as best.yaml. The results are rewritten after
+    each run: a sweep stopped half-way keeps them in its .partial folder."""
     from peftkit import atomic
     from peftkit.experiments import sweep as sweeps
 
@@ -322,7 +327,15 @@ def sweep(
         with _runs_progress() as progress:
             task = progress.add_task("sweep", total=len(runs))
             rows = sweeps.run_all(
-                recipe, runs, folder, on_start=lambda name: progress.update(task, description=name, advance=0)
+                recipe,
+                runs,
+                folder,
+                on_start=lambda name: progress.update(task, description=name, advance=0),
+                on_done=lambda done: (
+                    sweeps.write(folder, done, sweeps.best(done)),
+                    progress.update(task, completed=len(done)),
+                ),
+                jobs=jobs,
             )
             progress.update(task, completed=len(runs))
         winner = sweeps.best(rows)

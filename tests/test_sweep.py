@@ -62,3 +62,28 @@ def test_runs_over_seeds_are_summarised_as_median_min_max():
     assert summary["selection"] == {"median": 0.85, "min": 0.80, "max": 0.90}
     assert summary["test"] == {"median": 0.71, "min": 0.70, "max": 0.72}
     assert "| method.r=4 | 3 | 0.8500 (0.8000–0.9000) | 0.7100 (0.7000–0.7200) | 1 |" in sweep.markdown(rows, None)
+
+
+def test_parallel_runs_keep_grid_order_and_results_are_written_as_runs_finish(monkeypatch, tmp_path):
+    import time
+
+    from peftkit.experiments import bench
+
+    def fake_run(recipe, overrides, out):
+        r = int(overrides[0].split("=")[1])
+        time.sleep(0.05 * (4 - r))  # the first run of the grid finishes last
+        if r == 3:
+            return "out of memory"
+        metrics = {"validation": {"accuracy": r / 10}, "train": {"seconds": 1.0}, "memory": {"train_peak": {}}}
+        metrics["trainable_share"] = 0.01
+        return metrics, {"eval": {"splits": ["validation"], "metric_for_best": "accuracy"}}
+
+    monkeypatch.setattr(bench, "run_apart", fake_run)
+    monkeypatch.setattr(bench, "peak_mib", lambda peak: 0.0)
+    runs = [[f"method.r={r}"] for r in (1, 2, 3)]
+    seen = []
+    rows = sweep.run_all(tmp_path / "r.yaml", runs, tmp_path, on_done=lambda done: seen.append(len(done)), jobs=3)
+    assert [r["overrides"] for r in rows] == runs  # grid order, not finishing order
+    assert rows[2] == {"run": "method.r=3", "overrides": ["method.r=3"], "error": "out of memory"}
+    assert seen == [1, 2, 3]  # called after every run, one at a time
+    assert sweep.best(rows)["run"] == "method.r=2"

@@ -13,9 +13,12 @@ import itertools
 import json
 import shutil
 import statistics
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from peftkit import atomic
 from peftkit.errors import UserError
 from peftkit.experiments import bench
 from peftkit.recipe import load_recipe
@@ -65,34 +68,53 @@ def name_of(overrides: list[str]) -> str:
 
 
 def run_all(
-    recipe: Path, runs: list[list[str]], folder: Path, on_start: Callable[[str], object] | None = None
+    recipe: Path,
+    runs: list[list[str]],
+    folder: Path,
+    on_start: Callable[[str], object] | None = None,
+    on_done: Callable[[list[dict]], object] | None = None,
+    jobs: int = 1,
 ) -> list[dict]:
-    rows = []
-    for overrides in runs:
+    """Every combination as its own `peftkit run` process, `jobs` at a time (several small runs share a GPU
+    well; on a CPU they share its cores and each takes longer). `on_done` gets the rows finished so far, in
+    grid order, after each run: the sweep keeps its results when it is stopped half-way."""
+    done: dict[int, dict] = {}
+    lock = threading.Lock()  # the threads only wait on their run's process; callbacks run one at a time
+
+    def one(index: int) -> None:
+        overrides = runs[index]
         name = name_of(overrides)
         if on_start:
-            on_start(name)
-        outcome = bench.run_apart(recipe, overrides, folder / "runs" / name)
-        if isinstance(outcome, str):
-            rows.append({"run": name, "overrides": overrides, "error": outcome})
-            continue
-        metrics, resolved = outcome
-        chosen = "validation" if "validation" in resolved["eval"]["splits"] else resolved["eval"]["splits"][0]
-        rows.append(
-            {
-                "run": name,
-                "overrides": overrides,
-                "metric": resolved["eval"]["metric_for_best"],
-                "selection_split": chosen,
-                "selection": metrics[chosen][resolved["eval"]["metric_for_best"]],
-                "test": metrics.get("test", {}).get(resolved["eval"]["metric_for_best"]),
-                "train_seconds": metrics["train"]["seconds"],
-                "peak_memory_mib": bench.peak_mib(metrics["memory"]["train_peak"]),
-                "trainable_share": metrics["trainable_share"],
-                "collapsed": bool(metrics.get("warnings")),  # the kept model answers one class (run.py)
-            }
-        )
-    return rows
+            with lock:
+                on_start(name)
+        row = _row(name, overrides, bench.run_apart(recipe, overrides, folder / "runs" / name))
+        with lock:
+            done[index] = row
+            if on_done:
+                on_done([done[i] for i in sorted(done)])
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(one, range(len(runs))))
+    return [done[i] for i in range(len(runs))]
+
+
+def _row(name: str, overrides: list[str], outcome: tuple[dict, dict] | str) -> dict:
+    if isinstance(outcome, str):
+        return {"run": name, "overrides": overrides, "error": outcome}
+    metrics, resolved = outcome
+    chosen = "validation" if "validation" in resolved["eval"]["splits"] else resolved["eval"]["splits"][0]
+    return {
+        "run": name,
+        "overrides": overrides,
+        "metric": resolved["eval"]["metric_for_best"],
+        "selection_split": chosen,
+        "selection": metrics[chosen][resolved["eval"]["metric_for_best"]],
+        "test": metrics.get("test", {}).get(resolved["eval"]["metric_for_best"]),
+        "train_seconds": metrics["train"]["seconds"],
+        "peak_memory_mib": bench.peak_mib(metrics["memory"]["train_peak"]),
+        "trainable_share": metrics["trainable_share"],
+        "collapsed": bool(metrics.get("warnings")),  # the kept model answers one class (run.py)
+    }
 
 
 def best(rows: list[dict]) -> dict | None:
@@ -127,8 +149,8 @@ def over_seeds(rows: list[dict]) -> list[dict]:
 
 def write(folder: Path, rows: list[dict], winner: dict | None) -> None:
     results = {"best": winner and winner["run"], "runs": rows, "over_seeds": over_seeds(rows)}
-    (folder / "results.json").write_text(json.dumps(results, indent=2))
-    (folder / "results.md").write_text(markdown(rows, winner))
+    atomic.write_text(folder / "results.json", json.dumps(results, indent=2))
+    atomic.write_text(folder / "results.md", markdown(rows, winner))
     if winner is not None:
         shutil.copy(folder / "runs" / winner["run"] / RECIPE, folder / "best.yaml")
 

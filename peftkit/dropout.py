@@ -18,9 +18,10 @@ bits), 2.28 ms with F.dropout; bytes would save ~1% of a LoRA step and put p = 0
 dropout.py, benchmarks/RESULTS.md).
 
 Used for every dropout of a CPU training run (`train.fast_dropout`, run.py calls `install`): the model's
-nn.Dropout modules (transformers' hidden and attention dropouts, peft's `lora_dropout`) become FastDropout, and
-the model's attention function is wrapped so that the dropout on the attention probabilities is this one too
-(`_Redirect`). Left alone on CUDA, where torch's dropout is fused and fast.
+nn.Dropout modules (transformers' hidden and attention dropouts) become FastDropout, peft's `lora_dropout`s
+become SharedInputDropout (adapted layers reading one tensor share its mask, and skip peft's input cast under
+autocast), and the model's attention function is wrapped so that the dropout on the attention probabilities is
+this one too (`_Redirect`). Left alone on CUDA, where torch's dropout is fused and fast.
 """
 
 import logging
@@ -81,6 +82,77 @@ class FastDropout(torch.nn.Dropout):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fast_dropout(x, self.p, self.training)
+
+
+class _LastDrop:
+    """The adapter dropouts' memory of their last call, shared by the adapter layers of one model."""
+
+    def __init__(self) -> None:
+        self.input = self.output = None
+        self.key: tuple = ()
+
+
+class SharedInputDropout(FastDropout):
+    """FastDropout for adapter branches: adapted layers that read the same input tensor (query, key and value read
+    the block's hidden states; a decoder's gate and up projections the normed stream) drop the same elements of
+    it, drawn once, as one dropout in front of a fused qkv projection (GPT-2's c_attn) does. Each branch still
+    sees a Bernoulli(1 - p) keep-mask scaled by 1 / (1 - p); the branches' masks are now one mask. Saves the
+    repeated draws and mask multiplies of LoRA on every layer (issue 18 part 2). "The same input" is the same
+    tensor object, unmodified (its version), in the same grad mode and the same forward or recomputation, with
+    the same p."""
+
+    def __init__(self, p: float, inplace: bool, last: _LastDrop) -> None:
+        super().__init__(p, inplace)
+        self._last = last  # a plain attribute (not a module): not in state dicts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or x.device.type != "cpu":
+            return super().forward(x)
+        # The backward's task id (-1 outside a backward): gradient checkpointing recomputes a block inside the
+        # backward from its saved input, the very tensor the forward's last adapter dropout of that block saw; it
+        # must draw again (after restoring the generator) as the forward did, not take the forward's cached mask.
+        graph_task = torch._C._current_graph_task_id()
+        last, key = self._last, (x._version, self.p, torch.is_grad_enabled(), graph_task)
+        if last.input is x and last.key == key:
+            return last.output
+        out = super().forward(x)
+        # Holding x keeps its id from being reused by another tensor while cached; autograd holds both anyway.
+        last.input, last.key, last.output = x, key, out
+        return out
+
+
+def _cast_unless_autocast(layer: torch.nn.Module) -> None:
+    """peft casts an adapter layer's input to the adapter's dtype before its dropout (bf16 activations to the fp32
+    adapter: a copy per adapted layer), and autocast then casts it back to bf16 for the matmul. Under autocast
+    the first cast is a round trip for nothing, and it hands each layer its own copy, so layers reading one
+    tensor could not share its dropout: skip it there. Outside autocast peft's cast stays (the dtypes must
+    match). The value reaching the matmul is round_bf16(x * scale) either way."""
+    original = layer._cast_input_dtype
+
+    def cast(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        if x is not None and torch.is_autocast_enabled(x.device.type):
+            return x
+        return original(x, dtype)
+
+    layer._cast_input_dtype = cast
+
+
+def share_adapter_dropouts(model: torch.nn.Module) -> int:
+    """peft adapter layers' dropouts (`lora_dropout`) become SharedInputDropout, one memory per model, and their
+    input casts are skipped under autocast (_cast_unless_autocast). Returns how many layers changed."""
+    last, shared = _LastDrop(), 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if not isinstance(dropouts, torch.nn.ModuleDict) or not hasattr(module, "_cast_input_dtype"):
+            continue
+        if any(isinstance(child, SharedInputDropout) for child in dropouts.values()):  # installed already
+            continue
+        for name, child in list(dropouts.items()):
+            if type(child) in (torch.nn.Dropout, FastDropout):
+                dropouts[name] = SharedInputDropout(child.p, child.inplace, last).train(child.training)
+        _cast_unless_autocast(module)
+        shared += 1
+    return shared
 
 
 def replace_dropouts(model: torch.nn.Module) -> int:
@@ -217,5 +289,9 @@ def wrap_attention(model) -> str:
 def install(model) -> str:
     """Every dropout of `model` fast: its nn.Dropout modules, and its attention's dropout. For CPU training
     (run.py calls it through loading.fast_dropout). Returns what was done, for the log."""
+    shared = share_adapter_dropouts(model)  # first: replace_dropouts takes only plain nn.Dropout modules
     replaced = replace_dropouts(model)
-    return f"{replaced} dropout module(s) replaced; {wrap_attention(model)}"
+    return (
+        f"{replaced} dropout module(s) replaced, {shared} adapter layer(s) sharing one mask per input; "
+        f"{wrap_attention(model)}"
+    )

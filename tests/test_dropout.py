@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from peftkit import dropout, loading
-from peftkit.dropout import FastDropout, effective_p, fast_dropout
+from peftkit.dropout import FastDropout, SharedInputDropout, effective_p, fast_dropout
 
 from .conftest import make_bert
 
@@ -149,7 +149,7 @@ def test_a_tiny_bert_after_the_swap(tmp_path, attn):
     model.train()
     assert not [name for name, m in model.named_modules() if type(m) is torch.nn.Dropout]
     lora = model.base_model.model.bert.encoder.layer[0].attention.self.query.lora_dropout["default"]
-    assert type(lora) is FastDropout and lora.p == 0.1
+    assert type(lora) is SharedInputDropout and lora.p == 0.1
     with torch.profiler.profile() as prof:  # a training step draws no random floats: hidden, attention, LoRA
         model(input_ids=ids, attention_mask=mask).logits.sum().backward()
     assert not RANDOM_FLOATS & {e.key for e in prof.key_averages()}
@@ -158,7 +158,7 @@ def test_a_tiny_bert_after_the_swap(tmp_path, attn):
     torch.manual_seed(9)
     assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, first)
     assert torch.equal(model.eval()(input_ids=ids, attention_mask=mask).logits, before)  # eval: unchanged
-    assert dropout.install(model).startswith("0 dropout module(s) replaced; attention already")
+    assert dropout.install(model).startswith("0 dropout module(s) replaced, 0 adapter layer(s)")
 
 
 def test_the_recipe_switch_and_the_device_decide(tmp_path):
@@ -171,3 +171,54 @@ def test_the_recipe_switch_and_the_device_decide(tmp_path):
         loading.use_fast_dropout(model, recipe, torch.device(device))
         assert any(type(m) is torch.nn.Dropout for m in model.modules()) is expected
         assert model.config._attn_implementation == ("eager" if expected else dropout.PREFIX + "eager")
+
+
+def test_adapted_layers_reading_one_input_share_its_mask_and_skip_the_cast_under_autocast(tmp_path):
+    model = lora_bert(make_bert(tmp_path / "bert"), "eager")
+    dropout.install(model)
+    model.train()
+    attention = model.base_model.model.bert.encoder.layer[0].attention.self
+    seen = {}  # each adapter dropout's input and output, per layer
+    for name in ("query", "value"):
+        module = getattr(attention, name).lora_dropout["default"]
+        module.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, (i[0], o)))
+    ids = torch.randint(5, 30, (4, 12))
+    model(input_ids=ids).logits.sum().backward()
+    (q_in, q_out), (v_in, v_out) = seen["query"], seen["value"]
+    assert q_in is v_in and q_out is v_out  # one draw for the shared hidden states
+    assert 0 < (q_out == 0).float().mean() < 0.3  # and it is a dropout (p 0.1)
+    layer1 = model.base_model.model.bert.encoder.layer[1].attention.self.query.lora_dropout["default"]
+    assert layer1._last is attention.query.lora_dropout["default"]._last  # one memory per model
+    # Another input draws its own mask; the same input after an in-place change too.
+    shared = attention.query.lora_dropout["default"]
+    x = torch.ones(64, 64)
+    first = shared(x)
+    assert shared(x) is first and not torch.equal(shared(torch.ones(64, 64)), first)
+    x.add_(0)
+    assert shared(x) is not first
+    # A bf16 base (as peftkit holds it in bf16 runs) under autocast: the fp32 adapter's input stays the bf16
+    # activation (no copy per layer)...
+    model.base_model.model.bert.to(torch.bfloat16)
+    for module in model.modules():
+        if hasattr(module, "lora_A"):
+            module.lora_A.float(), module.lora_B.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids).logits.sum().backward()
+    assert seen["query"][0].dtype == torch.bfloat16 and seen["query"][0] is seen["value"][0]
+    # ... and outside autocast peft's cast still makes the dtypes meet
+    out = attention.query(torch.randn(2, 3, attention.query.in_features, dtype=torch.bfloat16))
+    assert seen["query"][0].dtype == torch.float32 and out.dtype == torch.bfloat16
+
+
+def test_shared_masks_are_recomputed_alike_under_gradient_checkpointing(tmp_path):
+    def grads(checkpointing: bool) -> list[torch.Tensor]:
+        model = lora_bert(make_bert(tmp_path / f"bert{checkpointing}"), "eager")
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        dropout.install(model)
+        model.train()
+        torch.manual_seed(3)
+        model(input_ids=torch.randint(5, 30, (4, 12))).logits.sum().backward()
+        return [p.grad for p in model.parameters() if p.requires_grad]
+
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads(False), grads(True)))

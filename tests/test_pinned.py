@@ -17,17 +17,19 @@ from .conftest import make_bert, sentiment_rows, small_recipe, write_csv
 # train.fast_dropout (peftkit/dropout.py, on by default on CPUs) changed how dropout masks are drawn: the same
 # distribution, other draws. With train.fast_dropout: false the run still gives the values pinned before it
 # (0.6946322, 0.6865886, 0.6926648, 0.6934558, 0.7129263, 0.6892793, 0.6985517, 0.7044311, 0.7068878, 0.6855808).
+# Re-pinned again when query and value, which read the same hidden states, came to share one LoRA dropout mask
+# (dropout.SharedInputDropout, issue 18 part 2).
 PINNED = [
-    0.6946859,
-    0.6856306,
-    0.6923373,
-    0.6934893,
-    0.7130539,
-    0.6919898,
-    0.7000808,
-    0.7034159,
-    0.7098488,
-    0.6846582,
+    0.6939327,
+    0.6850666,
+    0.6951421,
+    0.6908225,
+    0.7114225,
+    0.6874769,
+    0.6995072,
+    0.7048643,
+    0.7104107,
+    0.6835698,
 ]
 
 RECORD = """

@@ -62,6 +62,18 @@ class Recipe(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _packing_keeps_positions(self) -> Recipe:
+        # peft's prompt tuning and P-tuning drop position_ids (they prepend virtual tokens to the whole row), and
+        # packed sequences are told apart by them (packing.py): the sequences would attend to each other
+        if self.task.type == "causal_lm" and self.task.packing and self.method.name in ("prompt_tuning", "p_tuning"):
+            raise ValueError(
+                f"task.packing does not work with method {self.method.name}: peft drops the position ids that keep "
+                "packed sequences apart, and its virtual tokens would open only the first sequence of each row; "
+                "set task.packing: false, or use another method (lora, prefix_tuning, ...)"
+            )
+        return self
+
     @property
     def output_dir(self) -> Path:
         return Path(self.export.output_dir.format(name=self.name))

@@ -1,4 +1,5 @@
-"""Causal LM: packing, response-only loss with and without a chat template, perplexity, and the CLI."""
+"""Causal LM: packing, response-only loss with and without a chat template, perplexity, and the CLI (chat data and
+packing's isolation: test_chat.py)."""
 
 import csv
 import json
@@ -61,7 +62,14 @@ def test_packing_keeps_every_token_in_full_blocks(tiny_llama):
     plain = causal_lm._texts({"text": texts}, tokenizer, causal_lm.Config(type="causal_lm", max_length=64))
     flat = [t for seq in plain["input_ids"] for t in seq]
     assert [t for block in out["input_ids"] for t in block] == flat
-    assert all(len(b) == 5 for b in out["input_ids"][:-1]) and out["labels"] == out["input_ids"]
+    assert all(len(b) == 5 for b in out["input_ids"][:-1])
+    for ids, labels, positions in zip(out["input_ids"], out["labels"], out["position_ids"]):
+        # every token scored but a text's first in its block, which no token of the same text precedes
+        assert labels == [-100 if p == 0 else t for t, p in zip(ids, positions)]
+    # texts of 7, 6 and 9 tokens ([CLS] ... [SEP] and the end of sequence) in blocks of 5: positions restart at
+    # each text and at each block
+    assert [len(seq) for seq in plain["input_ids"]] == [7, 6, 9]
+    assert out["position_ids"] == [[0, 1, 2, 3, 4], [0, 1, 0, 1, 2], [0, 1, 2, 0, 1], [0, 1, 2, 3, 4], [0, 1]]
 
 
 @pytest.mark.parametrize("template", ["auto", "never"])

@@ -486,7 +486,7 @@ def _encode_numbers(splits: DatasetDict, cfg: DataSection, role: str) -> Dataset
         for row, value in zip(split[ROW], split[role]):
             if _target(value) is None:
                 bad.append(row)
-                values["(none)" if value is None else str(value)] += 1
+                values["(empty)" if value is None else str(value)] += 1
     if bad:
         listed = ", ".join(f"{v!r} ({n:,})" for v, n in values.most_common(5))
         if cfg.unknown_labels == "error":

@@ -78,11 +78,15 @@ def test_label_sets_from_text_and_from_lists_encode_as_0_1_per_label(tmp_path, t
 
 def test_multi_label_text_without_a_separator_and_unknown_labels_are_named(tmp_path, tagged_csv):
     with pytest.raises(UserError, match=r"source row 1 holds the text 'pos\|neg'.*set data.label_separator"):
-        data.load(DataSection(source=str(tagged_csv), columns={"text": "review", "label": "tags"}), TASK, kind="classes")
+        data.load(
+            DataSection(source=str(tagged_csv), columns={"text": "review", "label": "tags"}), TASK, kind="classes"
+        )
     cfg = DataSection(
         source=str(tagged_csv), columns={"text": "review", "label": "tags"}, label_separator="|", labels=["pos"]
     )
-    with pytest.raises(UserError, match=r"row\(s\) have labels not in data.labels: 'neg' \(120\).*unknown_labels: drop"):
+    with pytest.raises(
+        UserError, match=r"row\(s\) have labels not in data.labels: 'neg' \(120\).*unknown_labels: drop"
+    ):
         data.load(cfg, TASK, kind="classes")
     splits, labels = data.load(cfg.model_copy(update={"unknown_labels": "drop"}), TASK, kind="classes")
     assert labels == ["pos"] and sum(len(s) for s in splits.values()) == 120
@@ -137,6 +141,13 @@ def test_the_recipe_checks_keys_against_the_problem_type(tmp_path, tiny_bert, ta
     )
 
 
+def test_every_problem_type_has_metrics_of_the_task_and_a_label_kind():
+    for problem, names in classification.PROBLEM_METRICS.items():
+        config = classification.Config(type="classification", problem_type=problem)
+        assert classification.metrics(config) == names and set(names) <= set(classification.METRICS)
+    assert classification.METRICS[:2] == ("accuracy", "macro_f1")  # single_label's, as before
+
+
 # --- metrics ----------------------------------------------------------------------------------------------------
 
 
@@ -173,8 +184,8 @@ def test_regression_metrics_match_scipy():
 
 
 def test_collapse_is_one_label_set_for_every_row_or_a_constant():
-    from peftkit.train import collapse_message
     from peftkit.sections import TrainSection
+    from peftkit.train import collapse_message
 
     multi = classification.Config(type="classification", problem_type="multi_label")
     actual = [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]]

@@ -64,7 +64,10 @@ class Config(Section):
     )
     max_length: int = Field(256, gt=0, description="Longer texts are truncated to this many tokens.")
     threshold: float = Field(
-        0.5, gt=0, lt=1, description="multi_label: a label is predicted when its probability reaches this (the other problem "
+        0.5,
+        gt=0,
+        lt=1,
+        description="multi_label: a label is predicted when its probability reaches this (the other problem "
         "types do not read it).",
     )
     class_weights: ClassWeights = None  # multi_label: BCE's pos_weight per label (balanced: negatives / positives)

@@ -241,7 +241,8 @@ class EvalSection(Section):
     metric_for_best: str | None = Field(
         None,
         description="Validation metric that picks the adapter to keep; omitted: the task's main metric "
-        "(accuracy for classification, entity F1 for token classification).",
+        "(accuracy for classification, micro_f1 with problem_type multi_label, mse for regression; entity F1 for token "
+        "classification). mse, rmse, mae, loss and perplexity: the lowest is the best.",
     )
     every_steps: int | None = Field(
         None,

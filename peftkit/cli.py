@@ -199,6 +199,8 @@ def _is_file(text: str) -> bool:
 def _cell(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
+    if isinstance(value, dict):  # multi-label probabilities: "sports 0.912, politics 0.103"
+        return ", ".join(f"{k} {v:.3f}" for k, v in value.items())
     if isinstance(value, list):  # entities: "Empire State Building (facility); ..."
         return "; ".join(f"{e['text']} ({e['type']})" if isinstance(e, dict) else str(e) for e in value) or "-"
     return str(value)

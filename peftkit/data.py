@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # annotations only: recipe.py imports the task registry, whos
     from fsspec.core import OpenFile
 
     from peftkit.sections import DataSection
-    from peftkit.tasks.common import Task
+    from peftkit.tasks.common import LabelKind, Task
 
 log = logging.getLogger("peftkit")
 
@@ -43,18 +43,25 @@ _SPLIT_ALIASES = {"valid": "validation", "dev": "validation", "val": "validation
 ROW = "source_row"  # 1-based row of the source split (a csv's data rows after its header; a conll's sentences)
 
 
-def load(cfg: DataSection, task: Task, order: list[str] | None = None) -> tuple[DatasetDict, list[str] | None]:
+def load(
+    cfg: DataSection, task: Task, order: list[str] | None = None, kind: LabelKind = "class"
+) -> tuple[DatasetDict, list[str] | None]:
     """(DatasetDict with train/validation/test, label names or None). `order`: a trained run's labels (its
     peftkit.json), so its data is encoded with the ids the run was trained with, whatever order this version
-    would give a label set read from the data."""
+    would give a label set read from the data. `kind`: what one row's label is (the task's `label_kind` of the
+    recipe's task section): a class id; a set of classes, encoded as a 0/1 float per label; a number (regression,
+    whose "label set" is the one output, named after the label column)."""
     splits = read_source(cfg)
     splits = _select_columns(splits, cfg, task.COLUMNS)
     per_token = task.LABELS_PER_TOKEN
     # remember each row's place in the source, so errors can name it after filtering and splitting
     splits = splits.__class__({k: v.add_column(ROW, list(range(1, len(v) + 1))) for k, v in splits.items()})
     labels = None
-    if task.LABEL_ROLE:
-        splits, labels = _encode_labels(splits, cfg, task.LABEL_ROLE, per_token, order)
+    if task.LABEL_ROLE and kind == "number":
+        splits = _encode_numbers(splits, cfg, task.LABEL_ROLE)
+        labels = [cfg.columns.get(task.LABEL_ROLE, task.LABEL_ROLE)]
+    elif task.LABEL_ROLE:
+        splits, labels = _encode_labels(splits, cfg, task.LABEL_ROLE, per_token, order, many=kind == "classes")
     splits = _check_text(splits, cfg.empty_texts, task.TEXT_ROLES)
     for name, split in splits.items():
         if len(split) == 0:
@@ -62,7 +69,9 @@ def load(cfg: DataSection, task: Task, order: list[str] | None = None) -> tuple[
                 f"data: no rows of the source's {name} split are left after leaving out the rows logged "
                 "above (empty texts, unknown labels); check data.columns and data.labels"
             )
-    splits = _make_splits(splits, cfg, stratify=None if per_token else task.LABEL_ROLE, group=task.SPLIT_BY)
+    # stratified by class when each row has one; label sets and numbers are split at random (seeded by data.seed)
+    stratify = task.LABEL_ROLE if kind == "class" and not per_token else None
+    splits = _make_splits(splits, cfg, stratify=stratify, group=task.SPLIT_BY)
     if cfg.max_samples:
         splits = splits.__class__({k: v.select(range(min(cfg.max_samples, len(v)))) for k, v in splits.items()})
     for name, split in splits.items():
@@ -358,16 +367,29 @@ def label_order(names: Collection[object]) -> list:
 
 
 def _encode_labels(
-    splits: DatasetDict, cfg: DataSection, role: str, per_token: bool = False, order: list[str] | None = None
+    splits: DatasetDict,
+    cfg: DataSection,
+    role: str,
+    per_token: bool = False,
+    order: list[str] | None = None,
+    many: bool = False,
 ) -> tuple[DatasetDict, list[str]]:
     """Map labels (one per row, or one per token when `per_token`) to ids in the label set's order (`order`, a
-    trained run's, when given; labels outside it are unknown labels)."""
-    from datasets import ClassLabel, List
+    trained run's, when given; labels outside it are unknown labels). `many`: each row holds a set of labels (a
+    list, or text split at data.label_separator; none is a row without labels), encoded as one 0/1 float per label
+    in id order, the targets of a sigmoid per label."""
+    from datasets import ClassLabel, List, Value
 
     def items(value: Any) -> list:  # the labels one row carries
-        return value if per_token else [value]
+        if per_token:
+            return value
+        if many:
+            return label_set(value, cfg.label_separator)
+        return [value]
 
-    splits = label_names(splits, role, per_token)
+    splits = label_names(splits, role, per_token or many)
+    if many and cfg.label_separator is None:
+        _check_label_lists(splits, role)
 
     if isinstance(cfg.labels, dict):
         to_name = {str(raw): name for raw, name in cfg.labels.items()}
@@ -405,10 +427,78 @@ def _encode_labels(
         splits = splits.filter(lambda b: [all(str(x) in to_name for x in items(v)) for v in b[role]], batched=True)
 
     label_id = {name: i for i, name in enumerate(names)}
+    if many:
+
+        def encode(value: Any) -> list[float]:
+            ids = {label_id[to_name[str(x)]] for x in items(value)}
+            return [float(i in ids) for i in range(len(names))]
+
+        splits = splits.map(lambda b: {role: [encode(v) for v in b[role]]}, batched=True)
+        return splits.cast_column(role, List(Value("float32"), length=len(names))), names
     encode = (lambda v: [label_id[to_name[str(x)]] for x in v]) if per_token else (lambda v: label_id[to_name[str(v)]])
     splits = splits.map(lambda b: {role: [encode(v) for v in b[role]]}, batched=True)
     label_feature = List(ClassLabel(names=names)) if per_token else ClassLabel(names=names)
     return splits.cast_column(role, label_feature), names
+
+
+def label_set(value: Any, separator: str | None) -> list:
+    """The labels of one multi-label row: a list as it is; text split at `separator` (spaces around each label
+    dropped); nothing (None, an empty text or list) is a row with no label."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        parts = value.split(separator) if separator is not None else [value]
+        return [part.strip() for part in parts if part.strip()]
+    return list(value)
+
+
+def _check_label_lists(splits: DatasetDict, role: str) -> None:
+    """Multi-label without data.label_separator: each row's labels must come as a list, not as text."""
+    for split in splits.values():
+        for row, value in zip(split[ROW], split[role]):
+            if isinstance(value, str):
+                raise UserError(
+                    f"data: multi-label rows hold a list of labels, but source row {row} holds the text {value!r} "
+                    f"in the label column; set data.label_separator to the text between its labels (e.g. '|' or "
+                    "','), or give the labels as lists (JSON arrays)"
+                )
+
+
+def _target(value: object) -> float | None:
+    """A regression target's value: a finite number, or text spelling one ("0.5", "1e-3"); else None."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _encode_numbers(splits: DatasetDict, cfg: DataSection, role: str) -> DatasetDict:
+    """Regression: every row's label a number (float32); rows whose label is not one fail, naming them, or are
+    dropped (data.unknown_labels)."""
+    from datasets import Value
+
+    column = cfg.columns.get(role, role)
+    bad, values = [], Counter()
+    for split in splits.values():
+        for row, value in zip(split[ROW], split[role]):
+            if _target(value) is None:
+                bad.append(row)
+                values["(empty)" if value is None else str(value)] += 1
+    if bad:
+        listed = ", ".join(f"{v!r} ({n:,})" for v, n in values.most_common(5))
+        if cfg.unknown_labels == "error":
+            raise UserError(
+                f"data: {len(bad):,} row(s) have a '{column}' that is not a number, which a regression target must "
+                f"be: {listed} (source rows {_rows(bad)}). Fix those rows, point data.columns.label at the numeric "
+                "column, or set data.unknown_labels: drop to leave them out"
+            )
+        log.info("data: dropped %s row(s) whose '%s' is not a number: %s", f"{len(bad):,}", column, listed)
+        splits = splits.filter(lambda b: [_target(v) is not None for v in b[role]], batched=True)
+    splits = splits.map(lambda b: {role: [_target(v) for v in b[role]]}, batched=True)
+    return splits.cast_column(role, Value("float32"))
 
 
 def _make_splits(splits: DatasetDict, cfg: DataSection, stratify: str | None, group: str | None = None) -> DatasetDict:

@@ -152,7 +152,8 @@ def evaluate_run(run_dir: Path, splits: list[str] | None = None) -> dict:
     """{split: metrics} of a finished run's adapter on its recipe's data (`splits`: default eval.splits), computed
     as in training (no inference-only 4-bit layout), so that they compare with the run's own metrics.json."""
     recipe, task, tokenizer, model, labels = load_trained(run_dir, inference=False)
-    data_splits, _ = data.load(recipe.data, task, order=labels)  # the ids the run was trained with
+    # the ids the run was trained with
+    data_splits, _ = data.load(recipe.data, task, order=labels, kind=task.label_kind(recipe.task))
     splits = splits or recipe.eval.splits
     if not splits:  # eval.splits: [] scores nothing
         return {}

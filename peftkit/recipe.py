@@ -51,14 +51,32 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _metric_belongs_to_task(self) -> Recipe:
-        metrics = TASKS[self.task.type].METRICS
+        task = TASKS[self.task.type]
+        metrics = task.metrics(self.task)
         if self.eval.metric_for_best is None:
             self.eval.metric_for_best = metrics[0]
         if self.eval.metric_for_best not in metrics:
+            # one of the task's metrics under other options (classification's problem_type): say so
+            other = " as its task section sets it up" if self.eval.metric_for_best in task.METRICS else ""
             raise ValueError(
-                f"eval.metric_for_best: '{self.eval.metric_for_best}' is not a metric of task "
-                f"'{self.task.type}'{did_you_mean(self.eval.metric_for_best, metrics)}; choose one of: "
-                + ", ".join(metrics)
+                f"eval.metric_for_best: '{self.eval.metric_for_best}' is not a metric of task '{self.task.type}'"
+                f"{other}{did_you_mean(self.eval.metric_for_best, metrics)}; choose one of: " + ", ".join(metrics)
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _labels_fit_the_task(self) -> Recipe:
+        """The data section's label keys that only one kind of label takes (Task.label_kind)."""
+        kind = TASKS[self.task.type].label_kind(self.task)
+        if kind == "number" and self.data.labels is not None:
+            raise ValueError(
+                "data.labels: a regression target is a number, not one of a label set; remove data.labels (rows "
+                "whose label is not a number fail, or are dropped with data.unknown_labels: drop)"
+            )
+        if kind != "classes" and self.data.label_separator is not None:
+            raise ValueError(
+                "data.label_separator splits a row's labels for multi-label classification "
+                "(task.problem_type: multi_label); remove it, or set that problem type"
             )
         return self
 

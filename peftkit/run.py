@@ -59,7 +59,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
                 f", {accelerator.num_processes} processes" if accelerator.num_processes > 1 else "",
             )
             tracked = tracking.start(recipe, accelerator, run_dir, resumed=resume_from is not None)
-            splits, labels = data.load(recipe.data, task)
+            splits, labels = data.load(recipe.data, task, kind=task.label_kind(recipe.task))
             missing = [s for s in recipe.eval.splits if s not in splits]
             if missing:
                 raise UserError(f"eval.splits: no {', '.join(missing)} split (the data has {', '.join(splits)})")

@@ -85,10 +85,20 @@ class DataSection(Section):
         None,
         description="The label set, in id order; or a mapping raw value -> label name (several raw values may "
         "share a name). Omitted: the distinct values found in the data, numbers by value (1, 2, 10; also when "
-        "written as text), anything else sorted as text with a tagging's outside tag O first.",
+        "written as text), anything else sorted as text with a tagging's outside tag O first. Not for regression "
+        "(task.problem_type: regression), whose label column holds numbers.",
     )
     unknown_labels: Literal["error", "drop"] = Field(
-        "error", description="What to do with rows whose label is not in `labels`: fail, or drop and report."
+        "error",
+        description="What to do with rows whose label is not in `labels` (regression: not a number): fail, or "
+        "drop and report.",
+    )
+    label_separator: str | None = Field(
+        None,
+        min_length=1,
+        description="Multi-label (task.problem_type: multi_label): the text between a row's labels when the label "
+        "column holds text, e.g. '|' for 'sports|politics' (spaces around each label are dropped; an empty "
+        "cell is a row with no label). Omitted: the column holds lists (JSON arrays, parquet lists).",
     )
     empty_texts: Literal["error", "drop"] = Field(
         "error",
@@ -231,7 +241,8 @@ class EvalSection(Section):
     metric_for_best: str | None = Field(
         None,
         description="Validation metric that picks the adapter to keep; omitted: the task's main metric "
-        "(accuracy for classification, entity F1 for token classification).",
+        "(accuracy for classification, micro_f1 with problem_type multi_label, mse for regression; entity F1 for token "
+        "classification). mse, rmse, mae, loss and perplexity: the lowest is the best.",
     )
     every_steps: int | None = Field(
         None,

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("peftkit")
 
-LOWER_IS_BETTER = {"loss", "perplexity"}
+LOWER_IS_BETTER = {"loss", "perplexity", "mse", "rmse", "mae"}
 
 
 def resolve_precision(choice: str, device: torch.device) -> str:
@@ -501,7 +501,9 @@ def evaluate(
     metrics = task.compute_metrics(predictions, references, labels, config, loader.dataset)
     # rows: how many encoded rows were scored (QA: windows) — the split's size, whatever the process count
     metrics["rows"] = len(predictions)
-    if task.LABEL_ROLE is not None:  # a label set: say how many classes the model predicts, and if only one
+    if task.LABEL_ROLE is not None and task.label_kind(config) == "class":
+        # a label set: say how many classes the model predicts, and if only one (label sets and numbers: the
+        # task's compute_metrics checks for its own kind of collapse)
         metrics.update(_class_counts(predictions, references, labels))
     return metrics
 
@@ -527,11 +529,15 @@ def _class_counts(predictions: list, references: list, labels: list[str]) -> dic
 
 
 def collapse_message(metrics: dict, cfg: TrainSection) -> str:
-    """What a collapsed evaluation means, with the numbers and what to change (`cfg`: the run's train section)."""
-    return (
+    """What a collapsed evaluation means, with the numbers and what to change (`cfg`: the run's train section).
+    A task that checks its own kind of collapse (multi-label, regression) says what it saw in `collapse_detail`."""
+    seen = metrics.get("collapse_detail") or (
         f"the model predicts '{metrics['collapsed_to']}' for all {metrics['collapsed_over']} scored, while the data "
         f"has {metrics['reference_classes']} classes: it has collapsed to one class (its accuracy, "
-        f"{metrics['collapsed_share']:.3f}, is that class's share). Likely fixes: a lower train.lr (now "
+        f"{metrics['collapsed_share']:.3f}, is that class's share)"
+    )
+    return (
+        f"{seen}. Likely fixes: a lower train.lr (now "
         f"{cfg.lr:g}; try 2-5x lower), a longer train.warmup_ratio (now {cfg.warmup_ratio:g}), more epochs, or "
         "a learnable signal in the data (check the labels)"
     )

@@ -9,7 +9,7 @@ import pytest
 from peftkit.methods import METHODS
 from peftkit.methods.base import OPTIONAL, Method
 from peftkit.tasks import TASKS
-from peftkit.tasks.common import Task
+from peftkit.tasks.common import LabelKind, Task
 
 
 def _protocol_functions(protocol) -> dict[str, inspect.Signature]:
@@ -58,6 +58,9 @@ def test_every_task_follows_the_task_contract(name):
         assert _accepts(getattr(task, function), signature), f"{name}.{function}{signature}"
     assert typing.get_args(task.Config.model_fields["type"].annotation) == (name,), "task.type is its key"
     assert task.METRICS and all(isinstance(m, str) for m in task.METRICS)
+    default = task.Config(type=name)  # the section with every option at its default
+    assert task.metrics(default) and set(task.metrics(default)) <= set(task.METRICS), "metrics(config): of METRICS"
+    assert task.label_kind(default) in typing.get_args(LabelKind)
     assert set(task.COLUMNS) and all(isinstance(required, bool) for required in task.COLUMNS.values())
     assert task.LABEL_ROLE is None or task.LABEL_ROLE in task.COLUMNS
     assert task.SPLIT_BY is None or task.SPLIT_BY in task.COLUMNS

@@ -33,6 +33,18 @@ BASES = [
         "method": {"name": "bottleneck"},
     },
     {"model": {"name": "m"}, "data": {"source": "d.txt"}, "task": {"type": "causal_lm"}, "method": {"name": "adalora"}},
+    {
+        "model": {"name": "m"},
+        "data": {"source": "d.csv", "label_separator": "|"},
+        "task": {"type": "classification", "problem_type": "multi_label", "threshold": 0.4},
+        "method": {"name": "ia3"},
+    },
+    {
+        "model": {"name": "m"},
+        "data": {"source": "d.csv"},
+        "task": {"type": "classification", "problem_type": "regression"},
+        "method": {"name": "lora"},
+    },
 ]
 POSITIVE = {
     "r",
@@ -50,6 +62,7 @@ POSITIVE = {
     "n_best",
     "max_new_tokens",
     "merge_tolerance",
+    "threshold",
 }
 BAD_YAML = [
     "model: [unclosed",

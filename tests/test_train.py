@@ -123,7 +123,7 @@ def job_for(path: Path, run_dir: Path | None = None, method: ModuleType | Simple
     task, module = TASKS[recipe.task.type], METHODS[recipe.method.name]
     accelerator = train.make_accelerator(recipe.train.precision, recipe.train.grad_accum)
     set_seed(recipe.train.seed)
-    splits, labels = data.load(recipe.data, task)
+    splits, labels = data.load(recipe.data, task, kind=task.label_kind(recipe.task))
     steps = train.total_steps(len(splits["train"]), recipe.train, accelerator.num_processes)
     tokenizer, model = loading.adapted_model(
         recipe, task, labels, accelerator.device, train.precision_of(accelerator), steps

@@ -34,7 +34,9 @@ def model_card(
     task, method, base_model = info["task"], info["method"], info["base_model"]
     pipeline, auto_class = TASKS[task].PIPELINE_TAG, TASKS[task].AUTO_CLASS
     splits = [s for s in recipe.eval.splits if isinstance(metrics.get(s), dict)]
-    names = [m for m in TASKS[task].METRICS if any(isinstance(metrics[s].get(m), (int, float)) for s in splits)]
+    names = [
+        m for m in TASKS[task].metrics(recipe.task) if any(isinstance(metrics[s].get(m), (int, float)) for s in splits)
+    ]
     on_hub = _hub_model_id(base_model)
     dataset = _hub_dataset(recipe.data.source)
     results = None

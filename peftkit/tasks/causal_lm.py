@@ -29,6 +29,7 @@ from peftkit import assets, packing
 from peftkit.data import ROW
 from peftkit.errors import UserError
 from peftkit.sections import Section
+from peftkit.tasks.common import LabelKind
 
 if TYPE_CHECKING:
     import torch
@@ -345,6 +346,16 @@ def prompt_and_full(
 
 def _ids(encoded: "BatchEncoding | list[int]") -> list[int]:
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+def metrics(config: Config) -> tuple[str, ...]:
+    """Every one of METRICS, whatever the section says."""
+    return METRICS
+
+
+def label_kind(config: Config) -> LabelKind:
+    """No label role: the answer of tasks without one."""
+    return "class"
 
 
 def loss(config: Config, train: "Dataset", labels: list[str] | None) -> None:

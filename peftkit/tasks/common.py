@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("peftkit")
 
+LabelKind = Literal["class", "classes", "number"]  # Task.label_kind: what one row's label is
+
 
 @runtime_checkable
 class Task(Protocol):
@@ -29,11 +31,20 @@ class Task(Protocol):
     LABEL_ROLE: ClassVar[str | None]  # the column `data.labels` applies to (None: the task has no label set)
     LABELS_PER_TOKEN: ClassVar[bool]  # that column holds a list, one label per token (else one per row)
     SPLIT_BY: ClassVar[str | None]  # a column whose rows must stay in one split when splits are cut
-    METRICS: ClassVar[tuple[str, ...]]  # what compute_metrics returns; eval.metric_for_best is one of them
+    METRICS: ClassVar[tuple[str, ...]]  # every metric compute_metrics can return (`metrics(config)`: which, here)
     PEFT_TASK_TYPE: ClassVar[Literal["SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "CAUSAL_LM"]]  # so plain peft loads it
     AUTO_CLASS: ClassVar[str]  # the transformers Auto class with this task's head (model cards, `peftkit init`)
     PIPELINE_TAG: ClassVar[str]  # the Hub's name for the task (model cards)
     HEAD_MODULES: ClassVar[tuple[str, ...]]  # names the head may have: the ones present train in full, saved
+
+    def metrics(self, config: Any) -> tuple[str, ...]:
+        """What compute_metrics returns under this task section (a subset of METRICS, which lists every metric the
+        task can return): eval.metric_for_best is one of them, the first by default."""
+
+    def label_kind(self, config: Any) -> LabelKind:
+        """What one row's LABEL_ROLE value is under this task section (data.load encodes it): "class", one label
+        name (per token when LABELS_PER_TOKEN); "classes", a set of label names (multi-label); "number", a
+        regression target. Tasks without a label role answer "class"."""
 
     def load_model(self, path: str, labels: list[str] | None, tokenizer: Any, **kwargs: Any) -> Any:
         """The pretrained model with this task's head (a fresh one over `labels`)."""

@@ -19,6 +19,7 @@ from pydantic import Field
 from peftkit.data import ROW
 from peftkit.errors import UserError
 from peftkit.sections import Section
+from peftkit.tasks.common import LabelKind
 
 if TYPE_CHECKING:
     import torch
@@ -163,6 +164,16 @@ def _windows(tokenizer: "PreTrainedTokenizerBase", batch: dict[str, list], confi
         "gold_answers": golds,
         "example_id": ids,
     }
+
+
+def metrics(config: Config) -> tuple[str, ...]:
+    """Every one of METRICS, whatever the section says."""
+    return METRICS
+
+
+def label_kind(config: Config) -> LabelKind:
+    """No label role: the answer of tasks without one."""
+    return "class"
 
 
 def loss(config: Config, train: "Dataset", labels: list[str] | None) -> None:

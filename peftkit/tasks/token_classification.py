@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field
 
 from peftkit.sections import Section
-from peftkit.tasks.common import ClassWeights, LabelSmoothing, class_loss, load_labelled_model
+from peftkit.tasks.common import ClassWeights, LabelKind, LabelSmoothing, class_loss, load_labelled_model
 
 if TYPE_CHECKING:
     import torch
@@ -82,6 +82,16 @@ def preprocess(splits: "DatasetDict", tokenizer: "PreTrainedTokenizerBase", conf
         return labels
 
     return splits.map(encode, batched=True, remove_columns=first.column_names, desc="tokenize")
+
+
+def metrics(config: Config) -> tuple[str, ...]:
+    """Every one of METRICS, whatever the section says."""
+    return METRICS
+
+
+def label_kind(config: Config) -> LabelKind:
+    """One tag per token (LABELS_PER_TOKEN)."""
+    return "class"
 
 
 loss = class_loss  # the Task hook: class weights and label smoothing (tasks/common.py)

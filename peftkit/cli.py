@@ -154,6 +154,18 @@ def predict(
             "(repeat)."
         ),
     ] = None,
+    max_new_tokens: Annotated[
+        Optional[int],
+        typer.Option(min=1, help="Causal LM: tokens to generate (default: the run's task.max_new_tokens)."),
+    ] = None,
+    temperature: Annotated[
+        Optional[float],
+        typer.Option(help="Causal LM: sample at this temperature, above 0 (default: greedy)."),
+    ] = None,
+    top_p: Annotated[
+        Optional[float], typer.Option(help="Causal LM: sample from this nucleus probability mass, in (0, 1].")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Causal LM, sampling: the seed (the same seed, the same answers).")] = 0,
 ) -> None:
     """Run a finished run's adapter on texts given inline or in a file; with --adapter, several runs' adapters on
     one base, switched without reloading it."""
@@ -179,6 +191,21 @@ def predict(
         if recipe.task.type != "question_answering":
             raise UserError(f"--context is for question answering; this run's task is {recipe.task.type}")
         options["context"] = Path(context).read_text(encoding="utf-8") if _is_file(context) else context
+    sampling = {"temperature": temperature, "top_p": top_p}
+    if max_new_tokens is not None or any(v is not None for v in sampling.values()):
+        if recipe.task.type != "causal_lm":
+            raise UserError(
+                f"--max-new-tokens, --temperature and --top-p are for generation (causal_lm); this run's task is "
+                f"{recipe.task.type}"
+            )
+        from peftkit.sections import GenerateSection
+
+        chosen = {k: v for k, v in sampling.items() if v is not None}
+        if not all(v > 0 for v in chosen.values()) or chosen.get("top_p", 1) > 1:
+            raise UserError("--temperature must be above 0, and --top-p in (0, 1]")
+        options["options"] = GenerateSection(
+            max_new_tokens=max_new_tokens or recipe.task.max_new_tokens, do_sample=bool(chosen), seed=seed, **chosen
+        )
     if adapter:
         rows = multi_adapter.predict(loaded, items, **options)
     else:

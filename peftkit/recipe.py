@@ -81,6 +81,15 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
+    def _generation_is_for_decoders(self) -> Recipe:
+        if self.eval.generate is not None and self.task.type != "causal_lm":
+            raise ValueError(
+                f"eval.generate scores generated answers (task causal_lm with prompt/response or chat data); task "
+                f"{self.task.type} answers without generating: remove eval.generate"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _packing_keeps_positions(self) -> Recipe:
         # peft's prompt tuning and P-tuning drop position_ids (they prepend virtual tokens to the whole row), and
         # packed sequences are told apart by them (packing.py): the sequences would attend to each other

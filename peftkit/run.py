@@ -12,17 +12,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peftkit import atomic, checkpoint, data, export, loading, measure, tracking, train
+from peftkit import atomic, checkpoint, data, export, generation, loading, measure, tracking, train
 from peftkit.errors import UserError, is_out_of_memory, out_of_memory
 from peftkit.methods import METHODS
 from peftkit.recipe import Recipe
 from peftkit.run_folder import ADAPTER, LOG, METRICS, RECIPE
 from peftkit.sharing import hub
-from peftkit.tasks import TASKS
+from peftkit.tasks import TASKS, causal_lm
 
 if TYPE_CHECKING:
+    import torch
     from accelerate import Accelerator
     from datasets import DatasetDict
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger("peftkit")
 
@@ -90,6 +92,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
 
             encoded = task.preprocess(splits, tokenizer, recipe.task)
             _check_encoded(encoded, recipe)
+            prompts = _answer_prompts(splits, tokenizer, recipe)  # eval.generate's, checked before training
+            generated = {}
             collate = task.collator(tokenizer)
             before = {}
             if recipe.eval.before_training and resume_from is None:
@@ -105,6 +109,10 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
                             recipe.task,
                         )
                     log.info("before training, %s: %s", split, train.short(before[split]))
+            if prompts and resume_from is None:
+                model.to(accelerator.device)
+                with accelerator.autocast():
+                    generated["before_training"] = _generate(model, tokenizer, prompts, recipe, main, "before training")
             job = train.Job(
                 model, encoded, collate, task, recipe, accelerator, labels, method, run_dir=run_dir, tracking=tracked
             )
@@ -118,6 +126,9 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
                     loader = train.eval_loader(encoded[split], collate, recipe, accelerator)
                     final[split] = train.evaluate(model, loader, task, labels, accelerator, recipe.task)
                 log.info("%s: %s", split, train.short(final[split]))
+            if prompts:
+                with accelerator.autocast():
+                    generated.update(_generate(accelerator.unwrap_model(model), tokenizer, prompts, recipe, main))
             tracked.final(result["steps"], final)
             # a model that answers one class whatever the input learned nothing: said last, loudly (the CLI: red)
             warnings = [
@@ -135,6 +146,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
             metrics = {
                 **final,
                 **({"before_training": before} if before else {}),
+                **({"generation": generated} if generated else {}),
                 **counts,
                 "adapter_bytes": export.adapter_bytes(adapter_dir),
                 "train": result,
@@ -156,6 +168,55 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
             logging.getLogger("peftkit").removeHandler(handler)
             handler.close()
     return recipe.output_dir
+
+
+def _answer_prompts(
+    splits: DatasetDict, tokenizer: PreTrainedTokenizerBase, recipe: Recipe
+) -> dict[str, list[tuple[list[int], str]]]:
+    """eval.generate: each evaluated split's first prompts with their reference answers (none when it is off)."""
+    if recipe.eval.generate is None:
+        return {}
+    prompts = {}
+    for split in recipe.eval.splits:
+        prompts[split] = causal_lm.answer_prompts(splits[split], tokenizer, recipe.task, recipe.eval.generate.samples)
+        if not prompts[split]:
+            raise UserError(
+                f"eval.generate: the {split} split has no answers to compare generated ones with (plain text); "
+                "give prompt/response or chat (messages) data, or remove eval.generate"
+            )
+    return prompts
+
+
+def _generate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: dict[str, list[tuple[list[int], str]]],
+    recipe: Recipe,
+    main: bool,
+    when: str = "",
+) -> dict:
+    """Each split's answers, generated and scored (generation.py), with a few examples; on the main process (the
+    others go on to wait for it at the next synchronisation)."""
+    if not main:
+        return {}
+    scores = {}
+    for split, pairs in prompts.items():
+        answers = generation.generate(model, tokenizer, [ids for ids, _ in pairs], recipe.eval.generate)
+        references = [reference for _, reference in pairs]
+        scores[split] = {
+            **generation.score(answers, references),
+            "examples": [{"reference": r, "generated": a} for r, a in zip(references[:3], answers[:3])],
+        }
+        log.info(
+            "%s%s, generated: exact match %.1f  F1 %.1f  ROUGE-L %.1f (%d answers)",
+            f"{when}, " if when else "",
+            split,
+            scores[split]["exact_match"],
+            scores[split]["f1"],
+            scores[split]["rouge_l"],
+            scores[split]["answers"],
+        )
+    return scores
 
 
 @contextlib.contextmanager

@@ -236,6 +236,22 @@ def _as_bool(value: Any) -> bool | None:
         return None
 
 
+class GenerateSection(Section):
+    """Causal LM with answers (prompt/response pairs, or chat data): the model writes answers to the first
+    `samples` prompts of each evaluated split, before training and with the kept adapter, scored against the
+    references by exact match, token F1 and ROUGE-L."""
+
+    samples: int = Field(
+        32, gt=0, description="Prompts answered per split (each assistant turn of a conversation is a prompt)."
+    )
+    max_new_tokens: int = Field(64, gt=0, description="Tokens generated per answer at most.")
+    do_sample: bool = Field(False, description="Sample (with temperature and top_p); false: greedy decoding.")
+    temperature: float = Field(1.0, gt=0, description="Sampling only: divides the logits.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Sampling only: nucleus sampling's probability mass.")
+    seed: int = Field(0, description="Sampling only: the generator's seed, so the answers are reproducible.")
+    batch_size: int = Field(8, gt=0, description="Prompts generated at once (left-padded).")
+
+
 class EvalSection(Section):
     batch_size: int = Field(64, gt=0)
     metric_for_best: str | None = Field(
@@ -255,6 +271,11 @@ class EvalSection(Section):
         False,
         description="Also evaluate those splits before the first step (the base model, for methods that "
         "start as the identity), to show what training changed.",
+    )
+    generate: GenerateSection | None = Field(
+        None,
+        description="Causal LM with answers: also generate answers and score them (exact match, token F1, "
+        "ROUGE-L) before training and after, on eval.splits. Omitted: perplexity only.",
     )
 
 

@@ -125,7 +125,7 @@ def test_lm_run_reports_perplexity_before_and_after_and_generates(tmp_path, tiny
         "task": {"type": "causal_lm", "max_length": 32},
         "method": {"name": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "o_proj"]},
         "train": {"batch_size": 8, "lr": 2e-2, "max_steps": 12},
-        "eval": {"before_training": True},
+        "eval": {"before_training": True, "generate": {"samples": 6, "max_new_tokens": 3}},
         "export": {"output_dir": str(tmp_path / "runs" / "{name}")},
     }
     (tmp_path / "lm.yaml").write_text(yaml.safe_dump(recipe))
@@ -135,6 +135,19 @@ def test_lm_run_reports_perplexity_before_and_after_and_generates(tmp_path, tiny
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert "metric_for_best: perplexity" in (run_dir / "recipe.yaml").read_text()
     assert metrics["test"]["perplexity"] < metrics["before_training"]["test"]["perplexity"]
+    for when in ("before_training", "after"):  # eval.generate: answers scored before training and after
+        scores = metrics["generation"] if when == "after" else metrics["generation"][when]
+        assert set(scores) >= {"validation", "test"}
+        test = scores["test"]
+        assert test["answers"] == 6 and len(test["examples"]) == 3
+        assert all(0 <= test[k] <= 100 for k in ("exact_match", "f1", "rouge_l"))
     result = peftkit_here("predict", run_dir, "was the movie superb")
     assert result.returncode == 0, result.stderr
     assert "generated" in result.stdout
+    sampled = [
+        peftkit_here("predict", run_dir, "was the movie superb", "a dull", "--max-new-tokens", "3", *flags).stdout
+        for flags in (["--temperature", "0.9", "--seed", "1"],) * 2
+    ]
+    assert sampled[0] == sampled[1] and "generated" in sampled[0]  # sampling, seeded: reproducible
+    result = peftkit_here("predict", run_dir, "x", "--temperature", "0")
+    assert result.returncode == 2 and "above 0" in result.stderr

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
-from peftkit import assets, packing
+from peftkit import assets, generation, packing
 from peftkit.data import ROW
 from peftkit.errors import UserError
 from peftkit.sections import Section
@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from peft import PeftModel
     from transformers import BatchEncoding, PreTrainedModel, PreTrainedTokenizerBase
     from transformers.utils import ModelOutput
+
+    from peftkit.sections import GenerateSection
 
 # text, or prompt + response, or messages (OpenAI-style) / conversations (ShareGPT): checked in preprocess
 COLUMNS = {"text": False, "prompt": False, "response": False, "messages": False, "conversations": False}
@@ -175,6 +177,30 @@ def _pairs(batch: dict[str, list], tokenizer: "PreTrainedTokenizerBase", config:
     if config.packing:
         return packing.pack(input_ids, labels, config.max_length, chunk=False)
     return _rows(input_ids, labels)
+
+
+def answer_prompts(
+    rows: "Dataset", tokenizer: "PreTrainedTokenizerBase", config: Config, limit: int
+) -> list[tuple[list[int], str]]:
+    """(prompt token ids, reference answer) for the first `limit` answers of a split, as training renders them:
+    each assistant turn of a conversation (the conversation before it, with the generation prompt), or each
+    prompt/response pair. Empty for plain text, which has no answers (eval.generate then says so)."""
+    columns = rows.column_names
+    chats = [c for c in ("messages", "conversations") if c in columns]
+    found: list[tuple[list[int], str]] = []
+    if chats:
+        numbers = rows[ROW] if ROW in columns else range(1, len(rows) + 1)
+        for row, value in zip(numbers, rows[chats[0]]):
+            for history, reference in assistant_turns(conversation(value, row)):
+                prompt = render(tokenizer, history, True, row)
+                found.append((list(tokenizer(prompt, add_special_tokens=False)["input_ids"]), reference))
+                if len(found) == limit:
+                    return found
+    elif "prompt" in columns and "response" in columns:
+        use_template = chat_template(tokenizer, config) is not None
+        for prompt, response in zip(rows["prompt"][:limit], rows["response"][:limit]):
+            found.append((prompt_and_full(tokenizer, prompt, None, use_template)[0], response))
+    return found
 
 
 def _rows(input_ids: list[list[int]], labels: list[list[int]]) -> dict:
@@ -405,35 +431,30 @@ def compute_metrics(
 
 
 def predict(
-    model: "PreTrainedModel | PeftModel", tokenizer: "PreTrainedTokenizerBase", texts: list[str], config: Config
+    model: "PreTrainedModel | PeftModel",
+    tokenizer: "PreTrainedTokenizerBase",
+    texts: list[str],
+    config: Config,
+    options: "GenerateSection | None" = None,
 ) -> list[dict]:
-    """Greedy continuation of each prompt. With a chat template (the run's, saved with its tokenizer) a text is the
-    user's message, or a whole conversation so far as a JSON list of messages ({role, content} or ShareGPT's
+    """A continuation of each prompt, generated in batches (greedy unless `options` sample; max_new_tokens from
+    `options`, else task.max_new_tokens). With a chat template (the run's, saved with its tokenizer) a text is
+    the user's message, or a whole conversation so far as a JSON list of messages ({role, content} or ShareGPT's
     {from, value}), and the model writes the assistant's next turn."""
-    import torch
+    from peftkit.sections import GenerateSection
 
     template = None if config.chat_template == "never" else tokenizer.chat_template
-    device = next(model.parameters()).device
-    results = []
+    prompts = []
     for number, text in enumerate(texts, 1):
         history = _history(text, number) if template is not None else None
         if history is not None:
             prompt = render(tokenizer, history, True, f"{number} of the input")
-            prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            prompts.append(list(tokenizer(prompt, add_special_tokens=False)["input_ids"]))
         else:
-            prompt_ids, _ = prompt_and_full(tokenizer, text, None, template is not None)
-        ids = torch.tensor([prompt_ids], device=device)
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=config.max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        generated = tokenizer.decode(out[0, len(prompt_ids) :], skip_special_tokens=True)
-        results.append({"prompt": text, "generated": generated})
-    return results
+            prompts.append(prompt_and_full(tokenizer, text, None, template is not None)[0])
+    options = options or GenerateSection(max_new_tokens=config.max_new_tokens)
+    answers = generation.generate(model, tokenizer, prompts, options)
+    return [{"prompt": text, "generated": answer} for text, answer in zip(texts, answers)]
 
 
 def _history(text: str, number: int) -> list[dict[str, str]] | None:

@@ -58,7 +58,7 @@ def main(argv: list[str]) -> None:
     _, _, _, model, _ = load_trained(args.run, torch.device("cpu"))
     merged = model.merge_and_unload().float().eval()
     print(f"# {describe()}; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {args.threads} threads")
-    print("| batch | tokens | torch fp32 eager ms | torch fp32 sdpa ms | torch bf16 ms | onnxruntime fp32 ms | max diff |")
+    print("| batch | tokens | torch fp32 eager ms | torch fp32 sdpa ms | torch bf16 ms | onnxruntime fp32 ms | diff |")
     print("|---|---|---|---|---|---|---|")
     for size in (1, 32):
         texts = (TEXTS * 8)[:size]

@@ -5,11 +5,13 @@ model in torch, on this CPU:
 
 Batches: 1 text and 32 texts of movie-review length (~20-40 tokens), padded to the longest, as `predict` would.
 torch runs the merged model in fp32 (`merge_and_unload` of the run's adapter, eager and sdpa attention), and in
-bf16 where this CPU computes it natively; onnxruntime the fp32 file with its default graph optimisations. Each
-time is the median over `repeats` calls after 3 warm-up calls; also the max abs logit difference.
+bf16 where this CPU computes it natively; onnxruntime the fp32 file with its default graph optimisations. The
+variants alternate call by call (a shared machine's other load hits them alike); min / median ms over `repeats`
+rounds after 3 warm-up rounds; also the max abs logit difference.
 """
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -28,15 +30,17 @@ TEXTS = [
 ]
 
 
-def median_ms(call: object, repeats: int) -> float:
-    for _ in range(3):
-        call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+def timed(calls: dict[str, object], repeats: int) -> dict[str, tuple[float, float]]:
+    """{name: (min ms, median ms)}: the calls alternate, one each per round, so that other load on a shared
+    machine hits them alike; 3 warm-up rounds first."""
+    times = {name: [] for name in calls}
+    for round_ in range(3 + repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if round_ >= 3:
+                times[name].append(1000 * (time.perf_counter() - start))
+    return {name: (min(t), statistics.median(t)) for name, t in times.items()}
 
 
 def main(argv: list[str]) -> None:
@@ -57,28 +61,36 @@ def main(argv: list[str]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.onnx)
     _, _, _, model, _ = load_trained(args.run, torch.device("cpu"))
     merged = model.merge_and_unload().float().eval()
+    models = {"eager": copy.deepcopy(merged), "sdpa": merged}  # set once: switching per call costs time of its own
+    for attention, each in models.items():
+        each.set_attn_implementation(attention)
     print(f"# {describe()}; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {args.threads} threads")
-    print("| batch | tokens | torch fp32 eager ms | torch fp32 sdpa ms | torch bf16 ms | onnxruntime fp32 ms | diff |")
+    print("| batch | tokens | torch fp32 eager | torch fp32 sdpa | torch bf16 sdpa | onnxruntime fp32 | diff |")
     print("|---|---|---|---|---|---|---|")
     for size in (1, 32):
         texts = (TEXTS * 8)[:size]
         pt = tokenizer(texts, padding=True, return_tensors="pt")
         feed = {n: pt[n].numpy() for n in names}
-        rows = {}
-        for attention in ("eager", "sdpa"):
-            merged.set_attn_implementation(attention)
-            with torch.inference_mode():
-                rows[attention] = median_ms(lambda: merged(**pt), args.repeats)  # noqa: B023
-                want = merged(**pt).logits
-        bf16 = "n/a (emulated)"
+
+        def torch_call(attention: str, bf16: bool = False) -> object:
+            def call() -> None:
+                with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    models[attention](**pt)  # noqa: B023
+
+            return call
+
+        calls = {"eager": torch_call("eager"), "sdpa": torch_call("sdpa")}
         if cpu_bf16_native():
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-                bf16 = f"{median_ms(lambda: merged(**pt), args.repeats):.1f}"  # noqa: B023
-        ort = median_ms(lambda: session.run(["logits"], feed), args.repeats)  # noqa: B023
+            calls["bf16"] = torch_call("sdpa", bf16=True)
+        calls["ort"] = lambda: session.run(["logits"], feed)  # noqa: B023
+        result = timed(calls, args.repeats)
+        with torch.inference_mode():
+            want = merged(**pt).logits
         diff = (want - torch.from_numpy(session.run(["logits"], feed)[0])).abs().max().item()
+        cell = {name: f"{low:.1f} / {mid:.1f}" for name, (low, mid) in result.items()}
         print(
-            f"| {size} | {pt['input_ids'].shape[1]} | {rows['eager']:.1f} | {rows['sdpa']:.1f} | {bf16} | "
-            f"{ort:.1f} | {diff:.2g} |"
+            f"| {size} | {pt['input_ids'].shape[1]} | {cell['eager']} | {cell['sdpa']} | "
+            f"{cell.get('bf16', 'n/a (emulated)')} | {cell['ort']} | {diff:.2g} |"
         )
 
 

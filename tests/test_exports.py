@@ -41,12 +41,12 @@ def bpe_tokenizer(folder):
 
 @pytest.fixture(scope="module")
 def decoders(tmp_path_factory):
-    """{'llama': folder, 'gpt2': folder}: 2-layer decoders over the BPE tokenizer; the Llama has grouped-query
-    attention (4 heads, 2 KV heads) and tied embeddings, as SmolLM2."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    """{'llama' / 'gpt2' / 'qwen2': folder}: 2-layer decoders over the BPE tokenizer; the Llama has grouped-query
+    attention (4 heads, 2 KV heads) and tied embeddings, as SmolLM2; Qwen2 is an architecture GGUF export refuses."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     folders = {}
-    for name in ("llama", "gpt2"):
+    for name in ("llama", "gpt2", "qwen2"):
         folder = tmp_path_factory.mktemp("models") / f"tiny-{name}-bpe"
         tokenizer = bpe_tokenizer(folder)
         ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
@@ -56,9 +56,13 @@ def decoders(tmp_path_factory):
                                  num_key_value_heads=2, intermediate_size=128, max_position_embeddings=128,
                                  tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, **ids)  # fmt: skip
             LlamaForCausalLM(config).save_pretrained(folder)
-        else:
+        elif name == "gpt2":
             config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=4, n_positions=128, **ids)
             GPT2LMHeadModel(config).save_pretrained(folder)
+        else:
+            shape = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+            config = Qwen2Config(vocab_size=len(tokenizer), intermediate_size=64, max_position_embeddings=128, **shape, **ids)
+            Qwen2ForCausalLM(config).save_pretrained(folder)
         folders[name] = folder
     return folders
 
@@ -162,12 +166,37 @@ def test_q_k_permutation_is_llama_cpps_interleaved_rotary_layout():
     assert rows == [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15]
 
 
-def test_gguf_refuses_other_architectures_and_tasks(tmp_path_factory, decoders, tiny_bert, tmp_path):
-    gpt2_run = lm_run(decoders["gpt2"], tmp_path_factory.mktemp("gpt2"), "gpt", ["c_attn"])
-    result = peftkit_here("export", gpt2_run, "--format", "gguf", "--out", tmp_path / "gpt2.gguf")
-    assert result.returncode == 2 and "supports the llama architecture" in result.stderr and "'gpt2'" in result.stderr
-    assert "Traceback" not in result.stderr and not list(tmp_path.iterdir())
-    result = peftkit_here("export", gpt2_run, "--format", "onnx", "--out", tmp_path / "gpt2-onnx")
+@pytest.mark.parametrize("dtype", ["f32", "q8_0"])
+def test_gpt2_gguf_export_loads_back_with_the_adapters_logits(tmp_path_factory, decoders, tmp_path, dtype):
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.loading import load_trained
+
+    run = lm_run(decoders["gpt2"], tmp_path_factory.mktemp("gpt2"), "gpt", ["c_attn", "c_proj", "c_fc"])
+    out = tmp_path / "gpt.gguf"
+    result = peftkit_here("export", run, "--format", "gguf", "--dtype", dtype, "--out", out)
+    assert result.returncode == 0, result.stderr
+    reader = gguf.GGUFReader(out)
+    fields = {name: field.contents() for name, field in reader.fields.items()}
+    assert fields["general.architecture"] == "gpt2" and fields["gpt2.context_length"] == 128
+    assert fields["gpt2.embedding_length"] == 32 and fields["gpt2.feed_forward_length"] == 128
+    tensors = {t.name: t for t in reader.tensors}
+    assert {"output.weight", "position_embd.weight", "blk.1.attn_qkv.weight"} <= set(tensors)  # gpt2 reads output
+    assert tensors["position_embd.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    _, _, tokenizer, adapted, _ = load_trained(run, torch.device("cpu"))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32, n_positions=128)
+    texts = ["the movie was good", "a dull plot and a boring story"]
+    for want, got in zip(logits_of(adapted.float(), tokenizer, texts), logits_of(loaded.eval(), tokenizer, texts)):
+        assert (want - got).abs().max() <= BOUNDS[dtype] * (want.max() - want.min()) + 1e-6
+
+
+def test_gguf_refuses_other_architectures_and_tasks(tmp_path_factory, decoders, tmp_path):
+    qwen_run = lm_run(decoders["qwen2"], tmp_path_factory.mktemp("qwen2"), "qwen", ["q_proj", "v_proj"])
+    result = peftkit_here("export", qwen_run, "--format", "gguf", "--out", tmp_path / "qwen.gguf")
+    assert result.returncode == 2 and "supports the llama and gpt2 architectures" in result.stderr
+    assert "'qwen2'" in result.stderr and "Traceback" not in result.stderr and not list(tmp_path.iterdir())
+    result = peftkit_here("export", qwen_run, "--format", "onnx", "--out", tmp_path / "qwen-onnx")
     assert result.returncode == 2 and "this is a causal_lm run" in result.stderr
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("peftkit")
 
 DTYPES = ("f32", "f16", "bf16", "q8_0")
-SUPPORTED = {"llama": "LLAMA"}  # transformers model_type -> gguf.MODEL_ARCH member
+SUPPORTED = {"llama": "LLAMA", "gpt2": "GPT2"}  # transformers model_type -> gguf.MODEL_ARCH member
 # largest max-abs logit difference accepted, as a share of the logits' range (max - min) on the prompts; f32 is
 # held to the recipe's export.merge_tolerance in absolute terms instead
 BOUNDS = {"f16": 0.01, "bf16": 0.05, "q8_0": 0.05}
@@ -80,8 +81,8 @@ def export_gguf(run_dir: Path, out: Path, dtype: str, overwrite: bool, verify: b
         model_type = config.get("model_type")
         if model_type not in SUPPORTED:
             raise UserError(
-                f"GGUF export supports the {', '.join(SUPPORTED)} architecture (e.g. SmolLM2, Llama 3, Mistral-style "
-                f"decoders); this run's base is '{model_type}'. Serve it with its adapter instead (README: serving)"
+                f"GGUF export supports the {' and '.join(SUPPORTED)} architectures (e.g. SmolLM2, Llama 3, GPT-2); "
+                f"this run's base is '{model_type}'. Serve it with its adapter instead (README: serving)"
             )
         with atomic.writing_file(out, overwrite) as tmp:
             write(folder, config, tmp, dtype)
@@ -100,18 +101,45 @@ def write(folder: Path, config: dict, path: Path, dtype: str) -> None:
 
     arch = gguf.MODEL_ARCH[SUPPORTED[config["model_type"]]]
     file_type, tensor_type = _types(dtype)
-    n_head, n_blocks = config["num_attention_heads"], config["num_hidden_layers"]
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(folder.name)
+    writer.add_string("general.generator", f"peftkit {__version__}")
+    hyper = _llama if config["model_type"] == "llama" else _gpt2
+    tensors = hyper(writer, config)
+    writer.add_file_type(file_type)
+    _vocab(writer, AutoTokenizer.from_pretrained(folder), folder, config["vocab_size"])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    names = gguf.TensorNameMap(arch, config.get("num_hidden_layers") or config["n_layer"])
+    state: dict[str, torch.Tensor] = {}
+    for part in sorted(folder.glob("model*.safetensors")):
+        state |= load_file(part)
+    for name, tensor in state.items():
+        for gguf_name, data in tensors(name, tensor.float(), names):
+            _add_tensor(writer, gguf_name, data.numpy(), tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _name(names: object, name: str) -> str:
+    found = names.get_name(name, try_suffixes=(".weight", ".bias"))
+    if found is None:
+        raise UserError(f"GGUF export: no llama.cpp name for tensor {name}; the model is not a plain Llama / GPT-2")
+    return found
+
+
+def _llama(writer: object, config: dict) -> Callable:
+    """Llama's hyper-parameters (convert_hf_to_gguf.py's LlamaModel); returns its tensor conversion."""
+    n_head = config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_head
     head_dim = config.get("head_dim") or config["hidden_size"] // n_head
     rope = config.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default":
         raise UserError(f"GGUF export: rope scaling '{rope['rope_type']}' is not written yet; plain RoPE only")
-
-    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
-    writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(folder.name)
-    writer.add_string("general.generator", f"peftkit {__version__}")
-    writer.add_block_count(n_blocks)
+    writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_feed_forward_length(config["intermediate_size"])
@@ -121,36 +149,46 @@ def write(folder: Path, config: dict, path: Path, dtype: str) -> None:
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_file_type(file_type)
     writer.add_vocab_size(config["vocab_size"])
     writer.add_rope_dimension_count(head_dim)
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    _vocab(writer, tokenizer, folder, config["vocab_size"])
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-    names = gguf.TensorNameMap(arch, n_blocks)
-    state: dict[str, torch.Tensor] = {}
-    for part in sorted(folder.glob("model*.safetensors")):
-        state |= load_file(part)
-    for name, tensor in state.items():
+    def tensors(name: str, data: torch.Tensor, names: object) -> list[tuple[str, torch.Tensor]]:
         if name == "lm_head.weight" and config.get("tie_word_embeddings"):
-            continue  # tied: llama.cpp reads the output projection from token_embd (no output.weight)
+            return []  # tied: llama.cpp reads the output projection from token_embd (no output.weight)
         if name.endswith("rotary_emb.inv_freq"):
-            continue
-        data = tensor.float()
+            return []
         if name.endswith(("q_proj.weight", "q_proj.bias")):
             data = permute(data, n_head)
         elif name.endswith(("k_proj.weight", "k_proj.bias")):
             data = permute(data, n_kv)
-        new_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
-        if new_name is None:
-            raise UserError(f"GGUF export: no llama.cpp name for tensor {name}; this model is not a plain Llama")
-        _add_tensor(writer, new_name, data.numpy(), tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+        return [(_name(names, name), data)]
+
+    return tensors
+
+
+def _gpt2(writer: object, config: dict) -> Callable:
+    """GPT-2's hyper-parameters (convert_hf_to_gguf.py's GPT2Model); returns its tensor conversion: Conv1D
+    weights (in, out) transposed to (out, in), and the output projection written as a copy of the embedding
+    (GPT-2 ties them; llama.cpp's gpt2 graph reads output.weight)."""
+    writer.add_block_count(config["n_layer"])
+    writer.add_context_length(config["n_positions"])
+    writer.add_embedding_length(config["n_embd"])
+    writer.add_feed_forward_length(config.get("n_inner") or 4 * config["n_embd"])
+    writer.add_head_count(config["n_head"])
+    writer.add_layer_norm_eps(config["layer_norm_epsilon"])
+    conv1d = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+
+    def tensors(name: str, data: torch.Tensor, names: object) -> list[tuple[str, torch.Tensor]]:
+        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+            return []  # causal-mask buffers; lm_head is the embedding, written below
+        if name.endswith(conv1d):
+            data = data.T.contiguous()
+        found = [(_name(names, name), data)]
+        if name.endswith("wte.weight"):
+            found.append(("output.weight", data))
+        return found
+
+    return tensors
 
 
 def permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -174,8 +212,9 @@ def _types(dtype: str) -> tuple[int, int]:
 def _add_tensor(writer: object, name: str, data: np.ndarray, tensor_type: int) -> None:
     import gguf
 
-    # norms and 1-D tensors in f32, as llama.cpp's converter and its kernels expect
-    qtype = gguf.GGMLQuantizationType.F32 if data.ndim <= 1 or name.endswith("_norm.weight") else tensor_type
+    # norms, 1-D tensors and position embeddings in f32, as llama.cpp's converter and its kernels expect
+    keep = data.ndim <= 1 or name.endswith("_norm.weight") or name == "position_embd.weight"
+    qtype = gguf.GGMLQuantizationType.F32 if keep else tensor_type
     try:
         quantized = gguf.quantize(data, qtype)
     except gguf.QuantError:  # rows not a multiple of the quant block: f16, as the converter falls back
@@ -235,7 +274,12 @@ def check(folder: Path, path: Path, dtype: str, tolerance: float) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    # transformers 5.24's loader reads gpt2.context_length into `n_ctx`, which GPT2Config ignores, so a model with
+    # n_positions other than GPT-2's 1024 would not load: state it (the file's own value is checked by tests)
+    extra = {"n_positions": config["n_positions"]} if config["model_type"] == "gpt2" else {}
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, **extra)
+    loaded.eval()
     from_file = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     same_tokens = all(from_file.encode(p, add_special_tokens=False) == tokenizer.encode(p, add_special_tokens=False)
                       for p in PROMPTS)  # fmt: skip

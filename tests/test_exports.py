@@ -61,7 +61,7 @@ def decoders(tmp_path_factory):
             GPT2LMHeadModel(config).save_pretrained(folder)
         else:
             shape = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
-            config = Qwen2Config(vocab_size=len(tokenizer), intermediate_size=64, max_position_embeddings=128, **shape, **ids)
+            config = Qwen2Config(vocab_size=len(tokenizer), intermediate_size=64, **shape, **ids)
             Qwen2ForCausalLM(config).save_pretrained(folder)
         folders[name] = folder
     return folders

@@ -261,7 +261,7 @@ def export(
     hub_dir: HubDir = None,
 ) -> None:
     """Merge the adapter into its base (verified as `peftkit merge` does) and export the merged model for serving:
-    GGUF for a Llama-architecture decoder, an ONNX folder (model.onnx, config, tokenizer) for an encoder
+    GGUF for a Llama-architecture or GPT-2 decoder, an ONNX folder (model.onnx, config, tokenizer) for an encoder
     classifier, tagger or QA model. The export is then loaded back and its logits compared."""
     _quiet_libraries()
     from peftkit.sharing.hub import resolve_run

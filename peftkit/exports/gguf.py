@@ -1,4 +1,5 @@
-"""`peftkit export --format gguf`: a merged decoder as one GGUF file for llama.cpp / Ollama.
+"""`peftkit export --format gguf`: a merged decoder (Llama architecture, or GPT-2) as one GGUF file for llama.cpp /
+Ollama.
 
 The file holds what llama.cpp's `convert_hf_to_gguf.py` writes for a Llama-architecture model: the
 hyper-parameters under `llama.*`, the byte-level BPE tokenizer (`tokenizer.ggml.*`: tokens, token types, merges,
@@ -11,6 +12,9 @@ Two conversions matter:
   thing (transformers' GGUF loader applies the inverse when it reads the file back, which the verification uses).
 - Tied embeddings (SmolLM2): no `output.weight` is written; llama.cpp then uses `token_embd.weight` as the
   output projection, and transformers' loader sets `tie_word_embeddings` from its absence.
+
+GPT-2 (its converter's GPT2Model): Conv1D weights are stored (in, out) and transposed to (out, in), and
+`output.weight` is written as a copy of the embedding, which llama.cpp's gpt2 graph reads.
 
 Norms and other 1-D tensors stay f32 whatever the dtype (as the converter keeps them); a 2-D tensor whose rows are
 not a multiple of q8_0's 32-value block falls back to f16, as in the converter.

@@ -236,13 +236,13 @@ def test_a_missing_library_is_a_user_error_naming_the_install(monkeypatch, tmp_p
 # ONNX
 
 
-def encoder_run(folder, tiny_bert, task, data, columns):
+def encoder_run(folder, tiny_bert, task, data, columns, **task_options):
     import yaml
 
     recipe = {
         "model": {"name": str(tiny_bert)},
         "data": {"source": str(data), **({"columns": columns} if columns else {})},
-        "task": {"type": task, "max_length": 32},
+        "task": {"type": task, "max_length": 32, **task_options},
         "method": {"name": "lora", "r": 4, "alpha": 8},
         "train": {"batch_size": 16, "lr": 1e-2, "max_steps": 3},
         "export": {"output_dir": str(folder / "runs" / "{name}")},
@@ -294,7 +294,39 @@ def test_onnx_export_matches_torch_in_onnxruntime(task, tmp_path, tiny_bert, sen
     assert fp16.returncode == 2 and "fp32 only" in fp16.stderr and not (tmp_path / "half").exists()
 
 
-def test_onnx_refuses_nothing_else_and_gguf_refuses_a_classifier(tmp_path, tiny_bert, sentiment_csv):
+def test_onnx_export_of_extractive_qa_gives_start_and_end_logits(tmp_path, tiny_bert):
+    import onnxruntime
+    from transformers import AutoTokenizer
+
+    from peftkit.loading import load_trained
+
+    from .test_qa import squad_document
+
+    data = tmp_path / "squad.json"
+    data.write_text(json.dumps(squad_document(30)))
+    run = encoder_run(tmp_path, tiny_bert, "question_answering", data, None, max_length=48, doc_stride=16)
+    out = tmp_path / "onnx"
+    result = peftkit_here("export", run, "--format", "onnx", "--out", out)
+    assert result.returncode == 0, result.stderr
+    info = json.loads((out / "peftkit.json").read_text())
+    assert info["outputs"] == ["start_logits", "end_logits"]
+    # peft's QA model drops token_type_ids, so the adapter trained with segment ids 0: so does the export
+    assert info["inputs"] == ["input_ids", "attention_mask"]
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    pairs = (
+        ["was the movie good", "who was dull"],
+        ["the movie was good and lovely", "the actor was dull but the plot was fine"],
+    )
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    batch = tokenizer(*pairs, padding=True, return_tensors="np")
+    start, end = session.run(["start_logits", "end_logits"], {i.name: batch[i.name] for i in session.get_inputs()})
+    _, _, _, adapted, _ = load_trained(run, torch.device("cpu"))
+    with torch.no_grad():
+        want = adapted.float()(**tokenizer(*pairs, padding=True, return_tensors="pt"))
+    assert np.abs(start - want.start_logits.numpy()).max() < 1e-4 and np.abs(end - want.end_logits.numpy()).max() < 1e-4
+
+
+def test_gguf_refuses_a_classifier_and_export_an_unknown_format(tmp_path, tiny_bert, sentiment_csv):
     run = encoder_run(tmp_path, tiny_bert, "classification", sentiment_csv, {"text": "review", "label": "sentiment"})
     result = peftkit_here("export", run, "--format", "gguf", "--out", tmp_path / "x.gguf")
     assert result.returncode == 2 and "GGUF export is for causal-LM" in result.stderr

@@ -5,8 +5,9 @@ The folder is laid out as Hugging Face Optimum's ONNX models are, so `optimum.on
 plain onnxruntime session both read it:
 
     model.onnx                 fp32, opset 17; inputs input_ids, attention_mask (and token_type_ids where the
-                               model takes them), int64 (batch, sequence) with both axes dynamic; outputs logits
-                               (start_logits / end_logits for question answering)
+                               model takes them, except for QA: see export_onnx), int64 (batch, sequence)
+                               with both axes dynamic; outputs logits (start_logits / end_logits for question
+                               answering)
     config.json                the merged model's config, id2label included (the label map)
     tokenizer files            what encodes text the way training did
     peftkit.json               task, labels, inputs and outputs, the verification's numbers
@@ -68,6 +69,11 @@ def export_onnx(run_dir: Path, out: Path, dtype: str, overwrite: bool, verify: b
     with merged_folder(run_dir) as (folder, merge_report), atomic.building(out, overwrite) as tmp:
         model, tokenizer = _load(folder, recipe.task.type)
         inputs = input_names(model, tokenizer)
+        if recipe.task.type == "question_answering" and "token_type_ids" in inputs:
+            # peft 0.21's PeftModelForQuestionAnswering does not pass token_type_ids on to the model, so the adapter
+            # was trained and evaluated with every segment id 0; the export computes that too (the input left out,
+            # BERT then uses zeros) instead of what the merged model would do with real segment ids
+            inputs.remove("token_type_ids")
         outputs, output_axes = OUTPUTS[recipe.task.type]
         export(model, tokenizer, inputs, outputs, output_axes, tmp / MODEL)
         for file in folder.iterdir():  # config (label map) and tokenizer; the weights are in model.onnx

@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml requirements/nodeps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e ".[quant,assets,bench,tensorboard,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[quant,assets,bench,tensorboard,export,dev]"
 	$(BIN)/python -m pip install --quiet --no-deps -r requirements/nodeps.txt
 	touch $@
 

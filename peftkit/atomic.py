@@ -33,6 +33,29 @@ def building(target: Path, overwrite: bool, keep_failed: bool = False, resume: b
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def writing_file(target: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield the path to write one file into (`<target>.partial`, in the same folder, so the rename is atomic).
+    On success it becomes `target` (replacing an old one if `overwrite`); on failure it is deleted."""
+    target = Path(target)
+    partial = partial_of(target)
+    check_file(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial.unlink(missing_ok=True)  # left by a killed earlier attempt: a file is cheap to write again
+    try:
+        yield partial
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(target)
+
+
+def check_file(target: Path, overwrite: bool) -> None:
+    """Refuse, with the fix, to replace an existing output file without being told to."""
+    if Path(target).exists() and not overwrite:
+        raise UserError(f"{target} already exists; pass --overwrite (or --force) to replace it, or choose another name")
+
+
 def partial_of(target: Path) -> Path:
     return Path(target).with_name(Path(target).name + ".partial")
 

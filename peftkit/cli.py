@@ -273,6 +273,60 @@ def merge(
 
 
 @app.command()
+def export(
+    run_dir: RunDir,
+    fmt: Annotated[str, typer.Option("--format", help="gguf (decoders: llama.cpp, Ollama) or onnx (encoders).")],
+    out: Annotated[
+        Optional[Path],
+        typer.Option(help="The .gguf file, or the ONNX folder. Default: <run name>-<dtype>.gguf / <run name>-onnx"),
+    ] = None,
+    dtype: Annotated[
+        Optional[str], typer.Option(help="gguf: f32, f16 (default), bf16, q8_0. onnx: fp32 (the only one).")
+    ] = None,
+    overwrite: Annotated[bool, _replace("output")] = False,
+    verify: Annotated[
+        bool, typer.Option(help="Load the export back (transformers' GGUF loader / onnxruntime) and compare logits.")
+    ] = True,
+    hub_dir: HubDir = None,
+) -> None:
+    """Merge the adapter into its base (verified as `peftkit merge` does) and export the merged model for serving:
+    GGUF for a Llama-architecture or GPT-2 decoder, an ONNX folder (model.onnx, config, tokenizer) for an encoder
+    classifier, tagger or QA model. The export is then loaded back and its logits compared."""
+    _quiet_libraries()
+    from peftkit.sharing.hub import resolve_run
+
+    run = resolve_run(run_dir, hub_dir)
+    if fmt == "gguf":
+        from peftkit.exports.gguf import export_gguf
+
+        dtype = dtype or "f16"
+        report = export_gguf(run, out or Path(f"{run.name}-{dtype}.gguf"), dtype, overwrite, verify)
+    elif fmt == "onnx":
+        from peftkit.exports.onnx import export_onnx
+
+        report = export_onnx(run, out or Path(f"{run.name}-onnx"), dtype or "fp32", overwrite, verify)
+    else:
+        raise UserError(f"--format {fmt}: choose gguf or onnx")
+    console.print(
+        f"exported ({fmt}, {report['dtype']}): [bold]{report['output']}[/]  {report['bytes'] / 2**20:.1f} MiB; "
+        f"merge check: max abs logit difference {report['merge_max_abs_diff']:.3g}"
+    )
+    if "max_abs_diff" not in report:
+        console.print("not verified (--no-verify)")
+    elif fmt == "gguf":
+        console.print(
+            f"loaded back with transformers: max abs logit difference {report['max_abs_diff']:.3g} "
+            f"({report['relative_diff']:.2g} of the logits' range; bound {report['bound']}), "
+            f"top-1 agreement {report['top1_agreement']:.3f}, tokenizer round trip ok"
+        )
+    else:
+        console.print(
+            f"onnxruntime vs torch: max abs logit difference {report['max_abs_diff']:.3g} "
+            f"(tolerance {report['tolerance']:g})"
+        )
+
+
+@app.command()
 def bench(
     recipes: Annotated[list[Path], typer.Argument(help="Recipe files to measure.")],
     method: Annotated[

@@ -139,7 +139,10 @@ def _logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     import torch
 
     with torch.no_grad():
-        return model(**batch).logits.float()
+        outputs = model(**batch)
+    if "logits" in outputs:
+        return outputs.logits.float()
+    return torch.stack([outputs.start_logits, outputs.end_logits], dim=-1).float()  # extractive QA: (B, T, 2)
 
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

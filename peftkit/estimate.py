@@ -409,3 +409,14 @@ def available_mib(device: torch.device) -> float | None:
     except OSError:
         pass
     return None
+
+
+def warning(recipe: Recipe, processes: int = 1, device: str | None = None) -> str | None:
+    """One line for `peftkit run` on a GPU when the estimate exceeds the free device memory, else None."""
+    result = estimate(recipe, processes, device=device)
+    if result.available_mib is None or result.needed_mib <= result.available_mib:
+        return None
+    return (
+        f"memory: the estimate is {result.needed_mib:,.0f} MiB per process and {result.available_mib:,.0f} MiB "
+        f"are free on the {result.device}; it may run out (`peftkit estimate` splits it; {recipe.name} runs anyway)"
+    )

@@ -400,6 +400,8 @@ def available_mib(device: torch.device) -> float | None:
     import torch
 
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return None
         free, _ = torch.cuda.mem_get_info(device)
         return free / MIB
     try:

@@ -123,6 +123,59 @@ def schema(
         print(text)
 
 
+@app.command()
+def estimate(
+    recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")],
+    overrides: Overrides = None,
+    processes: Annotated[
+        int, typer.Option(min=1, help="As `peftkit run --processes N`: each process holds the whole model.")
+    ] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the estimate as JSON.")] = False,
+) -> None:
+    """Will it fit? The peak memory per process of `peftkit run RECIPE`, predicted from the model's config on the
+    meta device (no weights loaded, no training): weights, trainables, gradients, optimizer, activations, runtime."""
+    from peftkit.recipe import load_recipe
+
+    parsed = load_recipe(recipe, overrides or [])
+    _quiet_libraries()
+    from peftkit import estimate as estimating
+
+    result = estimating.estimate(parsed, processes)
+    if as_json:
+        print(json.dumps(result.as_dict(), indent=2))
+        return
+    facts = result.facts
+    table = Table("part", "MiB", "what")
+    about = {
+        "runtime": "torch, transformers, peft, data; measured in this process"
+        if result.device == "cpu"
+        else "CUDA context (typical)",
+        "base weights": f"frozen: {facts['bits']}-bit linear layers, the rest {facts['base_dtype']}"
+        if facts["bits"]
+        else f"frozen, {facts['base_dtype']}",
+        "trainable": f"{facts['trainable_params']:,} fp32 parameters (and the best evaluation's copy)",
+        "gradients": "fp32" + (", and DDP's buckets" if processes > 1 else ""),
+        "optimizer": "AdamW: two fp32 states per trainable parameter",
+        "activations": f"peak of a {facts['peak_phase']}: batch {facts['batch_size']} (eval "
+        f"{facts['eval_batch_size']}) x {facts['length']} tokens, {facts['precision']}, {facts['attention']}"
+        + (", gradient checkpointing" if facts["gradient_checkpointing"] else ""),
+    }
+    for part, mib in result.parts.items():
+        table.add_row(part, f"{mib:,.0f}", about[part])
+    table.add_row("[bold]total per process[/]", f"[bold]{result.total_mib:,.0f}[/]", "")
+    console.print(table)
+    console.print(f"tokens per row: {facts['length']}, {facts['length_source']}", highlight=False)
+    for note in result.notes:
+        console.print(note, highlight=False)
+    where = "free on the GPU" if result.device == "cuda" else "available (MemAvailable)"
+    available = "unknown" if result.available_mib is None else f"{result.available_mib:,.0f} MiB"
+    needed = f"{result.needed_mib:,.0f} MiB" + (
+        f" for {processes} processes" if result.needed_mib != result.total_mib else ""
+    )
+    colour = {"fits": "green", "tight": "yellow", "does not fit": "red"}.get(result.verdict, "white")
+    console.print(f"[bold {colour}]{result.verdict}[/]: needs {needed}; {available} {where}", highlight=False)
+
+
 @app.command("eval")
 def evaluate(
     run_dir: RunDir,

@@ -56,11 +56,7 @@ def load_base(
     common = {"revision": recipe.model.revision, "trust_remote_code": recipe.model.trust_remote_code}
     if recipe.model.trust_remote_code:
         log.warning("model.trust_remote_code is on: code from %s will run on this machine", recipe.model.name)
-    attn = recipe.model.attn_implementation
-    if attn == "auto":
-        # Measured (benchmarks/RESULTS.md): under bf16 autocast on CPU, SDPA's flash-attention backward is ~2.5x
-        # slower than eager attention; in fp32 on CPU and on GPUs SDPA is as fast or faster.
-        attn = "eager" if device.type == "cpu" and precision == "bf16" else "sdpa"
+    attn = attention(recipe, device, precision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(ref, **common)
         if tokenizer.pad_token is None:  # GPT-2 / Llama tokenizers have none; padding reuses end-of-sequence
@@ -76,6 +72,15 @@ def load_base(
     return tokenizer, model
 
 
+def attention(recipe: Recipe, device: torch.device, precision: str) -> str:
+    """The attention implementation the base is loaded with (model.attn_implementation, auto resolved)."""
+    if recipe.model.attn_implementation != "auto":
+        return recipe.model.attn_implementation
+    # Measured (benchmarks/RESULTS.md): under bf16 autocast on CPU, SDPA's flash-attention backward is ~2.5x
+    # slower than eager attention; in fp32 on CPU and on GPUs SDPA is as fast or faster.
+    return "eager" if device.type == "cpu" and precision == "bf16" else "sdpa"
+
+
 def adapted_model(
     recipe: Recipe, task: Task, labels: list[str] | None, device: torch.device, precision: str, total_steps: int
 ) -> tuple[PreTrainedTokenizerBase, torch.nn.Module]:
@@ -83,6 +88,19 @@ def adapted_model(
     train, in fp32), gradient checkpointing and the fast dropout as the recipe asks, and the tokenizer padding on
     the side the method needs. What `peftkit run` trains; `total_steps`: the run's optimizer steps."""
     tokenizer, model = load_base(recipe, task, labels, device, precision)
+    return tokenizer, adapt(model, tokenizer, recipe, task, device, total_steps)
+
+
+def adapt(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    recipe: Recipe,
+    task: Task,
+    device: torch.device,
+    total_steps: int,
+) -> torch.nn.Module:
+    """The base `model` made ready to train, as adapted_model does it (and `peftkit estimate` on a model without
+    weights, on the meta device): gradient checkpointing, the method, fp32 trainables, fast dropout, padding side."""
     if recipe.train.gradient_checkpointing:
         # Non-reentrant: the reentrant variant drops gradients when the checkpointed block's inputs do not
         # require grad, which is the case with a frozen (e.g. quantised) base.
@@ -93,7 +111,7 @@ def adapted_model(
     trainable_in_fp32(model)  # a bf16 base (model.dtype) left the copied task head in bf16
     use_fast_dropout(model, recipe, device)
     tokenizer.padding_side = optional(method, "padding_side")(context) or tokenizer.padding_side
-    return tokenizer, model
+    return model
 
 
 def use_fast_dropout(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peftkit import atomic, checkpoint, data, export, generation, loading, measure, tracking, train
+from peftkit import atomic, checkpoint, data, estimate, export, generation, loading, measure, tracking, train
 from peftkit.errors import UserError, is_out_of_memory, out_of_memory
 from peftkit.methods import METHODS
 from peftkit.recipe import Recipe
@@ -61,6 +61,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
                 f", {accelerator.num_processes} processes" if accelerator.num_processes > 1 else "",
             )
             tracked = tracking.start(recipe, accelerator, run_dir, resumed=resume_from is not None)
+            if main and accelerator.device.type == "cuda":
+                _warn_if_too_big(recipe, accelerator.num_processes)
             splits, labels = data.load(recipe.data, task, kind=task.label_kind(recipe.task))
             missing = [s for s in recipe.eval.splits if s not in splits]
             if missing:
@@ -271,6 +273,18 @@ def _differences(old: Any, new: Any, path: str = "") -> list[str]:
             for line in _differences(old.get(key, "(none)"), new.get(key, "(none)"), f"{path}{key}.")
         ]
     return [] if old == new else [f"{path.rstrip('.')}: {old} -> {new}"]
+
+
+def _warn_if_too_big(recipe: Recipe, processes: int) -> None:
+    """One warning line before a GPU run whose estimated peak exceeds the free device memory; never blocks (an
+    estimate that fails is only logged)."""
+    try:
+        line = estimate.warning(recipe, processes, device="cuda")
+    except Exception as err:  # noqa: BLE001 - a forecast must not stop the run it forecasts
+        log.debug("memory estimate failed: %s: %s", type(err).__name__, err)
+        return
+    if line:
+        log.warning("%s", line)
 
 
 def _memory_knobs(recipe: Recipe) -> str:

@@ -212,7 +212,39 @@ def design(
     m, packing = _task_section(d, task, roles, first, facts)
     _method(d, task, facts)
     _train_section(d, task, facts, m, packing, len(first), "validation" in splits)
+    try:
+        _memory(d, task, facts, labels, min(m["max"], m["value"]) if not packing else m["value"])
+    except Exception as err:  # noqa: BLE001 - a comment the recipe can do without; said, not fatal
+        log.info("memory estimate left out of the recipe: %s: %s", type(err).__name__, err)
     return d
+
+
+def _memory(d: Design, task: str, facts: ModelFacts, labels: list | None, length: int) -> None:
+    """`peftkit estimate`'s figure for the designed recipe, as a comment atop train: the model built on the meta
+    device from the config inspect_model read, adapted as the run will adapt it."""
+    import torch
+    import transformers
+
+    from peftkit import estimate, loading
+    from peftkit.recipe import validate
+
+    recipe = validate({"name": "init", **d.spec})
+    device_type, precision = hardware()
+    device = torch.device(device_type)
+    model = estimate.meta_model(
+        transformers.AutoConfig.from_pretrained(facts.ref),
+        TASKS[task].AUTO_CLASS,
+        labels,
+        facts.tokenizer,
+        loading.attention(recipe, device, precision),
+        loading.base_dtype(recipe, precision),
+    )
+    model = loading.adapt(model, facts.tokenizer, recipe, TASKS[task], device, 1000)
+    found = estimate.from_model(model, recipe, device, precision, length, "", estimate.runtime_mib(device))
+    parts = ", ".join(f"{name} {mib:,.0f}" for name, mib in found.parts.items())
+    line = f"memory: about {found.total_mib:,.0f} MiB at the peak ({parts} MiB; `peftkit estimate` splits it)"
+    d.explain("train", line)
+    d.summary.append(f"{line}: {found.verdict} here")
 
 
 def _data_section(

@@ -74,7 +74,8 @@ def shard(model: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    model.to(accelerator.device)
+    # no model.to(device) first: fully_shard moves each unit's weights to the mesh's device as it shards them, so a
+    # GPU holds the shards so far and one whole block at a time, never the whole model
     mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
     names = block_classes(model)
     tied = _tied_parameters(model)

@@ -24,7 +24,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peftkit.methods.base import load_trainable, trainable_tensors
+from peftkit import sharding
+from peftkit.methods.base import load_trainable
 from peftkit.training_state import Optimization, TrainingState
 
 if TYPE_CHECKING:
@@ -34,9 +35,13 @@ DIR = "checkpoints"
 RNG = ("torch_rng", "cuda_rng", "python_rng")  # state.json's keys for TrainingState.rng
 
 
-def save(run_dir: Path, keep: int, model: torch.nn.Module, optimization: Optimization, state: TrainingState) -> Path:
-    """Write `state` whole (its `rng` taken by the caller: rng_now()) with `model`'s trainable tensors and
-    `optimization`'s states, as <run_dir>/checkpoints/step-<state.step>."""
+def save(
+    run_dir: Path, keep: int, weights: dict, optimizer_state: dict, optimization: Optimization, state: TrainingState
+) -> Path:
+    """Write `state` whole (its `rng` taken by the caller: rng_now()) with the model's trainable tensors (`weights`:
+    methods.base.trainable_tensors), the optimizer's state (sharding.optimizer_state: whole under FSDP too) and
+    `optimization`'s other states, as <run_dir>/checkpoints/step-<state.step>. Taking `weights` and
+    `optimizer_state` is a collective under FSDP, so every process takes them and the main process alone saves."""
     from safetensors.torch import save_file
 
     root = Path(run_dir) / DIR
@@ -44,11 +49,11 @@ def save(run_dir: Path, keep: int, model: torch.nn.Module, optimization: Optimiz
     tmp = root / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(trainable_tensors(model), tmp / "trainable.safetensors")
+    save_file(weights, tmp / "trainable.safetensors")
     if state.best_state is not None:  # already CPU copies (trainable_tensors)
         save_file(state.best_state, tmp / "best.safetensors")
     states = {
-        "optimizer": optimization.optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scheduler": optimization.scheduler.state_dict(),
         "scaler": optimization.scaler.state_dict() if optimization.scaler is not None else None,
         **{key: state.rng[key] for key in RNG},
@@ -85,13 +90,14 @@ def latest(run_dir: Path) -> Path | None:
 
 
 def load(folder: Path, model: torch.nn.Module, optimization: Optimization) -> TrainingState:
-    """Put the checkpoint's weights and optimizer/scheduler/scaler states in place; returns the training state it
+    """Put the checkpoint's weights and optimizer/scheduler/scaler states in place (every process, each taking its
+    shard of a sharded model's); returns the training state it
     holds, whose random states, data generator, best tensors and method state the loop restores itself."""
     from safetensors.torch import load_file
 
     load_trainable(model, load_file(folder / "trainable.safetensors"), folder)
     states = _from_json(json.loads((folder / "state.json").read_text()), load_file(folder / "state.safetensors"))
-    optimization.optimizer.load_state_dict(states["optimizer"])
+    sharding.load_optimizer_state(model, optimization.optimizer, states["optimizer"])
     optimization.scheduler.load_state_dict(states["scheduler"])
     if optimization.scaler is not None and states["scaler"] is not None:
         optimization.scaler.load_state_dict(states["scaler"])

@@ -30,11 +30,13 @@ def save_adapter(
     out: Path,
     recipe: Recipe,
     labels: list[str] | None,
+    gathered: dict | None = None,
 ) -> None:
     """The trained part in its method's format (methods/storage.py): peft's, so plain `PeftModel.from_pretrained`
     loads it, head included; peftkit's own for prefix tuning and bottleneck adapters; the whole model for full
-    fine-tuning. Plus the tokenizer, and peftkit.json with what the formats do not hold (task, labels)."""
-    fmt = storage.save(model, out, recipe.method, recipe.model.name)
+    fine-tuning. Plus the tokenizer, and peftkit.json with what the formats do not hold (task, labels).
+    `gathered`: a sharded model's trained tensors, gathered whole (methods.base.trainable_tensors)."""
+    fmt = storage.save(model, out, recipe.method, recipe.model.name, gathered)
     tokenizer.save_pretrained(out)
     info = {
         "peftkit_version": __version__,

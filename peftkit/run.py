@@ -12,9 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peftkit import atomic, checkpoint, data, estimate, export, generation, loading, measure, tracking, train
+from peftkit import atomic, checkpoint, data, estimate, export, generation, loading, measure, sharding, tracking, train
 from peftkit.errors import UserError, is_out_of_memory, out_of_memory
 from peftkit.methods import METHODS
+from peftkit.methods.base import trainable_tensors
 from peftkit.recipe import Recipe
 from peftkit.run_folder import ADAPTER, LOG, METRICS, RECIPE
 from peftkit.sharing import hub
@@ -40,6 +41,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
 
     task, method = TASKS[recipe.task.type], METHODS[recipe.method.name]
     tracking.check_installed(recipe.train.report_to)  # a missing mlflow / wandb: said now, not after the training
+    if train.launched_fsdp():  # `accelerate launch` with an FSDP config: peftkit's own sharding (sharding.py)
+        recipe.train.distributed.strategy = "fsdp"
     accelerator = train.make_accelerator(
         recipe.train.precision, recipe.train.grad_accum, log_with=tracking.accelerate_trackers(recipe.train.report_to)
     )
@@ -120,6 +123,18 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
             )
             result = train.fit(job, resume=resume_from)
             memory["train_peak"] = measure.peak_memory(accelerator.device)  # training and its validation passes
+            if accelerator.num_processes > 1:  # each process's own peaks (the ones above: the main process's)
+                from accelerate.utils import gather_object
+
+                memory["per_process"] = gather_object(
+                    [
+                        {
+                            "process": accelerator.process_index,
+                            "load_peak": memory["load_peak"],
+                            "train_peak": memory["train_peak"],
+                        }
+                    ]
+                )
 
             final = {}
             for split in recipe.eval.splits:
@@ -141,10 +156,12 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
             for warning in warnings:
                 log.warning("%s", warning)
 
+            # a sharded model's trained tensors, gathered whole: a collective, so by every process
+            gathered = trainable_tensors(model) if sharding.is_sharded(model) else None
             if not main:
                 return None
             adapter_dir = run_dir / ADAPTER
-            export.save_adapter(accelerator.unwrap_model(model), tokenizer, adapter_dir, recipe, labels)
+            export.save_adapter(accelerator.unwrap_model(model), tokenizer, adapter_dir, recipe, labels, gathered)
             metrics = {
                 **final,
                 **({"before_training": before} if before else {}),

@@ -132,6 +132,21 @@ class EarlyStoppingSection(Section):
     )
 
 
+class DistributedSection(Section):
+    """How several processes (`peftkit run --processes N`, torchrun, `accelerate launch`) share the training; a
+    single process ignores it."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every process holds the whole model and gradients are averaged (data parallelism). fsdp: "
+        "the model's weights, gradients and optimizer states are sharded across the processes with torch's FSDP2 "
+        "(fully_shard on each transformer block, then the whole model), for a base that does not fit one device; "
+        "the adapter and checkpoints are gathered and saved as a single-process run saves them. Not with a "
+        "quantised base, AdaLoRA, or LoRA's PiSSA/OLoRA init or trained biases. An `accelerate launch` FSDP config "
+        "selects fsdp.",
+    )
+
+
 class TrainSection(Section):
     epochs: int = Field(3, gt=0)
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
@@ -185,6 +200,7 @@ class TrainSection(Section):
         description="Whether report_to holds tensorboard (the older switch for it): false removes it, true keeps "
         "it. Given both, they must agree.",
     )
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
     early_stopping: EarlyStoppingSection | None = Field(
         None,
         description="Stop before the last step when validation has stopped improving, e.g. {patience: 3}; the "

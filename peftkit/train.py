@@ -14,9 +14,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peftkit import checkpoint, cpu_kind, measure
+from peftkit import checkpoint, cpu_kind, measure, sharding
 from peftkit.errors import UserError
-from peftkit.methods.base import Method, load_trainable, optional, trainable_tensors
+from peftkit.methods.base import Method, load_trainable, optional, quantized_bits, trainable_tensors
 from peftkit.tasks.common import Task
 from peftkit.tracking import Tracking
 from peftkit.training_state import Optimization, TrainingState
@@ -76,16 +76,26 @@ def make_accelerator(
         log_with=list(log_with) or None,
     )
     if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
-        # Saving the adapter, the best epoch's weights and checkpoints happens on the main process from its own
-        # copy: right under DDP, wrong under sharding (FSDP's full state dict and ZeRO's optimizer partitions
-        # need every process). Refused rather than saved wrong until that is written and tested.
+        # DeepSpeed: saving the adapter, the best epoch's weights and checkpoints would need ZeRO's partitions
+        # gathered, which is not written; refused rather than saved wrong. (FSDP never gets here: launched_fsdp
+        # turned accelerate's FSDP config into train.distributed.strategy fsdp first.)
         raise UserError(
             f"accelerate config: {accelerator.distributed_type.name} is not supported by peftkit yet "
-            "(the adapter is saved from the main process's weights, which sharding splits); use data "
-            "parallelism (DDP: `peftkit run RECIPE --processes N`, or `accelerate launch --multi_gpu`), "
-            "and an 8/4-bit base when the model does not fit on one GPU"
+            "(the adapter is saved from the main process's weights, which ZeRO partitions); use "
+            "train.distributed.strategy fsdp to shard the model (torch's FSDP2), or data parallelism (DDP: "
+            "`peftkit run RECIPE --processes N`, or `accelerate launch --multi_gpu`)"
         )
     return accelerator
+
+
+def launched_fsdp() -> bool:
+    """Whether `accelerate launch` was given an FSDP config (ACCELERATE_USE_FSDP). The variable is taken out of the
+    environment, so that accelerate does not wrap the model itself (on GPUs): peftkit shards it with torch's FSDP2
+    (sharding.py), as `train.distributed.strategy: fsdp` asks, on CPU and GPU alike. The config's other FSDP
+    settings are not read: the wrap policy is the model's block class, the state dict gathered whole."""
+    import os
+
+    return os.environ.pop("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1")
 
 
 def make_loader(
@@ -217,8 +227,21 @@ class _Loop:
             if "validation" in job.splits
             else None
         )
-        optimizer = _optimizer(job.model, cfg)
-        self.model, optimizer, self.train_loader = accelerator.prepare(job.model, optimizer, train_loader)
+        self.sharded = cfg.distributed.strategy == "fsdp" and accelerator.num_processes > 1
+        if self.sharded:  # after the method, before the optimizer: it must hold the sharded parameters
+            method = job.method
+            sharding.refuse_unsupported(
+                quantized_bits(job.model),
+                method is not None and optional(method, "rewrites_base")(job.recipe.method) and method.FORMAT != "full",
+                [name for name in ("after_optimizer_step", "training_state") if getattr(self.hooks, name) is not None],
+            )
+            sharding.shard(job.model, accelerator)  # in place: job.model is the sharded model from here on
+            optimizer = _optimizer(job.model, cfg)
+            self.model = job.model  # not prepared: accelerate would wrap it in DDP
+            optimizer, self.train_loader = accelerator.prepare(optimizer, train_loader)
+        else:
+            optimizer = _optimizer(job.model, cfg)
+            self.model, optimizer, self.train_loader = accelerator.prepare(job.model, optimizer, train_loader)
         self.val_loader = accelerator.prepare(val_loader) if val_loader is not None else None
 
         self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.grad_accum)
@@ -227,7 +250,8 @@ class _Loop:
         scheduler_name = {"constant": "constant_with_warmup"}.get(cfg.scheduler, cfg.scheduler)
         scheduler = get_scheduler(scheduler_name, optimizer, int(cfg.warmup_ratio * self.total), self.total)
         self.optimization = Optimization(optimizer, accelerator.prepare(scheduler), accelerator.scaler)
-        self.inner = accelerator.unwrap_model(self.model)  # parameter names without DDP's "module." prefix
+        # parameter names without DDP's "module." prefix (a sharded model keeps its own names)
+        self.inner = accelerator.unwrap_model(self.model)
         self.meter, self.losses = measure.Throughput(), _Losses(accelerator)
         self.every = job.recipe.eval.every_steps  # None: evaluate at epoch ends
         self.loss = job.task.loss(job.recipe.task, job.splits["train"], job.labels)  # None: the model's own
@@ -383,7 +407,9 @@ class _Loop:
         accelerator = self.job.accelerator
         with self.meter.paused():
             params = [p for p in self.model.parameters() if p.requires_grad]
-            finite = torch.stack([p.detach().isfinite().all() for p in params]).all().item()
+            # each process checks its own weights (its shards under FSDP); any process's non-finite one counts
+            finite = torch.stack([_local(p.detach()).isfinite().all() for p in params]).all().float()
+            finite = accelerator.reduce(finite, "sum").item() == accelerator.num_processes
             _check_finite(
                 self.losses.mean() if finite else math.nan,
                 state.step,
@@ -391,10 +417,15 @@ class _Loop:
                 self.cfg,
                 precision_of(accelerator),
             )
-            if accelerator.is_main_process:  # the weights are the same in every process (gradients are averaged)
+            # every process takes them (under FSDP gathering is a collective); the main process saves them
+            weights = trainable_tensors(self.inner)
+            optimizer_state = sharding.optimizer_state(self.inner, self.optimization.optimizer)
+            if accelerator.is_main_process:  # the weights are whole in every process (gathered, or DDP's copies)
                 taken = self.hooks.training_state(self.inner) if self.hooks.training_state is not None else None
                 now = replace(state, rng=checkpoint.rng_now(), method_state=taken)
-                checkpoint.save(self.job.run_dir, self.cfg.keep_checkpoints, self.inner, self.optimization, now)
+                checkpoint.save(
+                    self.job.run_dir, self.cfg.keep_checkpoints, weights, optimizer_state, self.optimization, now
+                )
             accelerator.wait_for_everyone()
 
     def keep_best(self, state: TrainingState) -> bool:
@@ -405,6 +436,12 @@ class _Loop:
         load_trainable(self.inner, state.best_state, f"the adapter of {where}")
         log.info("kept the adapter of %s (best validation %s)", where, self.job.recipe.eval.metric_for_best)
         return True
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a DTensor (a sharded model's parameter); any other tensor as it is."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if to_local is not None else tensor
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainSection) -> torch.optim.Optimizer:
@@ -497,6 +534,10 @@ def evaluate(
             preds, refs = accelerator.gather_for_metrics((preds, refs))
             predictions.extend(preds.cpu().tolist())
             references.extend(refs.cpu().tolist())
+    if sharding.is_sharded(model):
+        # forwards without a backward leave the root's parameters gathered (FSDP2 reshards them in the backward):
+        # sharded again, they are the ones the optimizer holds and the ones named in state dicts
+        model.reshard()
     model.train()
     metrics = task.compute_metrics(predictions, references, labels, config, loader.dataset)
     # rows: how many encoded rows were scored (QA: windows) — the split's size, whatever the process count

@@ -2,11 +2,21 @@
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
 
 from peftkit import train
 from peftkit.recipe import TrainSection
 
-from .conftest import peftkit, peftkit_here
+from .conftest import FILLER, NEGATIVE, POSITIVE, SPECIAL, make_bert, peftkit, peftkit_here, small_recipe, write_csv
 
 
 def test_an_epoch_has_fewer_steps_per_process():
@@ -44,3 +54,193 @@ def test_a_user_error_in_the_processes_exits_2(tmp_path, recipe_file, sentiment_
     result = peftkit("run", recipe_file(data=data), "--processes", "2")
     assert result.returncode == 2, result.stderr
     assert "'pos'" in result.stderr and not (tmp_path / "runs" / "recipe").exists()
+
+
+# Sharded training: train.distributed.strategy fsdp (torch's FSDP2, peftkit/sharding.py) against DDP on the same data
+# and effective batch (2 processes x 16 rows). fp32, no dropout anywhere: both strategies then compute the same sums
+# (FSDP's reduce-scatter and DDP's all-reduce each add two processes' gradients), and a resumed run has no random
+# state to differ in. Measured here: the adapters are bit-identical (max |difference| 0.0); asserted to TOLERANCE.
+TOLERANCE = 1e-5  # max |difference| of the merged models' logits, FSDP against DDP
+
+
+@pytest.fixture(scope="module")
+def still_bert(tmp_path_factory):
+    """The tiny BERT without dropout."""
+    folder = make_bert(tmp_path_factory.mktemp("models") / "still-bert")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def still_llama(tmp_path_factory):
+    """A 2-layer Llama with tied input and output embeddings (as SmolLM2's), over the tiny BERT's vocabulary."""
+    import torch
+    from transformers import BertTokenizerFast, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("models") / "still-llama"
+    folder.mkdir()
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(SPECIAL + POSITIVE + NEGATIVE + FILLER) + "\n")
+    tokenizer = BertTokenizerFast(str(vocab), eos_token="[SEP]", bos_token="[CLS]")
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=tokenizer.sep_token_id,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def write_recipe(folder: Path, model: Path, data: Path, task: dict, **train) -> Path:
+    import yaml
+
+    recipe = small_recipe(model, data, folder / "runs")
+    if task["type"] == "causal_lm":
+        recipe["data"] = {"source": str(data), "columns": {"prompt": "instruction", "response": "answer"}}
+    recipe["task"] = task
+    recipe["method"] = {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0}
+    recipe["train"] = {"batch_size": 16, "lr": 5e-3, "precision": "fp32", **train}
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture(scope="module")
+def bert_recipe(tmp_path_factory, still_bert, sentiment_csv):
+    folder = tmp_path_factory.mktemp("fsdp-bert")
+    task = {"type": "classification", "max_length": 32}
+    return write_recipe(folder, still_bert, sentiment_csv, task, epochs=2, checkpoint_every=3)
+
+
+@pytest.fixture(scope="module")
+def bert_runs(bert_recipe):
+    """The same recipe trained with each strategy on 2 processes: {strategy: run folder}."""
+    runs = {}
+    for strategy in ("ddp", "fsdp"):
+        out = bert_recipe.parent / strategy
+        result = peftkit(
+            "run", bert_recipe, "--processes", "2", f"train.distributed.strategy={strategy}", f"export.output_dir={out}"
+        )
+        assert result.returncode == 0, result.stderr
+        runs[strategy] = out
+    return runs
+
+
+def merged_logits(auto_class: type, base: Path, adapter: Path, batch: dict) -> torch.Tensor:
+    """The logits of `base` with the adapter loaded by plain peft, merged."""
+    from peft import PeftModel
+
+    model = auto_class.from_pretrained(base, **({"num_labels": 2} if "Sequence" in auto_class.__name__ else {}))
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload().eval()
+    with torch.no_grad():
+        return merged(**batch).logits
+
+
+def test_fsdp_trains_what_ddp_trains_and_saves_it_in_peft_format(bert_runs, still_bert):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from peftkit import export
+
+    ddp, fsdp = bert_runs["ddp"], bert_runs["fsdp"]
+    log = (fsdp / "train.log").read_text()
+    assert (
+        "fsdp: 3 block(s) (FSDPBertEmbeddings, FSDPBertLayer)" in log and "fsdp:" not in (ddp / "train.log").read_text()
+    )
+    # the same files, the same tensor names and shapes as a single-process run writes
+    assert sorted(p.name for p in (fsdp / "adapter").iterdir()) == sorted(p.name for p in (ddp / "adapter").iterdir())
+    ours, theirs = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (fsdp, ddp))
+    assert ours.keys() == theirs.keys() and all(ours[k].shape == theirs[k].shape for k in ours)
+    batch = export.probe_batch(AutoTokenizer.from_pretrained(still_bert), length=12)
+    a, b = (
+        merged_logits(AutoModelForSequenceClassification, still_bert, run / "adapter", batch) for run in (fsdp, ddp)
+    )
+    assert (a - b).abs().max().item() <= TOLERANCE
+    metrics = [json.loads((run / "metrics.json").read_text()) for run in (fsdp, ddp)]
+    for split in ("validation", "test"):
+        assert metrics[0][split]["rows"] == 20  # every row scored once, as under DDP
+        assert abs(metrics[0][split]["accuracy"] - metrics[1][split]["accuracy"]) < 1e-9
+    assert [p["process"] for p in metrics[0]["memory"]["per_process"]] == [0, 1]  # each process's own peaks
+
+
+def test_fsdp_killed_and_resumed_gives_the_uninterrupted_adapter(bert_recipe, bert_runs, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "peftkit", "run", str(bert_recipe), "--processes", "2"]
+    command += ["train.distributed.strategy=fsdp", f"export.output_dir={out}"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoints = out.with_name("run.partial") / "checkpoints"
+    while process.poll() is None and not list(checkpoints.glob("step-*")):  # step 3 of 10: mid-epoch
+        time.sleep(0.02)
+    assert process.poll() is None, process.stderr.read()[-2000:]
+    process.send_signal(signal.SIGKILL)  # the launcher; its processes die with it (launch.die_with_launcher)
+    process.wait()
+    newest = load_file(sorted(checkpoints.glob("step-*"))[-1] / "trainable.safetensors")
+    assert newest and all("lora_" in n or "modules_to_save" in n for n in newest)  # whole tensors, trainable only
+    assert newest["base_model.model.classifier.modules_to_save.default.weight"].shape == (2, 32)
+    resumed = peftkit(
+        "run",
+        bert_recipe,
+        "--processes",
+        "2",
+        "train.distributed.strategy=fsdp",
+        f"export.output_dir={out}",
+        "--resume",
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from step-" in (out / "train.log").read_text()
+    final = load_file(out / "adapter" / "adapter_model.safetensors")
+    whole = load_file(bert_runs["fsdp"] / "adapter" / "adapter_model.safetensors")
+    assert final.keys() == whole.keys()
+    assert max((final[k] - whole[k]).abs().max().item() for k in final) == 0.0  # measured: exact
+
+
+def test_an_accelerate_fsdp_config_shards_a_causal_lm_as_ddp_trains_it(tmp_path, still_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftkit import export
+
+    data = tmp_path / "pairs.csv"
+    rows = [{"instruction": f"was the movie {w}", "answer": "good" if w in POSITIVE else "bad"} for w in POSITIVE * 4]
+    rows += [{"instruction": f"was it {w}", "answer": "bad"} for w in NEGATIVE * 4]
+    write_csv(data, rows)
+    recipe = write_recipe(
+        tmp_path, still_llama, data, {"type": "causal_lm", "max_length": 16}, batch_size=8, max_steps=6
+    )
+    runs = {}
+    for strategy, env in (("ddp", {}), ("fsdp", {"ACCELERATE_USE_FSDP": "true"})):  # accelerate launch's variable
+        runs[strategy] = tmp_path / strategy
+        result = peftkit(
+            "run", recipe, "--processes", "2", f"export.output_dir={runs[strategy]}", env={**os.environ, **env}
+        )
+        assert result.returncode == 0, result.stderr
+    assert "fsdp: 2 block(s) (FSDPLlamaDecoderLayer)" in (runs["fsdp"] / "train.log").read_text()
+    assert "strategy: fsdp" in (runs["fsdp"] / "recipe.yaml").read_text()  # what ran, in the recipe it keeps
+    batch = export.probe_batch(AutoTokenizer.from_pretrained(still_llama), length=12)
+    a, b = (merged_logits(AutoModelForCausalLM, still_llama, runs[s] / "adapter", batch) for s in ("fsdp", "ddp"))
+    assert (a - b).abs().max().item() <= TOLERANCE
+    perplexity = [json.loads((runs[s] / "metrics.json").read_text())["test"]["perplexity"] for s in ("fsdp", "ddp")]
+    assert abs(perplexity[0] - perplexity[1]) <= 1e-4 * perplexity[1]
+
+
+def test_fsdp_refuses_a_quantised_base_saying_why(bert_recipe, tmp_path):
+    result = peftkit(
+        "run",
+        bert_recipe,
+        "--processes",
+        "2",
+        "train.distributed.strategy=fsdp",
+        "quantization.bits=4",
+        f"export.output_dir={tmp_path / 'q'}",
+    )
+    assert result.returncode == 2, result.stderr
+    assert "cannot shard a 4-bit base" in result.stderr and "quant_state" in result.stderr

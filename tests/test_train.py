@@ -40,6 +40,12 @@ def linear_with_optimization(seed: int) -> tuple[torch.nn.Module, Optimization]:
     return model, Optimization(optimizer, get_scheduler("linear", optimizer, 1, 10))
 
 
+def save_checkpoint(run_dir, keep, model, optimization, state):
+    """What the loop saves (train._Loop.save), in one process: the trainable tensors and the optimizer's state."""
+    weights, optimizer_state = trainable_tensors(model), optimization.optimizer.state_dict()
+    return checkpoint.save(run_dir, keep, weights, optimizer_state, optimization, state)
+
+
 def test_a_training_state_goes_through_a_checkpoint_whole(tmp_path):
     model, optimization = linear_with_optimization(0)
     model(torch.randn(2, 4)).sum().backward()  # one step, so that the optimizer and scheduler have state
@@ -62,7 +68,7 @@ def test_a_training_state_goes_through_a_checkpoint_whole(tmp_path):
         rng=checkpoint.rng_now(),
         method_state={"ipt": {"layer.lora_E": torch.rand(4)}, "rank_pattern": {"layer": [True, False]}},
     )
-    folder = checkpoint.save(tmp_path, 2, model, optimization, state)
+    folder = save_checkpoint(tmp_path, 2, model, optimization, state)
 
     # the on-disk layout that checkpoints of earlier versions have too
     assert folder == tmp_path / "checkpoints" / "step-000007"
@@ -100,7 +106,7 @@ def test_a_training_state_goes_through_a_checkpoint_whole(tmp_path):
 def test_a_checkpoint_from_before_the_method_state_and_process_count_loads(tmp_path):
     model, optimization = linear_with_optimization(0)
     state = TrainingState(step=1, data_generator=torch.Generator().get_state(), rng=checkpoint.rng_now())
-    folder = checkpoint.save(tmp_path, 1, model, optimization, state)
+    folder = save_checkpoint(tmp_path, 1, model, optimization, state)
     written = json.loads((folder / "state.json").read_text())
     written["dict"] = [pair for pair in written["dict"] if pair[0] != {"value": "method"}]
     (folder / "state.json").write_text(json.dumps(written))

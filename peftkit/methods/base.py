@@ -70,11 +70,12 @@ def optional(method: Method, hook: str) -> Any:
     return getattr(method, hook, OPTIONAL[hook])
 
 
-def save_peft(model: PeftModel, out: Path) -> None:
-    """peft's own save, weights in safetensors."""
+def save_peft(model: PeftModel, out: Path, state_dict: dict | None = None) -> None:
+    """peft's own save, weights in safetensors. `state_dict`: the model's, when its own would not do (a sharded
+    model's, gathered whole); peft picks the adapter's tensors from it as from the model's."""
     # save_embedding_layers=False: the default "auto" looks the base up on the Hub to see if its vocabulary
     # changed; peftkit never resizes the vocabulary.
-    model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
+    model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False, state_dict=state_dict)
 
 
 def quantized_bits(model: torch.nn.Module) -> int | None:
@@ -150,16 +151,38 @@ def trainable_in_fp32(model: torch.nn.Module) -> None:
 
 def trainable_tensors(model: torch.nn.Module) -> dict:
     """A copy of every trainable tensor, on the CPU, by its name in the model: what peftkit-format adapters,
-    checkpoints and the kept best epoch hold."""
-    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    checkpoints and the kept best epoch hold. A model sharded with FSDP (sharding.py) holds each as a DTensor:
+    gathered whole here, on every process, so every process must call it."""
+    return {
+        n: _whole(p.detach()).to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad
+    }
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered from every process (an all-gather); any other tensor as it is."""
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return full_tensor() if full_tensor is not None else tensor
 
 
 def load_trainable(model: torch.nn.Module, tensors: dict, source: Path) -> None:
-    """Put `tensors` (from trainable_tensors) back into `model`; the names must be exactly its trainable ones."""
-    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    """Put `tensors` (from trainable_tensors) back into `model`; the names must be exactly its trainable ones. Into a
+    sharded model each process copies in its own shard of each tensor."""
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
     missing, unexpected = expected - tensors.keys(), tensors.keys() - expected
     if missing or unexpected:
         raise ValueError(
             f"{source} does not fit this model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
+    if any(hasattr(params[n], "device_mesh") for n in tensors):
+        from torch.distributed.tensor import distribute_tensor
+
+        tensors = {
+            n: distribute_tensor(
+                t.to(params[n].device, params[n].dtype), params[n].device_mesh, params[n].placements, src_data_rank=None
+            )
+            if hasattr(params[n], "device_mesh")
+            else t
+            for n, t in tensors.items()
+        }
     model.load_state_dict(tensors, strict=False)

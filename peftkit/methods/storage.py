@@ -29,22 +29,29 @@ OWN_WEIGHTS = "peftkit_adapter.safetensors"
 OWN_CONFIG = "peftkit_adapter.json"
 
 
-def save(model: torch.nn.Module, out: Path, method_config: Any, base_model_name: str) -> str:
-    """Write the trained part of `model` into `out` in its method's format; returns the format's name."""
+def save(
+    model: torch.nn.Module, out: Path, method_config: Any, base_model_name: str, gathered: dict | None = None
+) -> str:
+    """Write the trained part of `model` into `out` in its method's format; returns the format's name.
+    `gathered`: the trained tensors of a model sharded with FSDP (sharding.py), gathered whole, from which the
+    files are written instead of the model's own shards; the method's `save` hook is then skipped (it converts
+    PiSSA/OLoRA adapters, which FSDP refuses: sharding.refuse_unsupported)."""
     Path(out).mkdir(parents=True, exist_ok=True)
     method = METHODS[method_config.name]
     if method.FORMAT == "peft":
         for config in model.peft_config.values():
             config.base_model_name_or_path = base_model_name  # as the user named it (a Hub id travels)
     writes_itself = optional(method, "save")
-    if writes_itself is not None:
+    # a sharded model's state dict: the gathered tensors, and its buffers (never sharded; VeRA saves its own)
+    state = None if gathered is None else {**dict(model.named_buffers()), **gathered}
+    if writes_itself is not None and gathered is None:
         writes_itself(model, out)
     elif method.FORMAT == "peft":
-        save_peft(model, out)
+        save_peft(model, out, state)
     elif method.FORMAT == "full":
-        model.save_pretrained(out, safe_serialization=True)
+        model.save_pretrained(out, safe_serialization=True, state_dict=state)
     else:
-        save_own(model, out, method_config.name, method_config)
+        save_own(model, out, method_config.name, method_config, gathered)
     return method.FORMAT
 
 
@@ -85,10 +92,12 @@ def load_weights(model: torch.nn.Module, adapter_dir: Path) -> None:
         raise ValueError(f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
 
 
-def save_own(model: torch.nn.Module, out: Path, method_name: str, config: Any) -> None:
+def save_own(model: torch.nn.Module, out: Path, method_name: str, config: Any, gathered: dict | None = None) -> None:
+    """`gathered`: the trained tensors, already taken (a sharded model's, gathered whole); None: taken here."""
     from safetensors.torch import save_file
 
-    save_file(trainable_tensors(model), Path(out) / OWN_WEIGHTS, metadata={"format": "pt", "method": method_name})
+    tensors = gathered if gathered is not None else trainable_tensors(model)
+    save_file(tensors, Path(out) / OWN_WEIGHTS, metadata={"format": "pt", "method": method_name})
     info = {"method": method_name, "config": config.model_dump(mode="json")}
     (Path(out) / OWN_CONFIG).write_text(json.dumps(info, indent=2), encoding="utf-8")
 

@@ -3,6 +3,7 @@ process, rounds alternating so machine drift hits every variant alike:
 
     .venv/bin/python benchmarks/levers.py [--rounds 2] [--variants base fused compile 1thread fast_dropout]
     .venv/bin/python benchmarks/levers.py --profile [--variants fast_dropout]   # where a step's time goes
+    .venv/bin/python benchmarks/levers.py --variants qv all qv+bf16 all+bf16 all+unshared all+bf16+unshared
 
 base: torch's own dropout, SDPA, AdamW, the machine's threads (peftkit's loop with train.fast_dropout: false);
 fused: AdamW(fused=True); compile: torch.compile(model, dynamic=True) (its compilation time is reported apart);
@@ -10,6 +11,11 @@ fused: AdamW(fused=True); compile: torch.compile(model, dynamic=True) (its compi
 fast_dropout: peftkit's fast CPU dropout installed (peftkit/dropout.py: what peftkit's loop does on a CPU by
 default). Reports the median step time after 4 warm-up steps (which include compilation). --profile profiles
 the base variant, or the first of --variants when given.
+
+LoRA on every layer against query/value (issue 18 part 2), variants joined with "+": qv or all (LoRA's targets:
+query/value, or every linear layer, as peftkit's default), bf16 (the base held in bf16, the step under bf16
+autocast, as peftkit's bf16 runs), unshared (the fast dropout without dropout.share_adapter_dropouts: each
+adapted layer draws its own mask and peft casts its input to fp32). qv and all install the fast dropout.
 """
 
 import argparse
@@ -41,16 +47,29 @@ def worker(variant: str, steps: int = 24) -> str:
     from peftkit import assets
 
     kind = variant.removeprefix("profile-")  # "profile" alone: the base variant
+    parts = set(kind.split("+"))
     if kind == "1thread":
         torch.set_num_threads(1)
     torch.manual_seed(0)
     path = assets.resolve_model("sentence-transformers/all-MiniLM-L6-v2")
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, attn_implementation="sdpa")
-    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1)).train()
-    if kind == "fast_dropout":
+    bf16 = "bf16" in parts
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=2, attn_implementation="eager" if bf16 else "sdpa", dtype=torch.bfloat16 if bf16 else None
+    )
+    targets = {"target_modules": "all-linear"} if "all" in parts else {}
+    config = LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1, **targets)
+    model = get_peft_model(model, config).train()
+    for p in model.parameters():  # trained in fp32 (peftkit's trainable_in_fp32)
+        if p.requires_grad:
+            p.data = p.data.float()
+    if kind == "fast_dropout" or parts & {"qv", "all"}:
         from peftkit import dropout
 
-        dropout.install(model)
+        if "unshared" in parts:
+            dropout.replace_dropouts(model)
+            dropout.wrap_attention(model)
+        else:
+            dropout.install(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3,
                                   fused=kind == "fused")  # fmt: skip
     forward = torch.compile(model, dynamic=True) if kind == "compile" else model
@@ -60,7 +79,9 @@ def worker(variant: str, steps: int = 24) -> str:
         ids = torch.randint(1000, 20000, (32, length), generator=generator)
         labels = torch.randint(0, 2, (32,), generator=generator)
         began = time.perf_counter()
-        forward(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = forward(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - began

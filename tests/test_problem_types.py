@@ -279,15 +279,16 @@ def test_the_loss_falls_with_the_tasks_loss(problem, tmp_path, tiny_bert, tagged
     targets = inputs.pop("labels")
     assert targets.dtype == torch.float32 and targets.shape == ((16, 2) if problem == "multi_label" else (16,))
     optimizer = torch.optim.AdamW([p for p in job.model.parameters() if p.requires_grad], lr=1e-2)
+    job.model.eval()  # no dropout: the same batch, the same loss surface, so the fall is the optimizer's alone
     losses = []
-    for _ in range(20):
+    for _ in range(60):
         with job.accelerator.autocast():  # the base may be held in bf16 (model.dtype auto), as in the loop
             value = loss(job.model(**inputs).logits, targets)
         value.backward()
         optimizer.step()
         optimizer.zero_grad()
         losses.append(value.item())
-    assert losses[-1] < 0.8 * losses[0], losses  # BCE starts at ln 2 whatever the model: 0.69 -> ~0.5
+    assert losses[-1] < 0.8 * losses[0], losses  # BCE starts at ln 2 whatever the model
 
 
 @pytest.mark.parametrize("problem", ["multi_label", "regression"])

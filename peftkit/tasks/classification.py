@@ -20,9 +20,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
-from peftkit.errors import UserError
 from peftkit.sections import Section
-from peftkit.tasks.common import ClassWeights, LabelKind, LabelSmoothing, class_loss, load_labelled_model
+from peftkit.tasks.common import (
+    ClassWeights,
+    LabelKind,
+    LabelSmoothing,
+    class_loss,
+    given_weights,
+    load_labelled_model,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -143,12 +149,7 @@ def _pos_weight(asked: str | list[float], train: "Dataset", labels: list[str]) -
     """Multi-label class weights as BCE's pos_weight: given, one per label; balanced, each label's negatives over
     its positives in the training split (1 for a label with none)."""
     if asked != "balanced":
-        if len(asked) != len(labels):
-            raise UserError(
-                f"task.class_weights: {len(asked)} weight(s) for {len(labels)} labels ({', '.join(labels)}); give "
-                "one per label, in id order, or 'balanced'"
-            )
-        return [float(w) for w in asked]
+        return given_weights(asked, labels)
     import numpy as np
 
     targets = np.asarray(train["labels"], dtype=np.float64).reshape(-1, len(labels))  # (rows, labels) of 0/1

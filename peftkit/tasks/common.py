@@ -116,14 +116,19 @@ def cross_entropy(
     return loss
 
 
+def given_weights(asked: list[float], labels: list[str]) -> list[float]:
+    """task.class_weights given as a list: one per label, in id order."""
+    if len(asked) != len(labels):
+        raise UserError(
+            f"task.class_weights: {len(asked)} weight(s) for {len(labels)} labels ({', '.join(labels)}); give "
+            "one per label, in id order, or 'balanced'"
+        )
+    return [float(w) for w in asked]
+
+
 def _class_weights(asked: str | list[float], train: Any, labels: list[str]) -> list[float]:
     if asked != "balanced":
-        if len(asked) != len(labels):
-            raise UserError(
-                f"task.class_weights: {len(asked)} weight(s) for {len(labels)} labels ({', '.join(labels)}); give "
-                "one per label, in id order, or 'balanced'"
-            )
-        return [float(w) for w in asked]
+        return given_weights(asked, labels)
     counts = Counter()
     for value in train["labels"]:
         counts.update(v for v in (value if isinstance(value, list) else [value]) if v != -100)

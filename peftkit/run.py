@@ -98,6 +98,12 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
             encoded = task.preprocess(splits, tokenizer, recipe.task)
             _check_encoded(encoded, recipe)
             prompts = _answer_prompts(splits, tokenizer, recipe)  # eval.generate's, checked before training
+            if prompts and accelerator.num_processes > 1 and recipe.train.distributed.strategy == "fsdp":
+                raise UserError(
+                    "eval.generate with train.distributed.strategy fsdp: answers are generated on the main process "
+                    "alone, and a sharded model needs every process for each forward; use strategy ddp, or generate "
+                    "after the run with `peftkit predict RUN --file PROMPTS`"
+                )
             generated = {}
             collate = task.collator(tokenizer)
             before = {}

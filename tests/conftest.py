@@ -36,6 +36,35 @@ def make_bert(folder: Path, seed: int = 0, hidden: int = 32) -> Path:
     return folder
 
 
+def make_llama(folder: Path, tie: bool = False, chat_template: str | None = None) -> Path:
+    """A 2-layer Llama (grouped-query attention) over the tiny BERT's word vocabulary, [SEP] as its end of text;
+    `tie`: input and output embeddings shared (as SmolLM2's); `chat_template`: saved with its tokenizer."""
+    import torch
+    from transformers import BertTokenizerFast, LlamaConfig, LlamaForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(SPECIAL + POSITIVE + NEGATIVE + FILLER) + "\n")
+    tokenizer = BertTokenizerFast(str(vocab), eos_token="[SEP]", bos_token="[CLS]")
+    tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=tokenizer.sep_token_id,
+        tie_word_embeddings=tie,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
 def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
     """Learnable two-class data: the label is carried by one sentiment word among filler words."""
     rng = random.Random(seed)

@@ -10,7 +10,7 @@ import torch
 
 from peftkit.tasks import causal_lm
 
-from .conftest import FILLER, NEGATIVE, POSITIVE, SPECIAL, peftkit_here
+from .conftest import NEGATIVE, POSITIVE, make_llama, peftkit_here
 
 # like real templates: the generation prompt ("[CLS] the", standing for "<|im_start|>assistant") is where the
 # assistant's turn starts
@@ -23,29 +23,7 @@ CHAT = (
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory):
     """A 2-layer Llama over the tiny BERT's word vocabulary, with a chat template."""
-    from transformers import BertTokenizerFast, LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
-    folder.mkdir()
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(SPECIAL + POSITIVE + NEGATIVE + FILLER) + "\n")
-    tokenizer = BertTokenizerFast(str(vocab), eos_token="[SEP]", bos_token="[CLS]")
-    tokenizer.chat_template = CHAT
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        eos_token_id=tokenizer.sep_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    return make_llama(tmp_path_factory.mktemp("models") / "tiny-llama", chat_template=CHAT)
 
 
 def tokenizer_of(folder):

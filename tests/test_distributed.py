@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from peftkit import train
 from peftkit.recipe import TrainSection
 
-from .conftest import FILLER, NEGATIVE, POSITIVE, SPECIAL, make_bert, peftkit, peftkit_here, small_recipe, write_csv
+from .conftest import NEGATIVE, POSITIVE, make_bert, make_llama, peftkit, peftkit_here, small_recipe, write_csv
 
 
 def test_an_epoch_has_fewer_steps_per_process():
@@ -76,30 +76,7 @@ def still_bert(tmp_path_factory):
 @pytest.fixture(scope="module")
 def still_llama(tmp_path_factory):
     """A 2-layer Llama with tied input and output embeddings (as SmolLM2's), over the tiny BERT's vocabulary."""
-    import torch
-    from transformers import BertTokenizerFast, LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("models") / "still-llama"
-    folder.mkdir()
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(SPECIAL + POSITIVE + NEGATIVE + FILLER) + "\n")
-    tokenizer = BertTokenizerFast(str(vocab), eos_token="[SEP]", bos_token="[CLS]")
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        eos_token_id=tokenizer.sep_token_id,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    return make_llama(tmp_path_factory.mktemp("models") / "still-llama", tie=True)
 
 
 def write_recipe(folder: Path, model: Path, data: Path, task: dict, **train) -> Path:

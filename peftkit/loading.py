@@ -45,11 +45,14 @@ def load_base(
     precision: str = "no",
     dequantize: bool = False,
     inference: bool = False,
+    weightless: bool = False,
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
     """(tokenizer, model) for the recipe's base model, quantised if the recipe asks, head freshly initialised.
     `dequantize`: load the quantised weights, then turn them back into full-precision layers (for merging).
     `inference`: the model will only predict, so a 4-bit base may take bitsandbytes' inference-only CPU
-    layout (quant.cpu_layout); False (the default) for training and for whatever must compute as training did."""
+    layout (quant.cpu_layout); False (the default) for training and for whatever must compute as training did.
+    `weightless`: the model on the meta device, nothing read but its config (a sharded run's other processes,
+    which receive their shards from the main process: sharding.shard)."""
     from transformers import AutoTokenizer
 
     ref = assets.resolve_model(recipe.model.name)
@@ -62,6 +65,8 @@ def load_base(
         if tokenizer.pad_token is None:  # GPT-2 / Llama tokenizers have none; padding reuses end-of-sequence
             tokenizer.pad_token = tokenizer.eos_token
         kwargs = {**common, "attn_implementation": attn, "dtype": base_dtype(recipe, precision)}
+        if weightless:
+            kwargs["device_map"] = "meta"
         if recipe.quantization:
             kwargs.update(quant.load_kwargs(recipe.quantization, list(task.HEAD_MODULES), device, precision))
         model = task.load_model(ref, labels, tokenizer, **kwargs)
@@ -82,12 +87,19 @@ def attention(recipe: Recipe, device: torch.device, precision: str) -> str:
 
 
 def adapted_model(
-    recipe: Recipe, task: Task, labels: list[str] | None, device: torch.device, precision: str, total_steps: int
+    recipe: Recipe,
+    task: Task,
+    labels: list[str] | None,
+    device: torch.device,
+    precision: str,
+    total_steps: int,
+    weightless: bool = False,
 ) -> tuple[PreTrainedTokenizerBase, torch.nn.Module]:
     """(tokenizer, model) ready to train: the recipe's base with its method applied (only the method and the head
     train, in fp32), gradient checkpointing and the fast dropout as the recipe asks, and the tokenizer padding on
-    the side the method needs. What `peftkit run` trains; `total_steps`: the run's optimizer steps."""
-    tokenizer, model = load_base(recipe, task, labels, device, precision)
+    the side the method needs. What `peftkit run` trains; `total_steps`: the run's optimizer steps; `weightless`:
+    on the meta device (load_base)."""
+    tokenizer, model = load_base(recipe, task, labels, device, precision, weightless=weightless)
     return tokenizer, adapt(model, tokenizer, recipe, task, device, total_steps)
 
 

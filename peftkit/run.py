@@ -76,14 +76,20 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
                 with accelerator.main_process_first():  # one download, which the other processes then find
                     start = hub.starting_adapter(recipe, labels)
             steps = train.total_steps(len(splits["train"]), recipe.train, accelerator.num_processes)
-            tokenizer, model = loading.adapted_model(
-                recipe, task, labels, accelerator.device, train.precision_of(accelerator), steps
+            sharded = recipe.train.distributed.strategy == "fsdp" and accelerator.num_processes > 1
+            if sharded:
+                sharding.refuse_unsupported(recipe, method)
+            tokenizer, model = loading.adapted_model(  # sharded: the main process's weights only (sharding.shard)
+                recipe, task, labels, accelerator.device, train.precision_of(accelerator), steps, sharded and not main
             )
-            if start is not None:
+            if start is not None and (main or not sharded):
                 hub.load_start(model, start, recipe.model.adapter)
             counts = {**measure.parameter_counts(model), "flops_per_token": measure.training_flops_per_token(model)}
+            model_mib = measure.model_mib(model)
+            if sharded:
+                sharding.shard(model, accelerator)  # in place
             memory = {
-                "model_mib": measure.model_mib(model),
+                "model_mib": model_mib,
                 "load_peak": measure.peak_memory(accelerator.device),
                 "after_load": measure.memory_now(accelerator.device),
             }

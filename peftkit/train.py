@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from peftkit import checkpoint, cpu_kind, measure, sharding
 from peftkit.errors import UserError
-from peftkit.methods.base import Method, load_trainable, optional, quantized_bits, trainable_tensors
+from peftkit.methods.base import Method, load_trainable, optional, trainable_tensors
 from peftkit.tasks.common import Task
 from peftkit.tracking import Tracking
 from peftkit.training_state import Optimization, TrainingState
@@ -227,15 +227,8 @@ class _Loop:
             if "validation" in job.splits
             else None
         )
-        self.sharded = cfg.distributed.strategy == "fsdp" and accelerator.num_processes > 1
-        if self.sharded:  # after the method, before the optimizer: it must hold the sharded parameters
-            method = job.method
-            sharding.refuse_unsupported(
-                quantized_bits(job.model),
-                method is not None and optional(method, "rewrites_base")(job.recipe.method) and method.FORMAT != "full",
-                [name for name in ("after_optimizer_step", "training_state") if getattr(self.hooks, name) is not None],
-            )
-            sharding.shard(job.model, accelerator)  # in place: job.model is the sharded model from here on
+        self.sharded = sharding.is_sharded(job.model)  # run.py sharded it as it loaded it (strategy fsdp)
+        if self.sharded:  # the optimizer holds the sharded parameters
             optimizer = _optimizer(job.model, cfg)
             self.model = job.model  # not prepared: accelerate would wrap it in DDP
             optimizer, self.train_loader = accelerator.prepare(optimizer, train_loader)

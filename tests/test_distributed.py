@@ -221,3 +221,19 @@ def test_fsdp_refuses_a_quantised_base_saying_why(bert_recipe, tmp_path):
     )
     assert result.returncode == 2, result.stderr
     assert "cannot shard a 4-bit base" in result.stderr and "quant_state" in result.stderr
+
+
+def test_a_sharded_runs_other_processes_read_no_weights(tmp_path, still_llama):
+    """What every process but the main one loads under strategy fsdp: the model on the meta device, tied weights
+    still one parameter; the FSDP tests above show the shards then arrive from the main process intact."""
+    from peftkit import loading
+    from peftkit.recipe import load_recipe
+    from peftkit.tasks import TASKS
+
+    path = write_recipe(tmp_path, still_llama, tmp_path / "unread.csv", {"type": "causal_lm", "max_length": 16})
+    recipe = load_recipe(path)
+    _, model = loading.adapted_model(recipe, TASKS["causal_lm"], None, torch.device("cpu"), "fp32", 10, True)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    inner = model.get_base_model()
+    assert inner.lm_head.weight is inner.model.embed_tokens.weight
+    assert any("lora_A" in name for name, _ in model.named_parameters())

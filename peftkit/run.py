@@ -76,7 +76,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
                 with accelerator.main_process_first():  # one download, which the other processes then find
                     start = hub.starting_adapter(recipe, labels)
             steps = train.total_steps(len(splits["train"]), recipe.train, accelerator.num_processes)
-            sharded = recipe.train.distributed.strategy == "fsdp" and accelerator.num_processes > 1
+            sharded = sharding.applies(recipe, accelerator.num_processes)
             if sharded:
                 sharding.refuse_unsupported(recipe, method)
             tokenizer, model = loading.adapted_model(  # sharded: the main process's weights only (sharding.shard)
@@ -104,7 +104,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
             encoded = task.preprocess(splits, tokenizer, recipe.task)
             _check_encoded(encoded, recipe)
             prompts = _answer_prompts(splits, tokenizer, recipe)  # eval.generate's, checked before training
-            if prompts and accelerator.num_processes > 1 and recipe.train.distributed.strategy == "fsdp":
+            if prompts and sharded:
                 raise UserError(
                     "eval.generate with train.distributed.strategy fsdp: answers are generated on the main process "
                     "alone, and a sharded model needs every process for each forward; use strategy ddp, or generate "

@@ -40,6 +40,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("peftkit")
 
 
+def applies(recipe: Recipe, processes: int) -> bool:
+    """Whether a run of `recipe` on `processes` processes is sharded: strategy fsdp, and more than one process."""
+    return recipe.train.distributed.strategy == "fsdp" and processes > 1
+
+
 def refuse_unsupported(recipe: Recipe, method: Method) -> None:
     """What FSDP cannot train here, said before any time is spent (before the base is loaded)."""
     from peftkit.methods.base import optional
@@ -99,7 +104,7 @@ def shard(model: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Module:
     main = accelerator.is_main_process
     # the main process's whole tensors, kept by reference while fully_shard copies each into its own shard
     whole = model.state_dict() if main else {}
-    buffers = _unsaved_buffers(model) if main else None
+    buffers = _unsaved_buffers(model, whole) if main else None
     # no model.to(device) first: fully_shard moves each unit's weights to the mesh's device as it shards them, so a
     # GPU holds the shards so far and one whole block at a time, never the whole model
     mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
@@ -125,9 +130,9 @@ def shard(model: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Module:
     return model
 
 
-def _unsaved_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The buffers a state dict leaves out (non-persistent: rotary frequencies, position ids), by name."""
-    saved = set(model.state_dict())
+def _unsaved_buffers(model: torch.nn.Module, saved: dict) -> dict[str, torch.Tensor]:
+    """The buffers the model's state dict (`saved`) leaves out (non-persistent: rotary frequencies, position ids),
+    by name."""
     return {name: buffer.detach().cpu() for name, buffer in model.named_buffers() if name not in saved}
 
 

@@ -1,6 +1,7 @@
 """`peftkit sweep`: a grid of overrides, each a full run; the table, and the best recipe chosen on validation."""
 
 import json
+import os
 
 import pytest
 
@@ -69,7 +70,10 @@ def test_parallel_runs_keep_grid_order_and_results_are_written_as_runs_finish(mo
 
     from peftkit.experiments import bench
 
-    def fake_run(recipe, overrides, out):
+    threads = []
+
+    def fake_run(recipe, overrides, out, env):
+        threads.append(env["OMP_NUM_THREADS"])
         r = int(overrides[0].split("=")[1])
         time.sleep(0.05 * (4 - r))  # the first run of the grid finishes last
         if r == 3:
@@ -80,10 +84,23 @@ def test_parallel_runs_keep_grid_order_and_results_are_written_as_runs_finish(mo
 
     monkeypatch.setattr(bench, "run_apart", fake_run)
     monkeypatch.setattr(bench, "peak_mib", lambda peak: 0.0)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
     runs = [[f"method.r={r}"] for r in (1, 2, 3)]
     seen = []
     rows = sweep.run_all(tmp_path / "r.yaml", runs, tmp_path, on_done=lambda done: seen.append(len(done)), jobs=3)
+    assert threads == ["2", "2", "2"]  # 8 cores shared by 3 runs at once, not 8 threads each
     assert [r["overrides"] for r in rows] == runs  # grid order, not finishing order
     assert rows[2] == {"run": "method.r=3", "overrides": ["method.r=3"], "error": "out of memory"}
     assert seen == [1, 2, 3]  # called after every run, one at a time
     assert sweep.best(rows)["run"] == "method.r=2"
+
+
+def test_runs_one_at_a_time_keep_the_threads_they_would_have(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert sweep.threads_each(1) is None  # the whole CPU, as `peftkit run` alone
+    assert sweep.threads_each(2)["OMP_NUM_THREADS"] == "1"
+    assert sweep.threads_each(4)["OMP_NUM_THREADS"] == "1"  # never 0
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert sweep.threads_each(2) is None  # the user's own setting wins

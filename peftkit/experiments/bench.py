@@ -81,9 +81,11 @@ def matrix(recipes: list[Path], methods: list[str], bits: list[int], overrides: 
     return variants
 
 
-def run_apart(recipe: Path, overrides: list[str], out: Path) -> tuple[dict, dict] | str:
-    """`peftkit run` in its own process, so that its memory peak is its own: (metrics.json, the resolved
-    recipe), or the error it printed."""
+def run_apart(
+    recipe: Path, overrides: list[str], out: Path, env: dict[str, str] | None = None
+) -> tuple[dict, dict] | str:
+    """`peftkit run` in its own process (with `env`, else this one's environment), so that its memory peak is
+    its own: (metrics.json, the resolved recipe), or the error it printed."""
     command = [
         sys.executable,
         "-m",
@@ -94,7 +96,7 @@ def run_apart(recipe: Path, overrides: list[str], out: Path) -> tuple[dict, dict
         f"export.output_dir={out}",
         "--overwrite",
     ]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
         return lines[-1].removeprefix("error: ") if lines else f"exit code {result.returncode}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
 import statistics
 import threading
@@ -76,8 +77,9 @@ def run_all(
     jobs: int = 1,
 ) -> list[dict]:
     """Every combination as its own `peftkit run` process, `jobs` at a time (several small runs share a GPU
-    well; on a CPU they share its cores and each takes longer). `on_done` gets the rows finished so far, in
-    grid order, after each run: the sweep keeps its results when it is stopped half-way."""
+    well; on a CPU they share its cores, `threads_each` of them each). `on_done` gets the rows finished so far,
+    in grid order, after each run: the sweep keeps its results when it is stopped half-way."""
+    env = threads_each(jobs)
     done: dict[int, dict] = {}
     lock = threading.Lock()  # the threads only wait on their run's process; callbacks run one at a time
 
@@ -87,7 +89,7 @@ def run_all(
         if on_start:
             with lock:
                 on_start(name)
-        row = _row(name, overrides, bench.run_apart(recipe, overrides, folder / "runs" / name))
+        row = _row(name, overrides, bench.run_apart(recipe, overrides, folder / "runs" / name, env))
         with lock:
             done[index] = row
             if on_done:
@@ -96,6 +98,16 @@ def run_all(
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         list(pool.map(one, range(len(runs))))
     return [done[i] for i in range(len(runs))]
+
+
+def threads_each(jobs: int) -> dict[str, str] | None:
+    """The environment of runs that go `jobs` at a time: the CPU's cores divided between them (OMP_NUM_THREADS),
+    as `peftkit run --processes` divides them. Each torch process otherwise takes every core, and `jobs` of them
+    oversubscribe the CPU: two runs at once on 2 cores took ~3x as long each, not 2x (benchmarks/RESULTS.md,
+    Sweeps). None (this environment as it is) for one job at a time, or when OMP_NUM_THREADS is set already."""
+    if jobs == 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    return {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))}
 
 
 def _row(name: str, overrides: list[str], outcome: tuple[dict, dict] | str) -> dict:

@@ -452,7 +452,9 @@ def sweep(
     overwrite: Annotated[bool, _replace("sweep folder")] = False,
     jobs: Annotated[
         int,
-        typer.Option(min=1, help="Runs at a time. Small models share one GPU well; on a CPU the runs share its cores."),
+        typer.Option(
+            min=1, help="Runs at a time. Small models share one GPU well; on a CPU each run gets cores/N threads."
+        ),
     ] = 1,
 ) -> None:
     """Run every combination of the values given (full runs), then table metric, time, memory and trainable

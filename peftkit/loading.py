@@ -132,7 +132,10 @@ def use_fast_dropout(model: torch.nn.Module, recipe: Recipe, device: torch.devic
     if recipe.train.fast_dropout and device.type == "cpu":
         from peftkit import dropout  # imports torch at its top: loaded only when a run trains
 
-        log.info("fast dropout: %s", dropout.install(model))
+        done = dropout.install(model)
+        # `peftkit estimate` and `init` adapt a meta-device model (no weights): nothing of theirs trains, so not told
+        meta = any(p.is_meta for p in model.parameters())
+        log.log(logging.DEBUG if meta else logging.INFO, "fast dropout: %s", done)
 
 
 def base_dtype(recipe: Recipe, precision: str) -> torch.dtype:

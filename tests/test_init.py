@@ -11,6 +11,7 @@ from peftkit.init import designer
 
 from .conftest import FILLER, peftkit_here, sentiment_rows, write_csv
 from .test_causal_lm import tiny_llama  # noqa: F401 (a fixture)
+from .test_chat import conversations
 from .test_ner import ner_sentences, write_conll
 from .test_qa import squad_document
 
@@ -91,6 +92,7 @@ def test_causal_lm_from_plain_text(tmp_path, tiny_llama):  # noqa: F811
     assert spec["task"]["type"] == "causal_lm" and spec["data"]["columns"] == {"text": "body"}
     # texts of up to 12 words (+ [CLS] and end-of-sequence): 14 tokens -> 16
     assert spec["task"]["max_length"] == 16 and "packing" not in spec["task"]  # median 9 > 16 / 2: no packing
+    assert "eval" not in spec  # plain text has no answers to write (eval.generate)
     assert spec["method"]["target_modules"] == [
         "down_proj",
         "gate_proj",
@@ -101,6 +103,67 @@ def test_causal_lm_from_plain_text(tmp_path, tiny_llama):  # noqa: F811
         "v_proj",
     ]  # lm_head, the output layer, is not adapted
     assert set(train_from(tmp_path, out)["test"]) >= {"perplexity", "loss"}
+
+
+def test_conversations_get_a_chat_recipe_that_writes_answers(tmp_path, tiny_llama):  # noqa: F811
+    data = tmp_path / "support.jsonl"  # the conversations under another name than `messages`
+    data.write_text("".join(json.dumps({"id": i, "dialog": c}) + "\n" for i, c in enumerate(conversations(80))))
+    result, out = init(tmp_path, data, tiny_llama)
+    assert result.returncode == 0, result.stderr
+    spec = yaml.safe_load(out.read_text())
+    assert spec["task"]["type"] == "causal_lm" and spec["data"]["columns"] == {"messages": "dialog"}
+    # the answers are one word ("good", "bad", ...): a token or two and the end of the turn
+    assert spec["eval"]["before_training"] is True and spec["eval"]["generate"]["max_new_tokens"] == 8
+    assert "task causal_lm (from the data); columns: messages=dialog" in result.stdout
+    generated = train_from(tmp_path, out)["generation"]
+    assert {"exact_match", "f1", "rouge_l"} <= set(generated["test"]) and generated["before_training"]["test"]
+
+
+def test_prompt_response_pairs_get_their_answers_written_too(tmp_path, tiny_llama):  # noqa: F811
+    rng = random.Random(0)
+    rows = [{"prompt": words(rng, 6), "response": words(rng, rng.randint(1, 20))} for _ in range(60)]
+    spec = designer.design(str(write_csv(tmp_path / "pairs.csv", rows)), str(tiny_llama)).spec
+    assert spec["task"]["type"] == "causal_lm" and "columns" not in spec["data"]
+    assert spec["eval"]["generate"] == {"samples": 24, "max_new_tokens": 24}  # up to 20 words + end: 21 -> 24
+
+
+def test_conversations_and_a_model_without_a_chat_template_exit_2(tmp_path, tiny_bert):
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations(20)))
+    result, _ = init(tmp_path, data, tiny_bert)
+    assert result.returncode == 2 and "no chat template" in result.stderr and "--model" in result.stderr
+
+
+def test_label_lists_get_a_multi_label_recipe(tmp_path, tiny_bert):
+    rng = random.Random(0)
+    tags = ["plot", "acting", "music"]
+    rows = [{"text": words(rng, 8), "aspects": sorted(rng.sample(tags, i % 3))} for i in range(120)]
+    rows += [{"text": words(rng, 8), "aspects": ["sound"]} for _ in range(4)]  # a rare label
+    data = tmp_path / "aspects.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result, out = init(tmp_path, data, tiny_bert)
+    assert result.returncode == 0, result.stderr
+    spec = yaml.safe_load(out.read_text())
+    assert spec["task"]["problem_type"] == "multi_label" and spec["data"]["columns"] == {"label": "aspects"}
+    assert spec["data"]["labels"] == ["acting", "music", "plot", "sound"]
+    assert "40 of 124 rows (32.3%) have no label" in out.read_text()  # every third row: an empty list
+    # 'sound' on 4 rows: balanced pos_weight, and the rate and warm-up measured not to collapse with it
+    assert spec["task"]["class_weights"] == "balanced"
+    assert spec["train"]["lr"] == 5e-4 and spec["train"]["warmup_ratio"] == 0.1
+    assert {"micro_f1", "macro_f1", "subset_accuracy"} <= set(train_from(tmp_path, out)["test"])
+
+
+def test_fractional_scores_get_a_regression_recipe(tmp_path, tiny_bert):
+    rng = random.Random(0)
+    rows = [{"review": words(rng, 8), "score": round(rng.random(), 3), "source": "web"} for _ in range(100)]
+    rows[5]["score"] = ""  # no score: the row is dropped
+    result, out = init(tmp_path, write_csv(tmp_path / "scores.csv", rows), tiny_bert)
+    assert result.returncode == 0, result.stderr
+    spec = yaml.safe_load(out.read_text())
+    assert spec["task"]["problem_type"] == "regression" and "labels" not in spec["data"]
+    assert spec["data"]["columns"] == {"text": "review", "label": "score"}
+    assert spec["data"]["unknown_labels"] == "drop"
+    assert {"mse", "pearson", "spearman"} <= set(train_from(tmp_path, out)["test"])
 
 
 # --- decisions from the data -------------------------------------------------------------------------------------

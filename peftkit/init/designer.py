@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from peftkit import assets, train
 from peftkit.data import blank
 from peftkit.errors import UserError
-from peftkit.init.profile import assign_roles, label_set, profile, read_data
+from peftkit.init.profile import CHAT_ROLES, assign_roles, label_set, problem_type, profile, read_data
 from peftkit.methods import METHODS, targets
 from peftkit.recipe import load_recipe
 from peftkit.sections import SplitSection, TrainSection
@@ -150,6 +150,17 @@ def token_lengths(task: str, roles: dict[str, str], split: Dataset, tokenizer: P
         ]
         texts, second = [a for a, _ in pairs], [b or "" for _, b in pairs]
         encoded = tokenizer(texts, second if "text_pair" in roles else None)
+    elif any(role in roles for role in CHAT_ROLES):
+        if tokenizer.chat_template is None:
+            raise UserError(
+                "the data holds conversations, and this model's tokenizer has no chat template to render them; "
+                "choose an instruct / chat model (--model), or write the recipe's task.chat_template by hand"
+            )
+        (column,) = (roles[role] for role in CHAT_ROLES if role in roles)
+        return [
+            len(causal_lm.encode_chat(tokenizer, causal_lm.conversation(v, i), i)[0])
+            for i, v in enumerate(rows[column], 1)
+        ]
     elif "prompt" in roles:
         template = tokenizer.chat_template is not None  # causal_lm's chat_template: auto
         return [
@@ -200,11 +211,16 @@ def design(
     cols = profile(sample)
     inferred = task is None
     task, roles, why = assign_roles(cols, lambda name: sample[name], task, dict(columns or {}))
+    problem = problem_type(cols[roles["label"]]) if task == "classification" else "single_label"
     d.summary.append(
-        f"task {task} ({'from the data' if inferred else 'given'}); columns: "
-        + ", ".join(f"{r}={c}" for r, c in roles.items())
+        f"task {task}{'' if problem == 'single_label' else f' ({problem})'} "
+        f"({'from the data' if inferred else 'given'}); columns: " + ", ".join(f"{r}={c}" for r, c in roles.items())
     )
-    labels = _data_section(d, source, splits, fmt, encoding, TASKS[task], cols, roles, why)
+    d.set("task", "type", task)
+    if problem != "single_label":
+        what = {"multi_label": "a list of labels per row: a sigmoid each", "regression": "numbers: one output, MSE"}
+        d.set("task", "problem_type", problem, what[problem])
+    labels = _data_section(d, source, splits, fmt, encoding, TASKS[task], cols, roles, why, problem)
     facts = inspect_model(model, task, labels)
     positions = f", {facts.max_positions:,} positions" if facts.max_positions else ""
     d.set("model", "name", model, f"{facts.model_type}, {_count(facts.params)} parameters{positions}")
@@ -212,6 +228,7 @@ def design(
     m, packing = _task_section(d, task, roles, first, facts)
     _method(d, task, facts)
     _train_section(d, task, facts, m, packing, len(first), "validation" in splits)
+    _generation(d, roles, first, facts.tokenizer)
     try:
         _memory(d, task, facts, labels, min(m["max"], m["value"]) if not packing else m["value"])
     except Exception as err:  # noqa: BLE001 - a comment the recipe can do without; said, not fatal
@@ -257,8 +274,10 @@ def _data_section(
     cols: dict[str, Column],
     roles: dict[str, str],
     why: dict[str, str],
+    problem: str,
 ) -> list | None:
-    """data: source, format, columns, the label set with its counts, what to drop. Returns the labels."""
+    """data: source, format, columns, the label set with its counts, what to drop. Returns the labels (for
+    regression, the label column's name: the one output's)."""
     total = sum(len(s) for s in splits.values())
     layout = f" in splits {', '.join(splits)}" if len(splits) > 1 else ", one split: validation and test cut from it"
     d.set("data", "source", source, before=(f"{total:,} rows{layout} (data.splits)",))
@@ -275,14 +294,21 @@ def _data_section(
     else:
         d.explain("data", *found)
     labels = None
-    if module.LABEL_ROLE:
-        labels, counts, missing = label_set(splits, roles[module.LABEL_ROLE], module.LABELS_PER_TOKEN)
+    if problem == "regression":
+        missing = sum(1 for split in splits.values() for v in split[roles["label"]] if v is None)
+        if missing:
+            d.set("data", "unknown_labels", "drop", f"{missing:,} row(s) have no number")
+        d.explain("data", "regression: no data.labels (the label column holds numbers)")
+        labels = [roles["label"]]
+    elif module.LABEL_ROLE:
+        listed = module.LABELS_PER_TOKEN or problem == "multi_label"  # a list of labels per row
+        labels, counts, missing = label_set(splits, roles[module.LABEL_ROLE], listed)
         if len(labels) < 2:
             raise UserError(
                 f"the label column '{roles[module.LABEL_ROLE]}' has {len(labels)} distinct value(s); "
                 "at least 2 are needed (--label-column picks another column)"
             )
-        seen = sum(counts.values())
+        seen = sum(len(split) for split in splits.values()) if problem == "multi_label" else sum(counts.values())
         shares = ", ".join(f"{v} {counts[v]:,} ({100 * counts[v] / seen:.1f}%)" for v in labels)
         unit = "tokens" if module.LABELS_PER_TOKEN else "rows"
         d.set(
@@ -297,7 +323,9 @@ def _data_section(
         if missing:
             d.set("data", "unknown_labels", "drop", f"{missing:,} row(s) have no label")
         ratio = max(counts.values()) / min(counts.values())
-        if not module.LABELS_PER_TOKEN and ratio >= IMBALANCE:
+        if problem == "multi_label":
+            _multi_label(d, splits, roles["label"], seen, ratio)
+        elif not module.LABELS_PER_TOKEN and ratio >= IMBALANCE:
             rare = min(labels, key=lambda v: counts[v])
             d.warnings.append(
                 f"the classes are unbalanced: '{rare}' has {counts[rare]:,} rows, {ratio:.0f}x fewer "
@@ -321,9 +349,18 @@ def _data_section(
     return labels
 
 
+def _multi_label(d: Design, splits: DatasetDict, column: str, rows: int, ratio: float) -> None:
+    """Multi-label's loss and rate. Measured on recipes/entity-types.yaml (benchmarks/RESULTS.md): with labels
+    this rare the model first predicts no label for every row; class weights (BCE's pos_weight) make it learn,
+    and at lr 1e-3 with them one seed of three collapsed, at 5e-4 with a longer warm-up none did."""
+    none = sum(1 for split in splits.values() for v in split[column] if v is not None and len(v) == 0)
+    d.explain("data", f"{none:,} of {rows:,} rows ({100 * none / rows:.1f}%) have no label (an empty list)")
+    if ratio >= IMBALANCE or none / rows >= 0.5:
+        d.set("task", "class_weights", "balanced", "pos_weight = negatives / positives per label: rare labels count")
+
+
 def _task_section(d: Design, task: str, roles: dict[str, str], split: Dataset, facts: ModelFacts) -> tuple[dict, bool]:
     """task: max_length from the data's length distribution (and, by task, packing / windows)."""
-    d.set("task", "type", task)
     lengths = token_lengths(task, roles, split, facts.tokenizer)
     if not lengths:
         raise UserError("every sampled row has an empty text; check the columns (--text-column)")
@@ -340,8 +377,9 @@ def _task_section(d: Design, task: str, roles: dict[str, str], split: Dataset, f
         else f"p{PERCENTILE} rounded up to a multiple of 8"
     )
     share = f"{m['cut']:,} of {m['sampled']:,} sampled rows ({100 * m['cut'] / m['sampled']:.1f}%)"
-    packing = task == "causal_lm" and "text" in roles and m["median"] <= m["value"] / 2
-    if packing:
+    chats = any(role in roles for role in CHAT_ROLES)
+    packing = task == "causal_lm" and ("text" in roles or chats) and m["median"] <= m["value"] / 2
+    if packing and not chats:
         cut = "no text is cut: packed texts run on into the next block"
     elif task == "question_answering":
         cut = f"{share} span several windows"
@@ -350,7 +388,12 @@ def _task_section(d: Design, task: str, roles: dict[str, str], split: Dataset, f
     d.set("task", "max_length", m["value"], f"{basis}; {cut}", before=(distribution,))
     d.summary.append(f"max_length {m['value']}: {basis}; {cut} ({distribution})")
     if packing:
-        d.set("task", "packing", True, f"short texts (median {m['median']} tokens): join them into full blocks")
+        what = (
+            "conversations (median {} tokens): several per row, whole, no attention across them"
+            if chats
+            else ("texts (median {} tokens): join them into full blocks")
+        )
+        d.set("task", "packing", True, "short " + what.format(m["median"]))
     if task == "question_answering":
         d.set("task", "doc_stride", max(8, m["value"] // 3 // 8 * 8), "overlap of consecutive windows: max_length / 3")
         unanswerable = sum(1 for a in split[roles["answers"]] if not (a or {}).get("text"))
@@ -374,7 +417,12 @@ def _train_section(
     if accum > 1:
         d.set("train", "grad_accum", accum, f"an effective batch of {batch * accum}")
     lr = 1e-3 if small else 3e-4 if facts.params < 3e9 else 2e-4
-    d.set("train", "lr", lr, "LoRA takes a higher rate than full fine-tuning; lower for larger models")
+    weighted = d.spec["task"].get("problem_type") == "multi_label" and "class_weights" in d.spec["task"]
+    if weighted:  # measured on recipes/entity-types.yaml (benchmarks/RESULTS.md)
+        d.set("train", "lr", lr / 2, "multi-label with class weights: 1e-3 collapsed a seed of a small model's run")
+        d.set("train", "warmup_ratio", 0.1, "a longer warm-up for the weighted loss")
+    else:
+        d.set("train", "lr", lr, "LoRA takes a higher rate than full fine-tuning; lower for larger models")
     train_rows = rows * (1 if has_validation else SplitSection().train)
     examples = train_rows * m["mean"] / m["value"] if packing else train_rows
     per_epoch = max(1, math.ceil(examples / (batch * accum)))
@@ -390,9 +438,37 @@ def _train_section(
     defaults = TrainSection()
     d.explain(
         "train",
-        f"warmup_ratio {defaults.warmup_ratio}, scheduler {defaults.scheduler}, max_grad_norm "
+        ("" if weighted else f"warmup_ratio {defaults.warmup_ratio}, ")
+        + f"scheduler {defaults.scheduler}, max_grad_norm "
         f"{defaults.max_grad_norm} and seed {defaults.seed} are the schema defaults; train.max_steps caps a "
         "quick trial run",
+    )
+
+
+def _generation(d: Design, roles: dict[str, str], split: Dataset, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Data with answers (conversations, prompt/response pairs): the run also writes answers before and after
+    training and scores them (eval.generate), room for the longest answers but the rarest."""
+    rows = split.select(range(min(len(split), SAMPLE_ROWS)))
+    chats = [roles[role] for role in CHAT_ROLES if role in roles]
+    if chats:
+        answers = [
+            answer
+            for i, value in enumerate(rows[chats[0]], 1)
+            for _, answer in causal_lm.assistant_turns(causal_lm.conversation(value, i))
+        ]
+    elif "response" in roles:
+        answers = [str(v) for v in rows[roles["response"]] if not blank(v)]
+    else:
+        return
+    lengths = [len(ids) + 1 for ids in tokenizer(answers, add_special_tokens=False)["input_ids"]]  # + end of turn
+    m = choose_max_length(lengths, None, 8)
+    d.set("eval", "before_training", True, "the untouched model's answers and perplexity too: what training changed")
+    d.set(
+        "eval",
+        "generate",
+        {"samples": 24, "max_new_tokens": m["value"]},
+        f"answers written (greedy) and scored: exact match, token F1, ROUGE-L. Answer tokens: median {m['median']}, "
+        f"p{PERCENTILE} {m['high']}, max {m['max']}",
     )
 
 

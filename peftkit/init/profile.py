@@ -20,7 +20,9 @@ if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
 
 LABEL_NAMES = ("label", "labels", "category", "class", "sentiment", "target", "intent", "topic", "emotion", "stance")
+SCORE_NAMES = (*LABEL_NAMES, "score", "rating", "confidence")  # a column of fractional numbers so named: regression
 MAX_CLASSES = 100  # a column with more distinct values is not taken for a label
+CHAT_ROLES = ("messages", "conversations")  # causal_lm's roles for chat data (OpenAI-style / ShareGPT)
 
 
 @dataclass
@@ -28,13 +30,16 @@ class Column:
     """What a data column holds, from a sample of its rows."""
 
     name: str
-    kind: str  # text, number, list, dict, empty
-    distinct: int
-    mean_chars: float = 0.0
+    kind: str  # text, number, list, chat (lists of {role, content} or {from, value} objects), dict, empty
+    distinct: int  # distinct values; of a list column, distinct elements
+    mean_chars: float = 0.0  # of a text column, its values; of a list column, its text elements
+    whole: bool = True  # a number column: every value a whole number (a class id, not a score)
 
     def describe(self) -> str:
         if self.kind == "text":
             return f"{self.name} (text, {self.distinct:,} distinct, mean {self.mean_chars:.0f} characters)"
+        if self.kind == "chat":
+            return f"{self.name} (conversations: lists of messages)"
         return f"{self.name} ({self.kind}, {self.distinct:,} distinct)"
 
 
@@ -90,29 +95,46 @@ def profile(split: Dataset) -> dict[str, Column]:
         elif all(isinstance(v, str) for v in values):
             columns[name] = Column(name, "text", len(set(values)), sum(map(len, values)) / len(values))
         elif all(isinstance(v, (bool, int, float)) for v in values):
-            columns[name] = Column(name, "number", len(set(values)))
+            whole = all(isinstance(v, (bool, int)) or float(v).is_integer() for v in values)
+            columns[name] = Column(name, "number", len(set(values)), whole=whole)
         elif all(isinstance(v, list) for v in values):
-            columns[name] = Column(name, "list", len({x for v in values for x in v if isinstance(x, (str, int))}))
+            items = [x for v in values for x in v]
+            if items and all(isinstance(x, dict) for x in items):
+                columns[name] = Column(name, "chat", len(values))
+                continue
+            texts = [x for x in items if isinstance(x, str)]
+            mean = sum(map(len, texts)) / len(texts) if texts else 0.0
+            columns[name] = Column(name, "list", len({x for x in items if isinstance(x, (str, int))}), mean)
         else:
             columns[name] = Column(name, "dict", 0)
     return columns
 
 
-def _label_like(column: Column, rows: int, values: list) -> bool:
-    """Few distinct values, each short, and not fractional numbers: could be a class label."""
-    if column.kind == "text":
-        return 2 <= column.distinct <= min(MAX_CLASSES, max(2, rows // 10)) and column.mean_chars <= 40
+def _label_like(column: Column, rows: int) -> bool:
+    """Could be a class label: few distinct values, each short, and not fractional numbers; or a list column of
+    few distinct short strings (a label set per row: multi-label); or fractional numbers under a label's or a
+    score's name (a regression target)."""
+    few = 2 <= column.distinct <= min(MAX_CLASSES, max(2, rows // 10))
+    if column.kind in ("text", "list"):
+        return few and column.mean_chars <= 40
     if column.kind == "number":
-        whole = all(isinstance(v, (bool, int)) or float(v).is_integer() for v in values if v is not None)
-        return whole and 2 <= column.distinct <= min(MAX_CLASSES, max(2, rows // 10))
+        return few if column.whole else column.name.lower() in SCORE_NAMES
     return False
+
+
+def problem_type(column: Column) -> str:
+    """classification's task.problem_type for a label column: a list of labels per row is multi_label, a
+    fractional number regression, anything else single_label."""
+    if column.kind == "list":
+        return "multi_label"
+    return "regression" if column.kind == "number" and not column.whole else "single_label"
 
 
 def _label_candidates(
     columns: dict[str, Column], values: Callable[[str], Sequence[Any]], given: dict[str, str]
 ) -> list[Column]:
     rows = len(values(next(iter(columns))))
-    return [c for c in columns.values() if c.name not in given.values() and _label_like(c, rows, values(c.name))]
+    return [c for c in columns.values() if c.name not in given.values() and _label_like(c, rows)]
 
 
 def _check_columns(given: dict[str, str], available: list[str]) -> None:
@@ -154,6 +176,9 @@ def assign_roles(
                 f"not found. Map them with --column ROLE=COLUMN; the data has columns: "
                 f"{', '.join(columns)}"
             )
+    elif task == "causal_lm" and _chat_column(columns, named):
+        role, column = _chat_column(columns, named)
+        roles = {role: column}
     elif task == "causal_lm" and "prompt" in named and "response" in named:
         roles = {"prompt": named["prompt"], "response": named["response"]}
     else:
@@ -184,6 +209,8 @@ def _infer_task(
         return "token_classification"
     if all(r in named for r in ("question", "context", "answers")):
         return "question_answering"
+    if _chat_column(columns, named):
+        return "causal_lm"  # conversations: chat tuning
     if "prompt" in named and "response" in named:
         return "causal_lm"
     if "label" in given:
@@ -199,6 +226,16 @@ def _infer_task(
             f"model on the text; the data has columns: {', '.join(columns)}"
         )
     return "classification"
+
+
+def _chat_column(columns: dict[str, Column], named: dict[str, str]) -> tuple[str, str] | None:
+    """(causal_lm's role, the column) for conversations: a column mapped to `messages` or `conversations`, else
+    the one column holding lists of message objects (any name; mapped to `messages`, which reads both styles)."""
+    for role in CHAT_ROLES:
+        if role in named and columns[named[role]].kind == "chat":
+            return role, named[role]
+    chats = [c.name for c in columns.values() if c.kind == "chat"]
+    return ("messages", chats[0]) if len(chats) == 1 else None
 
 
 def _list_roles(columns: dict[str, Column], named: dict[str, str], given: dict[str, str]) -> dict[str, str]:
@@ -233,7 +270,9 @@ def _label_column(
         )
     chosen = (by_name or candidates)[0]
     others = [c.name for c in candidates if c is not chosen]
-    reason = f"{chosen.distinct} distinct values" + (" and a label's name" if by_name else "")
+    found = {"multi_label": f"lists of {chosen.distinct} distinct labels", "regression": "fractional numbers"}
+    reason = found.get(problem_type(chosen), f"{chosen.distinct} distinct values")
+    reason += " and a label's name" if by_name else ""
     if others:
         reason += f"; {', '.join(others)} could be one too (--label-column)"
     return chosen.name, reason
@@ -245,11 +284,7 @@ def _text_column(
     if "text" in given:
         return given["text"], "given"
     rows = len(values(next(iter(columns))))
-    texts = [
-        c
-        for c in columns.values()
-        if c.kind == "text" and c.name not in taken and not _label_like(c, rows, values(c.name))
-    ]
+    texts = [c for c in columns.values() if c.kind == "text" and c.name not in taken and not _label_like(c, rows)]
     if not texts:
         raise UserError(
             "no usable text column (strings with many distinct values) in the data: "

@@ -129,3 +129,21 @@ def test_lm_run_reports_perplexity_before_and_after_and_generates(tmp_path, tiny
     assert sampled[0] == sampled[1] and "generated" in sampled[0]  # sampling, seeded: reproducible
     result = peftkit_here("predict", run_dir, "x", "--temperature", "0")
     assert result.returncode == 2 and "above 0" in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_a_causal_lm_never_sees_later_tokens(tiny_bert, tiny_llama, kind):
+    """BERT's LM head model attends both ways unless its config says is_decoder (transformers only warns): trained
+    as a causal LM it would copy the next token. Changing the last token must leave every earlier position's logits
+    as they were, for an encoder loaded as a causal LM as for a decoder."""
+    from transformers import AutoTokenizer
+
+    folder = tiny_bert if kind == "bert" else tiny_llama
+    model = causal_lm.load_model(str(folder), None, AutoTokenizer.from_pretrained(folder)).eval()
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    changed = ids.clone()
+    changed[0, -1] = 9
+    with torch.no_grad():
+        before, after = model(input_ids=ids).logits, model(input_ids=changed).logits
+    assert torch.equal(before[:, :-1], after[:, :-1])
+    assert not torch.equal(before[:, -1], after[:, -1])

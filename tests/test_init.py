@@ -119,6 +119,14 @@ def test_conversations_get_a_chat_recipe_that_writes_answers(tmp_path, tiny_llam
     assert {"exact_match", "f1", "rouge_l"} <= set(generated["test"]) and generated["before_training"]["test"]
 
 
+def test_an_encoder_for_plain_text_is_warned_about(tmp_path, tiny_bert, tiny_llama):  # noqa: F811
+    rng = random.Random(0)
+    data = write_csv(tmp_path / "notes.csv", [{"body": words(rng, 10)} for _ in range(60)])
+    result, _ = init(tmp_path, data, tiny_bert)
+    assert result.returncode == 0 and "saved as BertModel, not a text generator" in result.stderr
+    assert "not a text generator" not in init(tmp_path, data, tiny_llama, "--force")[0].stderr
+
+
 def test_prompt_response_pairs_get_their_answers_written_too(tmp_path, tiny_llama):  # noqa: F811
     rng = random.Random(0)
     rows = [{"prompt": words(rng, 6), "response": words(rng, rng.randint(1, 20))} for _ in range(60)]

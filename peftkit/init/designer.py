@@ -79,6 +79,7 @@ class ModelFacts:
     max_positions: int | None
     layers: list[str]  # adaptable layer names (last dotted component), head and output layer excluded
     tokenizer: PreTrainedTokenizerBase
+    architectures: list[str] = field(default_factory=list)  # what the checkpoint was saved as (config.json)
 
 
 def inspect_model(name: str, task: str, labels: list | None) -> ModelFacts:
@@ -114,6 +115,7 @@ def inspect_model(name: str, task: str, labels: list | None) -> ModelFacts:
         positions,
         layers,
         tokenizer,
+        list(getattr(config, "architectures", None) or []),
     )
 
 
@@ -225,6 +227,12 @@ def design(
     positions = f", {facts.max_positions:,} positions" if facts.max_positions else ""
     d.set("model", "name", model, f"{facts.model_type}, {_count(facts.params)} parameters{positions}")
     d.summary.append(f"model {model}: {facts.model_type}, {_count(facts.params)} parameters")
+    if task == "causal_lm" and facts.architectures and not any(_generates(a) for a in facts.architectures):
+        d.warnings.append(
+            f"{model} was saved as {', '.join(facts.architectures)}, not a text generator: as a causal LM its "
+            "attention is made causal and it learns next-token prediction almost from scratch; a decoder "
+            "(GPT-2, Llama, SmolLM2, ...) is the usual choice (--model), or give --task for another task"
+        )
     m, packing = _task_section(d, task, roles, first, facts)
     _method(d, task, facts)
     _train_section(d, task, facts, m, packing, len(first), "validation" in splits)
@@ -234,6 +242,11 @@ def design(
     except Exception as err:  # noqa: BLE001 - a comment the recipe can do without; said, not fatal
         log.info("memory estimate left out of the recipe: %s: %s", type(err).__name__, err)
     return d
+
+
+def _generates(architecture: str) -> bool:
+    """A checkpoint class that predicts the next token (LlamaForCausalLM, GPT2LMHeadModel, ...)."""
+    return architecture.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
 
 
 def _memory(d: Design, task: str, facts: ModelFacts, labels: list | None, length: int) -> None:

@@ -87,8 +87,15 @@ class Config(Section):
 def load_model(
     path: str, labels: list[str] | None, tokenizer: "PreTrainedTokenizerBase", **kwargs: Any
 ) -> "PreTrainedModel":
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    common = {k: kwargs[k] for k in ("revision", "trust_remote_code") if k in kwargs}
+    if getattr(AutoConfig.from_pretrained(path, **common), "is_decoder", None) is False:
+        # BERT-family configs (BERT, RoBERTa, ELECTRA; GPT-NeoX's too) carry is_decoder, False by default, and
+        # their LM-head model then attends to later tokens as well (transformers only warns): trained as a causal
+        # LM it would learn to copy the next token and report a perplexity near 1. is_decoder=True makes the
+        # attention causal, transformers' own way (its BertLMHeadModel and GPTNeoXForCausalLM docs).
+        kwargs["is_decoder"] = True
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

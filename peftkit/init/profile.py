@@ -99,8 +99,8 @@ def profile(split: Dataset) -> dict[str, Column]:
             columns[name] = Column(name, "number", len(set(values)), whole=whole)
         elif all(isinstance(v, list) for v in values):
             items = [x for v in values for x in v]
-            if items and all(isinstance(x, dict) for x in items):
-                columns[name] = Column(name, "chat", len(values))
+            if items and all(isinstance(x, dict) and ("role" in x or "from" in x) for x in items):
+                columns[name] = Column(name, "chat", len(values))  # OpenAI-style or ShareGPT messages
                 continue
             texts = [x for x in items if isinstance(x, str)]
             mean = sum(map(len, texts)) / len(texts) if texts else 0.0

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from peftkit import assets, train
 from peftkit.data import blank
 from peftkit.errors import UserError
-from peftkit.init.profile import CHAT_ROLES, assign_roles, label_set, problem_type, profile, read_data
+from peftkit.init.profile import assign_roles, label_set, problem_type, profile, read_data
 from peftkit.methods import METHODS, targets
 from peftkit.recipe import load_recipe
 from peftkit.sections import SplitSection, TrainSection
@@ -152,16 +152,15 @@ def token_lengths(task: str, roles: dict[str, str], split: Dataset, tokenizer: P
         ]
         texts, second = [a for a, _ in pairs], [b or "" for _, b in pairs]
         encoded = tokenizer(texts, second if "text_pair" in roles else None)
-    elif any(role in roles for role in CHAT_ROLES):
+    elif _conversations(roles):
         if tokenizer.chat_template is None:
             raise UserError(
                 "the data holds conversations, and this model's tokenizer has no chat template to render them; "
                 "choose an instruct / chat model (--model), or write the recipe's task.chat_template by hand"
             )
-        (column,) = (roles[role] for role in CHAT_ROLES if role in roles)
         return [
             len(causal_lm.encode_chat(tokenizer, causal_lm.conversation(v, i), i)[0])
-            for i, v in enumerate(rows[column], 1)
+            for i, v in enumerate(rows[_conversations(roles)], 1)
         ]
     elif "prompt" in roles:
         template = tokenizer.chat_template is not None  # causal_lm's chat_template: auto
@@ -174,6 +173,11 @@ def token_lengths(task: str, roles: dict[str, str], split: Dataset, tokenizer: P
         eos = int(tokenizer.eos_token_id is not None)  # causal_lm appends end-of-sequence to every text
         return [len(ids) + eos for ids in tokenizer([t for t in column("text") if t.strip()])["input_ids"]]
     return [len(ids) for ids in encoded["input_ids"]]
+
+
+def _conversations(roles: dict[str, str]) -> str | None:
+    """The column of conversations, when the roles have one (causal_lm's messages or conversations)."""
+    return next((roles[role] for role in causal_lm.CHAT_ROLES if role in roles), None)
 
 
 def choose_max_length(lengths: list[int], cap: int | None, floor: int) -> dict:
@@ -390,7 +394,7 @@ def _task_section(d: Design, task: str, roles: dict[str, str], split: Dataset, f
         else f"p{PERCENTILE} rounded up to a multiple of 8"
     )
     share = f"{m['cut']:,} of {m['sampled']:,} sampled rows ({100 * m['cut'] / m['sampled']:.1f}%)"
-    chats = any(role in roles for role in CHAT_ROLES)
+    chats = _conversations(roles) is not None
     packing = task == "causal_lm" and ("text" in roles or chats) and m["median"] <= m["value"] / 2
     if packing and not chats:
         cut = "no text is cut: packed texts run on into the next block"
@@ -462,11 +466,10 @@ def _generation(d: Design, roles: dict[str, str], split: Dataset, tokenizer: Pre
     """Data with answers (conversations, prompt/response pairs): the run also writes answers before and after
     training and scores them (eval.generate), room for the longest answers but the rarest."""
     rows = split.select(range(min(len(split), SAMPLE_ROWS)))
-    chats = [roles[role] for role in CHAT_ROLES if role in roles]
-    if chats:
+    if _conversations(roles):
         answers = [
             answer
-            for i, value in enumerate(rows[chats[0]], 1)
+            for i, value in enumerate(rows[_conversations(roles)], 1)
             for _, answer in causal_lm.assistant_turns(causal_lm.conversation(value, i))
         ]
     elif "response" in roles:

@@ -15,6 +15,7 @@ from peftkit import assets, data
 from peftkit.errors import UserError, did_you_mean
 from peftkit.sections import DataSection
 from peftkit.tasks import TASKS
+from peftkit.tasks.causal_lm import CHAT_ROLES
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
 LABEL_NAMES = ("label", "labels", "category", "class", "sentiment", "target", "intent", "topic", "emotion", "stance")
 SCORE_NAMES = (*LABEL_NAMES, "score", "rating", "confidence")  # a column of fractional numbers so named: regression
 MAX_CLASSES = 100  # a column with more distinct values is not taken for a label
-CHAT_ROLES = ("messages", "conversations")  # causal_lm's roles for chat data (OpenAI-style / ShareGPT)
 
 
 @dataclass
@@ -176,9 +176,8 @@ def assign_roles(
                 f"not found. Map them with --column ROLE=COLUMN; the data has columns: "
                 f"{', '.join(columns)}"
             )
-    elif task == "causal_lm" and _chat_column(columns, named):
-        role, column = _chat_column(columns, named)
-        roles = {role: column}
+    elif task == "causal_lm" and (chat := _chat_column(columns, named)):
+        roles = dict([chat])
     elif task == "causal_lm" and "prompt" in named and "response" in named:
         roles = {"prompt": named["prompt"], "response": named["response"]}
     else:

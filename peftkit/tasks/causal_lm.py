@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 
 # text, or prompt + response, or messages (OpenAI-style) / conversations (ShareGPT): checked in preprocess
 COLUMNS = {"text": False, "prompt": False, "response": False, "messages": False, "conversations": False}
-TEXT_ROLES = ("text", "prompt", "response", "messages", "conversations")
+CHAT_ROLES = ("messages", "conversations")  # chat data: OpenAI-style messages, ShareGPT conversations
+TEXT_ROLES = ("text", "prompt", "response", *CHAT_ROLES)
 LABEL_ROLE = None
 LABELS_PER_TOKEN = False
 SPLIT_BY = None
@@ -105,7 +106,7 @@ def load_model(
 def preprocess(splits: "DatasetDict", tokenizer: "PreTrainedTokenizerBase", config: Config) -> "DatasetDict":
     columns = next(iter(splits.values())).column_names  # the same in every split (data.load)
     template = chat_template(tokenizer, config)
-    chats = [c for c in ("messages", "conversations") if c in columns]
+    chats = [c for c in CHAT_ROLES if c in columns]
     if len(chats) == 2:
         raise UserError(
             "data: the source has both a 'messages' and a 'conversations' column; keep one, or name the one to "
@@ -193,7 +194,7 @@ def answer_prompts(
     each assistant turn of a conversation (the conversation before it, with the generation prompt), or each
     prompt/response pair. Empty for plain text, which has no answers (eval.generate then says so)."""
     columns = rows.column_names
-    chats = [c for c in ("messages", "conversations") if c in columns]
+    chats = [c for c in CHAT_ROLES if c in columns]
     found: list[tuple[list[int], str]] = []
     if chats:
         numbers = rows[ROW] if ROW in columns else range(1, len(rows) + 1)

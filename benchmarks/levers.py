@@ -16,7 +16,8 @@ the base variant, or the first of --variants when given.
 LoRA on every layer against query/value (issue 18 part 2), variants joined with "+": qv or all (LoRA's targets:
 query/value, or every linear layer, as peftkit's default), bf16 (the base held in bf16, the step under bf16
 autocast, as peftkit's bf16 runs), unshared (the fast dropout without dropout.share_adapter_dropouts: each
-adapted layer draws its own mask and peft casts its input to fp32). qv and all install the fast dropout.
+adapted layer draws its own mask and peft casts its input to fp32), nodrop (LoRA's own dropout 0, peft's default;
+the model's dropouts stay). qv and all install the fast dropout.
 """
 
 import argparse
@@ -58,7 +59,8 @@ def worker(variant: str, steps: int = 24) -> str:
         path, num_labels=2, attn_implementation="eager" if bf16 else "sdpa", dtype=torch.bfloat16 if bf16 else None
     )
     targets = {"target_modules": "all-linear"} if "all" in parts else {}
-    config = LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1, **targets)
+    lora_dropout = 0.0 if "nodrop" in parts else 0.1
+    config = LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=lora_dropout, **targets)
     model = get_peft_model(model, config).train()
     for p in model.parameters():  # trained in fp32 (peftkit's trainable_in_fp32)
         if p.requires_grad:

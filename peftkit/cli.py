@@ -575,7 +575,7 @@ def init(
 ) -> None:
     """Design a commented recipe from a data file and a model: task, columns and labels from the data, max_length
     from its length distribution, target layers from the model, method and batch for its size and this machine."""
-    from peftkit.init import designer
+    from peftkit.init import designer, recipe_text
     from peftkit.tasks import TASKS
 
     roles = {}
@@ -592,7 +592,7 @@ def init(
         raise UserError(f"{out} already exists; pass --force to replace it, or choose another file with --out")
     _quiet_libraries()
     plan = designer.design(data, model, task, roles, encoding)
-    written = designer.write(plan, out, force)
+    written = recipe_text.write(plan, out, force)
     for line in plan.summary:
         console.print(f"  {line}", markup=False, highlight=False)
     for warning in plan.warnings:

@@ -7,7 +7,7 @@ import random
 import pytest
 import yaml
 
-from peftkit.init import designer
+from peftkit.init import designer, recipe_text
 
 from .conftest import FILLER, peftkit_here, sentiment_rows, write_csv
 from .test_causal_lm import tiny_llama  # noqa: F401 (a fixture)
@@ -253,7 +253,7 @@ def test_a_large_model_gets_qlora_on_a_gpu_and_a_full_precision_base_on_a_cpu(
     else:
         assert "quantization" not in d.spec and "slower than fp32" in d.notes[("method", "name")]
         assert any("trains slowly" in w for w in d.warnings)
-    out = designer.write(d, tmp_path / "large.yaml", force=False)  # validates: a QLoRA recipe is a valid recipe
+    out = recipe_text.write(d, tmp_path / "large.yaml", force=False)  # validates: a QLoRA recipe is a valid recipe
     assert f"is {precision} on this machine ({device})" in out.read_text()
 
 

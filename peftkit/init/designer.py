@@ -4,7 +4,8 @@
     -> the model's config, built on the meta device (no weights): size, layers, positions
     -> tokenize a sample: length distribution -> max_length
     -> method, precision, batch, learning rate for the model's size and this machine
-    -> YAML text with a comment on every decision -> checked with load_recipe -> written atomically
+    -> a Design: the recipe as a mapping, with a comment on every decision
+    -> YAML text, checked with load_recipe, written atomically (init/recipe_text.py)
 
 The recipe sets only what was decided from the data, the model or the hardware; everything else is left to the
 schema's defaults (recipe.py), which the comments name where they matter.
@@ -14,20 +15,16 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
-import tempfile
-import textwrap
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from peftkit import assets, train
 from peftkit.data import blank
 from peftkit.errors import UserError
 from peftkit.init.profile import assign_roles, label_set, problem_type, profile, read_data
+from peftkit.init.recipe_text import Design
 from peftkit.methods import METHODS, targets
-from peftkit.recipe import load_recipe
 from peftkit.sections import SplitSection, TrainSection
 from peftkit.tasks import TASKS, causal_lm
 
@@ -45,27 +42,6 @@ PERCENTILE = 99  # max_length covers this share of the sampled rows (1 in 100 is
 IMBALANCE = 5  # largest / smallest class count from which macro-F1, not accuracy, picks the kept epoch
 BIG_MODEL = 1e9  # parameters from which the base is quantised to 4 bits (QLoRA) on a GPU
 TARGET_STEPS = 600  # optimizer steps the epoch count aims at (e.g. recipes/sentiment-lora.yaml: 2 x ~350)
-
-
-@dataclass
-class Design:
-    """Every decision, with the facts behind it; `spec` is the recipe as a mapping, `notes` the comments."""
-
-    spec: dict = field(default_factory=dict)
-    notes: dict = field(default_factory=dict)  # (section, key[, "before"]) -> comment; (section,) -> lines atop
-    summary: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    def set(self, section: str, key: str, value: Any, why: str | None = None, before: tuple[str, ...] = ()) -> None:
-        """`why`: the comment on the key's line (or above it, when long); `before`: comment lines above it."""
-        self.spec.setdefault(section, {})[key] = value
-        if why:
-            self.notes[(section, key)] = why
-        if before:
-            self.notes[(section, key, "before")] = list(before)
-
-    def explain(self, section: str, *lines: str) -> None:
-        self.notes.setdefault((section,), []).extend(lines)
 
 
 # --- model ----------------------------------------------------------------------------------------------------
@@ -532,77 +508,3 @@ def _method(d: Design, task: str, facts: ModelFacts) -> None:
 
 def _count(n: int) -> str:
     return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
-
-
-# --- the YAML text --------------------------------------------------------------------------------------------
-
-
-def _flow(value: object) -> str:
-    """One YAML value on one line, quoted where YAML would misread it ('no', '1.0', 'null')."""
-    import yaml
-
-    text = yaml.safe_dump(value, default_flow_style=True, width=10**9, allow_unicode=True, sort_keys=False).strip()
-    return text.removesuffix("...").strip()
-
-
-def _comment_lines(text: str, indent: str) -> list[str]:
-    return [f"{indent}# {line}" for line in textwrap.wrap(text, 116 - len(indent), break_on_hyphens=False)]
-
-
-def render(d: Design, out: Path) -> str:
-    lines = [
-        f"# peftkit run {out}",
-        "#",
-        *_comment_lines(
-            "Written by `peftkit init` from the data and the model below. Each setting's comment "
-            "says what in the data, the model or this machine it comes from; every key not set "
-            "here takes its schema default (`peftkit schema` lists them all).",
-            "",
-        ),
-    ]
-    for section in ("model", "data", "task", "method", "quantization", "train", "eval"):
-        if section not in d.spec:
-            continue
-        lines += ["", f"{section}:"]
-        lines += _comment_lines_all(d.notes.get((section,), []))
-        for key, value in d.spec[section].items():
-            entry = f"  {key}: {_flow(value)}"
-            if len(entry) > 118 and isinstance(value, list):  # a flow list may continue on indented lines
-                entry = "\n".join(
-                    textwrap.wrap(entry, 118, subsequent_indent="    ", break_long_words=False, break_on_hyphens=False)
-                )
-            lines += _comment_lines_all(d.notes.get((section, key, "before"), []))
-            note = d.notes.get((section, key))
-            if note and len(entry) < 34 and len(note) < 84:
-                entry = f"{entry:<34} # {note}"
-            elif note:
-                lines += _comment_lines(note, "  ")
-            lines.append(entry)
-    return "\n".join(lines) + "\n"
-
-
-def _comment_lines_all(notes: list[str]) -> list[str]:
-    return [line for note in notes for line in _comment_lines(note, "  ")]
-
-
-def write(d: Design, out: Path, force: bool) -> Path:
-    """Write the recipe atomically, after checking that it validates and reads back as designed (a failure
-    there is a bug in the designer, not the user's)."""
-    import yaml
-
-    out = Path(out)
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; pass --force to replace it, or choose another file with --out")
-    text = render(d, out)
-    if yaml.safe_load(text) != d.spec:
-        raise RuntimeError(f"peftkit init wrote a recipe that does not read back as designed:\n{text}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".peftkit-init-") as tmp:
-        draft = Path(tmp) / out.name  # same name, so the recipe's default name (the file's stem) is the same
-        draft.write_text(text, encoding="utf-8")
-        try:
-            load_recipe(draft)
-        except UserError as err:
-            raise RuntimeError(f"peftkit init designed a recipe that does not validate ({err}):\n{text}") from None
-        os.replace(draft, out)
-    return out

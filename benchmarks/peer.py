@@ -1,6 +1,6 @@
 """peftkit against what a user would otherwise write: a plain peft + transformers `Trainer` script as the peft
 documentation shows it, on the same model (MiniLM), data (the Rotten Tomatoes rows peftkit trains on), LoRA
-settings (r 8, alpha 16, dropout 0.1), batch size (32) and number of steps.
+settings (r 8, alpha 16, dropout 0.1, query and value), batch size (32) and number of steps.
 
     .venv/bin/python benchmarks/peer.py [--steps 30] [--rounds 3] [--variants ...]   # ~10 minutes on 2 CPU cores
 
@@ -30,6 +30,9 @@ RECIPE = ROOT / "recipes" / "sentiment-lora.yaml"
 # Both sides train on these rows (enough for 30 steps of 32 without repeating). No validation split: peftkit
 # would score it after each epoch, inside its training-memory peak, and the peer evaluates nothing.
 DATA = ["data.max_samples=1200", "data.splits={train: 0.8, validation: 0, test: 0.2}"]
+# The peer's LoRA is peft's default for BERT: query and value. peftkit's recipe adapts every linear layer since
+# issue 17, so peftkit's LoRA variants are told the peer's layers: the same adapter on both sides.
+QUERY_VALUE = ["method.target_modules=[query, value]"]
 VARIANTS = ["peftkit-lora", "peer-default", "peer-tuned", "peftkit-full", "peftkit-lora-2proc"]
 
 
@@ -37,7 +40,7 @@ def peftkit(steps: int, full: bool, processes: int = 1) -> dict:
     """processes 2: `--processes 2` with 16 rows per process per step (the same 32 per step); its peak memory is
     one process's (the main one)."""
     with tempfile.TemporaryDirectory() as tmp:
-        method = ["method={name: full}", "train.lr=5e-5"] if full else []
+        method = ["method={name: full}", "train.lr=5e-5"] if full else QUERY_VALUE
         parallel = ["--processes", str(processes), f"train.batch_size={32 // processes}"] if processes > 1 else []
         command = [sys.executable, "-m", "peftkit", "run", str(RECIPE), *DATA, *method, f"train.max_steps={steps}",
                    "eval.splits=[test]", f"export.output_dir={tmp}/run", *parallel]  # fmt: skip

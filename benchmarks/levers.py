@@ -91,13 +91,13 @@ def worker(variant: str, steps: int = 24) -> str:
 
     warm = sum(step(length) for length in LENGTHS[:4])
     if variant.startswith("profile"):
-        return profile(lambda: [step(LENGTHS[i % len(LENGTHS)]) for i in range(16)])
+        return profile(lambda: [step(LENGTHS[i % len(LENGTHS)]) for i in range(16)], steps=16)
     median = statistics.median(step(LENGTHS[i % len(LENGTHS)]) for i in range(steps))
     return f"{warm:.1f} {median:.4f}"
 
 
-def profile(run) -> str:
-    """A Markdown table: the share of the profiled steps' operator time spent in each operator family."""
+def profile(run, steps: int = 16) -> str:
+    """A Markdown table: the operator time per step (self CPU time, ms) and its share, per operator family."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as profiler
 
@@ -105,13 +105,18 @@ def profile(run) -> str:
         run()
     self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
     total = sum(self_us.values())
+
+    def row(family: str, us: float) -> str:
+        return f"| {family} | {us / steps / 1000:.1f} | {100 * us / total:.1f}% |"
+
     rows, rest = [], total
     for family, names in FAMILIES.items():
         share = sum(self_us.get(name, 0) for name in names)
         rest -= share
-        rows.append(f"| {family} | {100 * share / total:.1f}% |")
-    rows.append(f"| everything else (elementwise ops, optimizer, autograd, Python) | {100 * rest / total:.1f}% |")
-    return "| operator family | share of step time |\n|---|---|\n" + "\n".join(rows)
+        rows.append(row(family, share))
+    rows.append(row("everything else (elementwise ops, optimizer, autograd, Python)", rest))
+    rows.append(row("**all operators**", total))
+    return "| operator family | ms per step | share of step time |\n|---|---|---|\n" + "\n".join(rows)
 
 
 def products() -> str:

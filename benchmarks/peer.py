@@ -44,6 +44,7 @@ def peftkit(steps: int, full: bool, processes: int = 1) -> dict:
         method = ["method={name: full}", "train.lr=5e-5"] if full else PEER_LORA
         parallel = ["--processes", str(processes), f"train.batch_size={32 // processes}"] if processes > 1 else []
         command = [sys.executable, "-m", "peftkit", "run", str(RECIPE), *DATA, *method, f"train.max_steps={steps}",
+                   "eval.every_steps=null",  # the recipe's step evaluation needs the validation split cut away here
                    "eval.splits=[test]", f"export.output_dir={tmp}/run", *parallel]  # fmt: skip
         subprocess.run(command, check=True, capture_output=True)
         metrics = json.loads((Path(tmp) / "run" / "metrics.json").read_text())

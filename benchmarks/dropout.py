@@ -64,9 +64,9 @@ def steps(count: int) -> None:
     from peftkit.recipe import load_recipe
     from peftkit.tasks import TASKS
 
-    # The adapter this benchmark was measured with (the demo's before issue 17): r 8 on query/value, dropout 0.1
-    lora = ["method.r=8", "method.alpha=16", "method.dropout=0.1", "method.target_modules=[query, value]"]
-    recipe = load_recipe("recipes/sentiment-lora.yaml", lora)
+    from peer import PEER_LORA  # the adapter this benchmark was measured with: r 8 on query/value, dropout 0.1
+
+    recipe = load_recipe("recipes/sentiment-lora.yaml", PEER_LORA)
     task, method = TASKS[recipe.task.type], METHODS[recipe.method.name]
     print("| precision, attention | dropout | step ms, min | step ms, median | samples/s (median) |")
     print("|---|---|---|---|---|")

@@ -27,6 +27,7 @@ import sys
 import time
 
 LENGTHS = [20, 24, 28, 32, 36, 40, 28, 24]  # padded lengths of length-grouped batches of the demo's snippets
+PROFILE_STEPS = 16  # steps torch.profiler records for --profile
 
 
 # Operator families of a step (torch.profiler's self CPU time), in the order the report lists them.
@@ -91,12 +92,12 @@ def worker(variant: str, steps: int = 24) -> str:
 
     warm = sum(step(length) for length in LENGTHS[:4])
     if variant.startswith("profile"):
-        return profile(lambda: [step(LENGTHS[i % len(LENGTHS)]) for i in range(16)], steps=16)
+        return profile(lambda: [step(LENGTHS[i % len(LENGTHS)]) for i in range(PROFILE_STEPS)])
     median = statistics.median(step(LENGTHS[i % len(LENGTHS)]) for i in range(steps))
     return f"{warm:.1f} {median:.4f}"
 
 
-def profile(run, steps: int = 16) -> str:
+def profile(run, steps: int = PROFILE_STEPS) -> str:
     """A Markdown table: the operator time per step (self CPU time, ms) and its share, per operator family."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as profiler

@@ -128,7 +128,7 @@ def token_lengths(task: str, roles: dict[str, str], split: Dataset, tokenizer: P
         ]
         texts, second = [a for a, _ in pairs], [b or "" for _, b in pairs]
         encoded = tokenizer(texts, second if "text_pair" in roles else None)
-    elif _conversations(roles):
+    elif chat := _conversations(roles):
         if tokenizer.chat_template is None:
             raise UserError(
                 "the data holds conversations, and this model's tokenizer has no chat template to render them; "
@@ -136,7 +136,7 @@ def token_lengths(task: str, roles: dict[str, str], split: Dataset, tokenizer: P
             )
         return [
             len(causal_lm.encode_chat(tokenizer, causal_lm.conversation(v, i), i)[0])
-            for i, v in enumerate(rows[_conversations(roles)], 1)
+            for i, v in enumerate(rows[chat], 1)
         ]
     elif "prompt" in roles:
         template = tokenizer.chat_template is not None  # causal_lm's chat_template: auto
@@ -442,10 +442,10 @@ def _generation(d: Design, roles: dict[str, str], split: Dataset, tokenizer: Pre
     """Data with answers (conversations, prompt/response pairs): the run also writes answers before and after
     training and scores them (eval.generate), room for the longest answers but the rarest."""
     rows = split.select(range(min(len(split), SAMPLE_ROWS)))
-    if _conversations(roles):
+    if chat := _conversations(roles):
         answers = [
             answer
-            for i, value in enumerate(rows[_conversations(roles)], 1)
+            for i, value in enumerate(rows[chat], 1)
             for _, answer in causal_lm.assistant_turns(causal_lm.conversation(value, i))
         ]
     elif "response" in roles:

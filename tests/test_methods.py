@@ -41,6 +41,10 @@ TRAINED = {  # what the method's own parameters are called
     "bottleneck": "peftkit_adapter",
     "full": "",
 }
+# The contract's learning rate: 3e-2 moves the slow methods (prompts, IA3, VeRA) on random tiny models; methods
+# that adapt whole weight matrices oscillate at that rate, so whether their loss has fallen after 30 steps turned
+# on rounding (lora-llama-cls failed on AVX2-only CPUs only). Checked over 8 perturbed starts on both CPU paths.
+CONTRACT_LR = {"lora": 5e-3, "full": 5e-3, "bottleneck": 1e-2}
 ADDS_TOKENS = {"prompt_tuning", "p_tuning", "prefix_tuning"}  # output differs from the base at init
 VOCAB, PAD = 64, 0
 
@@ -186,7 +190,7 @@ def test_method_contract(method, arch, task, tmp_path):
 
     # 3 + 4. the frozen base stays bit-identical through training; the loss falls on a learnable batch
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    losses = train_steps(model, inputs, 30, lr=3e-2, method=method)
+    losses = train_steps(model, inputs, 30, lr=CONTRACT_LR.get(method, 3e-2), method=method)
     # Random tiny LMs have near-zero logits, which methods that leave the output layer alone move slowly.
     assert sum(losses[-5:]) / 5 < (0.9 * losses[0] if task == "cls" else losses[0] - 0.004), losses
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)

@@ -5,6 +5,7 @@ process, rounds alternating so machine drift hits every variant alike:
     .venv/bin/python benchmarks/levers.py --profile [--variants fast_dropout]   # where a step's time goes
     .venv/bin/python benchmarks/levers.py --variants qv all qv+bf16 all+bf16 all+unshared all+bf16+unshared
     .venv/bin/python benchmarks/levers.py --products    # LoRA's thin backward products, both operand orders
+    .venv/bin/python benchmarks/levers.py --together 48 --variants qv all all+unfused   # one process, interleaved
 
 base: torch's own dropout, SDPA, AdamW, the machine's threads (peftkit's loop with train.fast_dropout: false);
 fused: AdamW(fused=True); compile: torch.compile(model, dynamic=True) (its compilation time is reported apart);
@@ -17,7 +18,8 @@ LoRA on every layer against query/value (issue 18 part 2), variants joined with 
 query/value, or every linear layer, as peftkit's default), bf16 (the base held in bf16, the step under bf16
 autocast, as peftkit's bf16 runs), unshared (the fast dropout without dropout.share_adapter_dropouts: each
 adapted layer draws its own mask and peft casts its input to fp32), nodrop (LoRA's own dropout 0, peft's default;
-the model's dropouts stay). qv and all install the fast dropout.
+the model's dropouts stay), unfused (peft's own LoRA forward, without lora.fuse_branches' addmm). qv and all
+install the fast dropout and fuse the branches, as `peftkit run` does on a CPU.
 """
 
 import argparse
@@ -42,7 +44,8 @@ FAMILIES = {
 }  # fmt: skip
 
 
-def worker(variant: str, steps: int = 24) -> str:
+def stepper(variant: str):
+    """A function that trains one step of `variant`'s model at a given length and returns its seconds."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
@@ -74,6 +77,10 @@ def worker(variant: str, steps: int = 24) -> str:
             dropout.wrap_attention(model)
         else:
             dropout.install(model)
+    if parts & {"qv", "all"} and "unfused" not in parts:
+        from peftkit.methods import lora
+
+        lora.fuse_branches(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3,
                                   fused=kind == "fused")  # fmt: skip
     forward = torch.compile(model, dynamic=True) if kind == "compile" else model
@@ -90,6 +97,11 @@ def worker(variant: str, steps: int = 24) -> str:
         optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - began
 
+    return step
+
+
+def worker(variant: str, steps: int = 24) -> str:
+    step = stepper(variant)
     warm = sum(step(length) for length in LENGTHS[:4])
     if variant.startswith("profile"):
         return profile(lambda: [step(LENGTHS[i % len(LENGTHS)]) for i in range(PROFILE_STEPS)])
@@ -118,6 +130,26 @@ def profile(run, steps: int = PROFILE_STEPS) -> str:
     rows.append(row("everything else (elementwise ops, optimizer, autograd, Python)", rest))
     rows.append(row("**all operators**", total))
     return "| operator family | ms per step | share of step time |\n|---|---|---|\n" + "\n".join(rows)
+
+
+def together(variants: list[str], steps: int) -> str:
+    """Every variant's model in this one process, their steps interleaved (the order reversed every other round),
+    so that other load on the machine hits all alike: the robust way to compare step times on a shared machine.
+    Variants that change the process (1thread, compile, fused) are for the separate-process mode."""
+    steppers = {variant: stepper(variant) for variant in variants}
+    for length in LENGTHS[:4]:  # warm-up
+        for step in steppers.values():
+            step(length)
+    times = {variant: [] for variant in variants}
+    for i in range(steps):
+        for variant in variants if i % 2 == 0 else variants[::-1]:
+            times[variant].append(steppers[variant](LENGTHS[i % len(LENGTHS)]))
+    first = statistics.median(times[variants[0]])
+    rows = [f"| variant | step ms: min / median / max | median ÷ {variants[0]}'s |", "|---|---|---|"]
+    for variant, seconds in times.items():
+        low, median, high = (1000 * f(seconds) for f in (min, statistics.median, max))
+        rows.append(f"| {variant} | {low:.0f} / {median:.0f} / {high:.0f} | {median / 1000 / first:.2f}x |")
+    return "\n".join(rows)
 
 
 def products() -> str:
@@ -156,6 +188,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["base", "fused", "compile", "1thread", "fast_dropout"])
     parser.add_argument("--profile", action="store_true", help="profile base steps by operator family")
     parser.add_argument("--products", action="store_true", help="time LoRA's thin backward products alone")
+    parser.add_argument("--together", type=int, metavar="STEPS", help="time the variants in one process, interleaved")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.products:
@@ -164,6 +197,9 @@ def main() -> None:
     if args.profile:
         given = "--variants" in sys.argv
         print(worker(f"profile-{args.variants[0]}" if given else "profile"))
+        return
+    if args.together:
+        print(together(args.variants, args.together))
         return
     if args.worker:
         print(worker(args.worker))

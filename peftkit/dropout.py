@@ -6,11 +6,11 @@ otherwise, independently; p_eff is p rounded to a multiple of 1/65536 (RESOLUTIO
 
     |p_eff - p| <= 1/131072 (7.6e-6),    E[output] = input exactly (the scale is p_eff's own).
 
-One random 16-bit word per element: torch.empty(n // 4, dtype=int64).random_() over the full 64-bit range,
-viewed as int16; an element is kept when its word is at least -32768 + round(p * 65536). The words come from
-torch's default CPU generator, so `torch.manual_seed`, accelerate's set_seed, checkpoints (which save
-torch.get_rng_state()), bit-exact resume and gradient checkpointing's recomputation (which restores that
-generator's state) work as with nn.Dropout; the masks themselves differ from nn.Dropout's.
+One random 16-bit word per element, kept when the word is at least -32768 + round(p * 65536). The words
+(`random_words`) come from numpy's SFC64, seeded for each mask by one draw from torch's default CPU generator, so
+`torch.manual_seed`, accelerate's set_seed, checkpoints (which save torch.get_rng_state()), bit-exact resume and
+gradient checkpointing's recomputation (which restores that generator's state) decide every mask as they do
+nn.Dropout's; the masks themselves differ from nn.Dropout's.
 
 Why 16-bit words and not bytes (p to 1/256, |p_eff - p| <= 1/512): on an AMD EPYC with AVX512-BF16, one
 thread, a 32x30x384 fp32 dropout's forward takes 0.76 ms with words, 0.65 ms with bytes (twice fewer random
@@ -27,6 +27,7 @@ this one too (`_Redirect`). Left alone on CUDA, where torch's dropout is fused a
 import logging
 import sys
 
+import numpy
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -44,15 +45,25 @@ def effective_p(p: float) -> float:
     return round(p * (1 << BITS)) * RESOLUTION
 
 
-def keep_mask(shape, p: float, device=None) -> torch.Tensor:
-    """A bool tensor of `shape`, each element True with probability 1 - effective_p(p), from torch's default
-    generator. 64-bit draws over their full range: random_() without bounds leaves an int64's top bit at 0."""
+def random_words(n: int) -> torch.Tensor:
+    """`n` uniformly random int16 words, as a deterministic function of torch's default CPU generator: one 63-bit
+    draw from it seeds numpy's SFC64, whose raw output is the words. torch's own generator (mt19937, through
+    random_) gives random bits at ~6 ns per 64-bit word on these CPUs, SFC64 at ~2 ns (benchmarks/dropout.py
+    --words); torch has no faster CPU generator. Seeding from torch keeps `torch.manual_seed`, saved generator
+    states (checkpoints, exact resume) and gradient checkpointing's replay (which restores that generator) in
+    charge of every mask."""
+    seed = int(torch.empty((), dtype=torch.int64).random_())
+    raw = numpy.random.SFC64(seed).random_raw((n + 3) // 4)  # uint64s, 4 words each
+    return torch.from_numpy(raw.view(numpy.int16))[:n]
+
+
+def keep_mask(shape, p: float) -> torch.Tensor:
+    """A bool CPU tensor of `shape`, each element True with probability 1 - effective_p(p), from `random_words`."""
     n = 1
     for size in shape:
         n *= size
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None)
     dropped = round(p * (1 << BITS))  # how many of the 65536 word values drop the element
-    return words.view(_WORD)[:n].view(shape) >= _LOWEST + dropped
+    return random_words(n).view(shape) >= _LOWEST + dropped
 
 
 def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
@@ -70,8 +81,10 @@ def fast_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tens
         return x
     if p == 1:
         return x * 0
-    keep = keep_mask(x.shape, p)
-    # x * keep is exact (x or 0) in x's dtype; the scale is then applied in one rounding (bf16's opmath is fp32)
+    # The mask as uint8 (the same bytes): torch's CPU kernels convert bool to a float type element by element and
+    # uint8 vectorised, which made a dropout's forward + backward ~2x slower (benchmarks/dropout.py). x * keep is
+    # exact (x or 0) in x's dtype; the scale is then applied in one rounding (bf16's opmath is fp32).
+    keep = keep_mask(x.shape, p).view(torch.uint8)
     return x.mul(keep).mul_(1 / (1 - p))
 
 

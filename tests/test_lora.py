@@ -127,3 +127,55 @@ def test_target_that_matches_nothing_lists_candidates(tiny_bert):
     message = str(err.value)
     assert "'vlaue'" in message and "did you mean 'value'" in message and "candidate layers:" in message
     assert "dense" in message and "classifier" not in message
+
+
+def logits_and_grads(model, inputs, bf16: bool):
+    model.zero_grad()
+    torch.manual_seed(0)  # the model's own dropouts draw alike
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = model(**inputs)
+    out.loss.backward()
+    return out.logits.float(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def distance(a, b) -> float:
+    """The relative distance of two (logits, gradients) results, the worst over the logits and each gradient."""
+    pairs = [(a[0], b[0]), *zip(a[1], b[1])]
+    return max(((x - y).norm() / y.norm()).item() for x, y in pairs)
+
+
+def test_the_fused_branch_computes_what_peft_computes(tiny_bert):
+    """lora.fuse_branches: W0 x + s B (A x) in one addmm per layer. In fp32 the same logits and gradients as peft's
+    forward, to rounding; under bf16 autocast (one rounding of the branch instead of three) no farther from the
+    fp32 values than peft's own bf16 forward."""
+    _, tokenizer, _, model = build(tiny_bert, dropout=0.0)
+    train_a_little(model, tokenizer)  # B != 0
+    fused = [m for m in model.modules() if "forward" in m.__dict__]
+    assert len(fused) == 2 * 6 + 1  # every linear layer of both blocks and the pooler
+    branch = fused[0](torch.randn(2, 3, fused[0].in_features, requires_grad=True)).grad_fn.next_functions[0][0]
+    assert branch.name() == "AddmmBackward0"  # the fused path is the one taken, not peft's result + ... * scaling
+    inputs = batch(tokenizer)
+    model.train()
+    ours = {bf16: logits_and_grads(model, inputs, bf16) for bf16 in (False, True)}
+    for module in fused:
+        del module.forward  # peft's own forward again
+    theirs = {bf16: logits_and_grads(model, inputs, bf16) for bf16 in (False, True)}
+    assert distance(ours[False], theirs[False]) < 1e-5
+    assert distance(ours[True], theirs[False]) <= 1.5 * distance(theirs[True], theirs[False]) + 1e-3
+    assert 1e-4 < distance(theirs[True], theirs[False]) < 0.1  # bf16 is measurably different, and still close
+
+
+def test_layers_the_fused_branch_does_not_cover_keep_peft_forward(tiny_bert):
+    """DoRA (a peft variant) and a disabled adapter take peft's forward: bit-identical to it."""
+    _, tokenizer, _, model = build(tiny_bert, dora=True)
+    train_a_little(model, tokenizer)
+    inputs = batch(tokenizer)
+    with torch.no_grad():
+        ours = model(**inputs).logits
+        with model.disable_adapter():
+            disabled = model(**inputs).logits
+        for module in model.modules():
+            module.__dict__.pop("forward", None)
+        assert torch.equal(ours, model(**inputs).logits)
+        with model.disable_adapter():
+            assert torch.equal(disabled, model(**inputs).logits)

@@ -36,7 +36,6 @@ log = logging.getLogger("peftkit")
 
 BITS = 16
 RESOLUTION = 1 / (1 << BITS)  # p_eff is a multiple of this
-_WORD = torch.int16
 _LOWEST = -(1 << (BITS - 1))  # the smallest int16
 
 
@@ -48,10 +47,10 @@ def effective_p(p: float) -> float:
 def random_words(n: int) -> torch.Tensor:
     """`n` uniformly random int16 words, as a deterministic function of torch's default CPU generator: one 63-bit
     draw from it seeds numpy's SFC64, whose raw output is the words. torch's own generator (mt19937, through
-    random_) gives random bits at ~6 ns per 64-bit word on these CPUs, SFC64 at ~2 ns (benchmarks/dropout.py
-    --words); torch has no faster CPU generator. Seeding from torch keeps `torch.manual_seed`, saved generator
-    states (checkpoints, exact resume) and gradient checkpointing's replay (which restores that generator) in
-    charge of every mask."""
+    random_) gives random bits at ~6 ns per 64-bit word on these CPUs, SFC64 at ~2 ns (benchmarks/dropout.py, its
+    "random draws alone"); torch has no faster CPU generator. Seeding from torch keeps `torch.manual_seed`, saved
+    generator states (checkpoints, exact resume) and gradient checkpointing's replay (which restores that
+    generator) in charge of every mask."""
     seed = int(torch.empty((), dtype=torch.int64).random_())
     raw = numpy.random.SFC64(seed).random_raw((n + 3) // 4)  # uint64s, 4 words each
     return torch.from_numpy(raw.view(numpy.int16))[:n]

@@ -121,9 +121,10 @@ def fuse_branches(model: "PeftModel") -> int:
     """Each plain peft LoRA layer (lora.Linear) computes its branch as W0 x + s B (A x) in one addmm, instead of
     peft's `result + lora_B(lora_A(x)) * scaling`: the scale and the sum ride on the up-projection's GEMM (one
     rounding, not three), and two elementwise passes over the layer's output, forward and backward, and their
-    autograd nodes go. Measured with LoRA on every linear layer of MiniLM (benchmarks/levers.py): 4-8% of a
-    training step. Layers with a peft variant (DoRA, ...), a LoRA bias, several active adapters, or called with
-    peft's extra arguments (adapter_names) keep peft's forward. Returns how many layers changed."""
+    autograd nodes go. Measured with LoRA on every linear layer of MiniLM (benchmarks/levers.py --together):
+    1-8% of a training step, in fp32 and under bf16 autocast. Layers with a peft variant (DoRA, ...), a LoRA
+    bias, several active adapters, or called with peft's extra arguments (adapter_names) keep peft's forward.
+    Returns how many layers changed."""
     import types
 
     from peft.tuners.lora.layer import Linear

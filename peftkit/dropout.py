@@ -30,6 +30,7 @@ import sys
 import numpy
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.overrides import TorchFunctionMode
 
 log = logging.getLogger("peftkit")
@@ -51,8 +52,10 @@ def random_words(n: int) -> torch.Tensor:
     "random draws alone"); torch has no faster CPU generator. Seeding from torch keeps `torch.manual_seed`, saved
     generator states (checkpoints, exact resume) and gradient checkpointing's replay (which restores that
     generator) in charge of every mask."""
-    seed = int(torch.empty((), dtype=torch.int64).random_())
-    raw = numpy.random.SFC64(seed).random_raw((n + 3) // 4)  # uint64s, 4 words each
+    seed = torch.empty((), dtype=torch.int64).random_()
+    if isinstance(seed, FakeTensor):  # `peftkit estimate`'s step on fake tensors: a mask of the right shape, no values
+        return torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None).view(torch.int16)[:n]
+    raw = numpy.random.SFC64(int(seed)).random_raw((n + 3) // 4)  # uint64s, 4 words each
     return torch.from_numpy(raw.view(numpy.int16))[:n]
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from peftkit.cpu_kind import describe
-from peftkit.dropout import BITS, fast_dropout, random_words
+from peftkit.dropout import BITS, fast_dropout, random_words, torch_words
 
 
 def timed(function, calls: int = 60) -> float:
@@ -51,11 +51,6 @@ def byte_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     dropped = round(p * 256)
     keep = random_words((x.numel() + 1) // 2).view(torch.uint8)[: x.numel()].view(x.shape) >= dropped
     return x.mul(keep.view(torch.uint8)).mul_(1 / (1 - dropped / 256))
-
-
-def torch_words(n: int) -> torch.Tensor:
-    """n random int16 words from torch's own generator (mt19937), as the fast dropout first drew them."""
-    return torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None).view(torch.int16)[:n]
 
 
 def first_dropout(x: torch.Tensor, p: float) -> torch.Tensor:

@@ -54,9 +54,16 @@ def random_words(n: int) -> torch.Tensor:
     generator) in charge of every mask."""
     seed = torch.empty((), dtype=torch.int64).random_()
     if isinstance(seed, FakeTensor):  # `peftkit estimate`'s step on fake tensors: a mask of the right shape, no values
-        return torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None).view(torch.int16)[:n]
+        return torch_words(n)
     raw = numpy.random.SFC64(int(seed)).random_raw((n + 3) // 4)  # uint64s, 4 words each
     return torch.from_numpy(raw.view(numpy.int16))[:n]
+
+
+def torch_words(n: int) -> torch.Tensor:
+    """`n` random int16 words from torch's own generator (mt19937): 64-bit draws over their full range (random_()
+    without bounds leaves an int64's top bit at 0). What `random_words` gives on fake tensors, which SFC64 cannot
+    be seeded from, and what the fast dropout drew before it (benchmarks/dropout.py)."""
+    return torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(1 << 63), None).view(torch.int16)[:n]
 
 
 def keep_mask(shape, p: float) -> torch.Tensor:

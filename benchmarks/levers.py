@@ -78,9 +78,13 @@ def stepper(variant: str):
         else:
             dropout.install(model)
     if parts & {"qv", "all"} and "unfused" not in parts:
-        from peftkit.methods import lora
+        from peftkit.methods import lora_branch
 
-        lora.fuse_branches(model)
+        lora_branch.install(model)
+        if "addmm" in parts:  # the branch as one addmm on the base layer's output, autograd for the rest
+            for module in model.modules():
+                if "forward" in module.__dict__:
+                    module.forward = lambda x, m=module: lora_branch._fused(m, x, "default", m.scaling["default"])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3,
                                   fused=kind == "fused")  # fmt: skip
     forward = torch.compile(model, dynamic=True) if kind == "compile" else model

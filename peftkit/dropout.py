@@ -20,7 +20,8 @@ dropout.py, benchmarks/RESULTS.md).
 Used for every dropout of a CPU training run (`train.fast_dropout`, run.py calls `install`): the model's
 nn.Dropout modules (transformers' hidden and attention dropouts) become FastDropout, peft's `lora_dropout`s
 become SharedInputDropout (adapted layers reading one tensor share its mask, and skip peft's input cast under
-autocast), and the model's attention function is wrapped so that the dropout on the attention probabilities is
+autocast; LoRA's own layer forward, methods/lora_branch.py, takes the mask itself through `masked`), and the
+model's attention function is wrapped so that the dropout on the attention probabilities is
 this one too (`_Redirect`). Left alone on CUDA, where torch's dropout is fused and fast.
 """
 
@@ -141,6 +142,24 @@ class SharedInputDropout(FastDropout):
         # Holding x keeps its id from being reused by another tensor while cached; autograd holds both anyway.
         last.input, last.key, last.output = x, key, out
         return out
+
+    def masked(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """(x * keep, keep, p_eff) with the same sharing as `forward`: the kept values not yet scaled by
+        1 / (1 - p_eff), which the caller folds into its own multiply (methods/lora_branch.py: into LoRA's
+        up-projection GEMM), and keep the uint8 0/1 mask, for the caller's backward. Computed without autograd:
+        the caller's autograd.Function owns the gradient. (x, None, 0.0) in eval mode or where p_eff is 0. CPU
+        tensors only (the fast dropout's domain)."""
+        p = effective_p(self.p)
+        if not self.training or p == 0:
+            return x, None, 0.0
+        last = self._last
+        key = (x._version, self.p, torch.is_grad_enabled(), torch._C._current_graph_task_id(), "masked")
+        if last.input is x and last.key == key:
+            return last.output
+        keep = keep_mask(x.shape, p).view(torch.uint8)
+        with torch.no_grad():
+            last.input, last.key, last.output = x, key, (x * keep, keep, p)
+        return last.output
 
 
 def _cast_unless_autocast(layer: torch.nn.Module) -> None:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from peftkit import export
+from peftkit import dropout, export
 from peftkit.errors import UserError
 from peftkit.loading import load_base, method_context
 from peftkit.methods import METHODS
@@ -144,25 +144,63 @@ def distance(a, b) -> float:
     return max(((x - y).norm() / y.norm()).item() for x, y in pairs)
 
 
-def test_the_fused_branch_computes_what_peft_computes(tiny_bert):
-    """lora.fuse_branches: W0 x + s B (A x) in one addmm per layer. In fp32 the same logits and gradients as peft's
-    forward, to rounding; under bf16 autocast (one rounding of the branch instead of three) no farther from the
+def changed_layers(model) -> list:
+    """The LoRA layers methods/lora_branch.py gave its forward."""
+    return [m for m in model.modules() if "forward" in m.__dict__]
+
+
+@pytest.mark.parametrize(
+    "p, fast, node",
+    [
+        (0.0, False, "_LoraLinearBackward"),  # no adapter dropout: one node, the branch's gradient in one GEMM
+        (0.1, True, "_LoraLinearBackward"),  # the fast dropout's mask, its 1 / (1 - p) on the up-projection
+        (0.1, False, "AddmmBackward0"),  # torch's own dropout (train.fast_dropout: false): the addmm path
+    ],
+)
+def test_the_lora_layer_forward_computes_what_peft_computes(tiny_bert, p, fast, node):
+    """methods/lora_branch.py against peft's own forward, with the same dropout masks (the same seed, drawn in
+    the same order): in fp32 the same logits and gradients, to rounding; under bf16 autocast no farther from the
     fp32 values than peft's own bf16 forward."""
-    _, tokenizer, _, model = build(tiny_bert, dropout=0.0)
+    _, tokenizer, _, model = build(tiny_bert, dropout=p)
     train_a_little(model, tokenizer)  # B != 0
-    fused = [m for m in model.modules() if "forward" in m.__dict__]
-    assert len(fused) == 2 * 6 + 1  # every linear layer of both blocks and the pooler
-    branch = fused[0](torch.randn(2, 3, fused[0].in_features, requires_grad=True)).grad_fn.next_functions[0][0]
-    assert branch.name() == "AddmmBackward0"  # the fused path is the one taken, not peft's result + ... * scaling
-    inputs = batch(tokenizer)
+    if fast:
+        dropout.install(model)
+    changed = changed_layers(model)
+    assert len(changed) == 2 * 6 + 1  # every linear layer of both blocks and the pooler
     model.train()
+    x = torch.randn(2, 3, changed[0].in_features, requires_grad=True)
+    grad_fn = changed[0](x).grad_fn
+    if grad_fn.name() == "ViewBackward0":  # the addmm path's reshape back
+        grad_fn = grad_fn.next_functions[0][0]
+    assert grad_fn.name() == node  # the path this case is about is the one taken
+    inputs = batch(tokenizer)
     ours = {bf16: logits_and_grads(model, inputs, bf16) for bf16 in (False, True)}
-    for module in fused:
+    for module in changed:
         del module.forward  # peft's own forward again
     theirs = {bf16: logits_and_grads(model, inputs, bf16) for bf16 in (False, True)}
     assert distance(ours[False], theirs[False]) < 1e-5
     assert distance(ours[True], theirs[False]) <= 1.5 * distance(theirs[True], theirs[False]) + 1e-3
     assert 1e-4 < distance(theirs[True], theirs[False]) < 0.1  # bf16 is measurably different, and still close
+
+
+def test_the_one_node_layer_under_gradient_checkpointing(tiny_bert):
+    """Recomputing a block in the backward draws the adapter's dropout mask again from the restored generator:
+    the same gradients as without checkpointing."""
+
+    def grads(checkpointing: bool) -> list[torch.Tensor]:
+        _, tokenizer, _, model = build(tiny_bert, dropout=0.1)
+        train_a_little(model, tokenizer)  # B != 0: every adapter weight gets a gradient
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        dropout.install(model)
+        model.train()
+        torch.manual_seed(3)
+        model(**batch(tokenizer)).loss.backward()
+        return [p.grad for p in model.parameters() if p.requires_grad]
+
+    plain, checkpointed = grads(False), grads(True)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed))
+    assert all(g.abs().sum() > 0 for g in plain)
 
 
 def test_layers_the_fused_branch_does_not_cover_keep_peft_forward(tiny_bert):

@@ -113,53 +113,10 @@ def apply(model: "PreTrainedModel", config: Config, context: Context) -> "PeftMo
     model = peft_wrap(model, peft_config, context)
     if config.init in ("pissa", "olora"):
         _keep_initial_adapter(model, init)
-    fuse_branches(model)
+    from peftkit.methods.lora_branch import install  # imports torch and peft: only when a model is adapted
+
+    install(model)  # a cheaper training forward for each LoRA layer (its docstring)
     return model
-
-
-def fuse_branches(model: "PeftModel") -> int:
-    """Each plain peft LoRA layer (lora.Linear) computes its branch as W0 x + s B (A x) in one addmm, instead of
-    peft's `result + lora_B(lora_A(x)) * scaling`: the scale and the sum ride on the up-projection's GEMM (one
-    rounding, not three), and two elementwise passes over the layer's output, forward and backward, and their
-    autograd nodes go. Measured with LoRA on every linear layer of MiniLM (benchmarks/levers.py --together):
-    1-8% of a training step, in fp32 and under bf16 autocast. Layers with a peft variant (DoRA, ...), a LoRA
-    bias, several active adapters, or called with peft's extra arguments (adapter_names) keep peft's forward.
-    Returns how many layers changed."""
-    import types
-
-    from peft.tuners.lora.layer import Linear
-
-    fused = 0
-    for module in model.modules():
-        if type(module) is Linear:  # not peft's subclasses (bitsandbytes layers, ...): their forwards differ
-            module.forward = types.MethodType(_fused_forward, module)
-            fused += 1
-    return fused
-
-
-def _fused_forward(self, x, *args, **kwargs):  # a lora.Linear's forward (fuse_branches)
-    import torch
-
-    name = self.active_adapters[0] if len(self.active_adapters) == 1 else None
-    scaling = self.scaling.get(name)
-    if (
-        args
-        or kwargs
-        or name not in self.lora_A
-        or name in self.lora_variant
-        or self.lora_B[name].bias is not None
-        or self.disable_adapters
-        or self.merged
-        or not isinstance(scaling, (int, float))
-    ):
-        return type(self).forward(self, x, *args, **kwargs)
-    result = self.base_layer(x)
-    a, b = self.lora_A[name].weight, self.lora_B[name].weight
-    h = self.lora_dropout[name](self._cast_input_dtype(x, a.dtype))
-    if result.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):  # peft's mixed-dtype sum
-        return (result + self.lora_B[name](self.lora_A[name](h)) * scaling).to(result.dtype)
-    down = h.reshape(-1, h.shape[-1]) @ a.t()
-    return torch.addmm(result.reshape(-1, result.shape[-1]), down, b.t(), alpha=scaling).view(result.shape)
 
 
 def _keep_initial_adapter(model: "PeftModel", init: str) -> None:

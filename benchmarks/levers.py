@@ -35,7 +35,8 @@ PROFILE_STEPS = 16  # steps torch.profiler records for --profile
 # Operator families of a step (torch.profiler's self CPU time), in the order the report lists them.
 FAMILIES = {
     "matmul (mm, addmm, bmm)": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
-    "dropout's random numbers (bernoulli_; random_ for the fast dropout)": ("aten::bernoulli_", "aten::random_"),
+    "dropout's random numbers (bernoulli_; the fast dropout's random words)": (
+        "aten::bernoulli_", "aten::random_", "peftkit::random_words"),  # fmt: skip
     "GELU forward + backward": ("aten::gelu", "aten::gelu_backward"),
     "layer norm forward + backward": ("aten::native_layer_norm", "aten::native_layer_norm_backward"),
     "softmax forward + backward": ("aten::_softmax", "aten::_softmax_backward_data"),

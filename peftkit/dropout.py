@@ -39,6 +39,7 @@ log = logging.getLogger("peftkit")
 BITS = 16
 RESOLUTION = 1 / (1 << BITS)  # p_eff is a multiple of this
 _LOWEST = -(1 << (BITS - 1))  # the smallest int16
+PROFILE_NAME = "peftkit::random_words"  # random_words' span in torch.profiler's tables
 
 
 def effective_p(p: float) -> float:
@@ -53,11 +54,13 @@ def random_words(n: int) -> torch.Tensor:
     "random draws alone"); torch has no faster CPU generator. Seeding from torch keeps `torch.manual_seed`, saved
     generator states (checkpoints, exact resume) and gradient checkpointing's replay (which restores that
     generator) in charge of every mask."""
-    seed = torch.empty((), dtype=torch.int64).random_()
-    if isinstance(seed, FakeTensor):  # `peftkit estimate`'s step on fake tensors: a mask of the right shape, no values
-        return torch_words(n)
-    raw = numpy.random.SFC64(int(seed)).random_raw((n + 3) // 4)  # uint64s, 4 words each
-    return torch.from_numpy(raw.view(numpy.int16))[:n]
+    # Named for torch.profiler (benchmarks/levers.py --profile): numpy's work is no torch operator of its own.
+    with torch.profiler.record_function(PROFILE_NAME):
+        seed = torch.empty((), dtype=torch.int64).random_()
+        if isinstance(seed, FakeTensor):  # `peftkit estimate`'s step on fake tensors: the mask's shape, no values
+            return torch_words(n)
+        raw = numpy.random.SFC64(int(seed)).random_raw((n + 3) // 4)  # uint64s, 4 words each
+        return torch.from_numpy(raw.view(numpy.int16))[:n]
 
 
 def torch_words(n: int) -> torch.Tensor:

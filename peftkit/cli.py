@@ -423,7 +423,7 @@ def bench(
         bench.write_report(report, rows, about, peaks, steps)
     table = Table("variant", "samples/s", "tokens/s", "peak MiB", "trainable", "metric", "MFU")
     for r in rows:
-        if "error" in r:
+        if r["error"] is not None:  # bench rows all have the key (null when the variant ran)
             table.add_row(r["variant"], f"failed: {r['error']}")
             continue
         table.add_row(

@@ -2,6 +2,7 @@
 without stopping the others, and the report's JSON, Markdown and plots; the throughput meter's counting."""
 
 import json
+import os
 
 from .conftest import peftkit
 
@@ -23,6 +24,7 @@ def test_bench_matrix_writes_the_report(recipe_file, tmp_path):
         out,
         "--set",
         "train.batch_size=8",
+        env={**os.environ, "COLUMNS": "250"},  # rich's table width in a pipe: room for whole names and messages
     )
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "report.json").read_text())
@@ -38,6 +40,9 @@ def test_bench_matrix_writes_the_report(recipe_file, tmp_path):
     assert machine["versions"]["torch"] and machine["cpu_cores"] >= 1 and report["matmul_peak_tflops"]["fp32"] > 0
     table = (out / "report.md").read_text()
     assert "| recipe-lora-4bit | lora | 4 |" in table and "| recipe-full-4bit | failed: method full" in table
+    shown = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") > 2}
+    assert "failed: method full" in shown["recipe-full-4bit"]  # the terminal's table: only the refused one failed
+    assert "failed" not in shown["recipe-lora-4bit"] and f"{row['samples_per_s']:.1f}" in shown["recipe-lora-4bit"]
     from peftkit import cpu_kind
 
     assert machine["cpu_kind"] == cpu_kind.describe()  # the same environment as the bench's process

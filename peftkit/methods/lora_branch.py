@@ -100,7 +100,7 @@ class _LoraLinear(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             w, a_c, b_c = weight.to(dtype), a.to(dtype), b.to(dtype)
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            h2 = h.reshape(-1, h.shape[-1]).to(dtype)
+            h2 = x2 if h is x else h.reshape(-1, h.shape[-1]).to(dtype)  # no dropout: one cast of x, not two
             out = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
             down = h2 @ a_c.t()
             out.addmm_(down, b_c.t(), alpha=alpha)

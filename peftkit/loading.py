@@ -64,7 +64,7 @@ def load_base(
         tokenizer = AutoTokenizer.from_pretrained(ref, **common)
         if tokenizer.pad_token is None:  # GPT-2 / Llama tokenizers have none; padding reuses end-of-sequence
             tokenizer.pad_token = tokenizer.eos_token
-        kwargs = {**common, "attn_implementation": attn, "dtype": base_dtype(recipe, precision)}
+        kwargs = {**common, **assets.MODEL_LOADING, "attn_implementation": attn, "dtype": base_dtype(recipe, precision)}
         if weightless:
             kwargs["device_map"] = "meta"
         if recipe.quantization:

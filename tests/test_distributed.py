@@ -237,3 +237,19 @@ def test_a_sharded_runs_other_processes_read_no_weights(tmp_path, still_llama):
     inner = model.get_base_model()
     assert inner.lm_head.weight is inner.model.embed_tokens.weight
     assert any("lora_A" in name for name, _ in model.named_parameters())
+
+
+def test_a_weightless_classifier_has_the_real_ones_parameters(bert_recipe):
+    """The meta-device build (no weights read, nothing kernelized) of a classifier with its head and adapter: the
+    same parameter names, shapes and trainable set as the main process's real one, which its shards must fill."""
+    from peftkit import loading
+    from peftkit.recipe import load_recipe
+    from peftkit.tasks import TASKS
+
+    recipe, task, cpu = load_recipe(bert_recipe), TASKS["classification"], torch.device("cpu")
+    shapes = {}
+    for weightless in (True, False):
+        _, model = loading.adapted_model(recipe, task, ["neg", "pos"], cpu, "fp32", 10, weightless)
+        shapes[weightless] = {n: (tuple(p.shape), p.requires_grad) for n, p in model.named_parameters()}
+        assert {p.device.type for p in model.parameters()} == {"meta" if weightless else "cpu"}
+    assert shapes[True] == shapes[False]

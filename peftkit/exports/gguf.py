@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from peftkit import __version__, atomic
+from peftkit import __version__, assets, atomic
 from peftkit.errors import UserError
 from peftkit.exports.common import PROMPTS, merged_folder, require
 from peftkit.run_folder import finished_adapter
@@ -277,11 +277,12 @@ def check(folder: Path, path: Path, dtype: str, tolerance: float) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **assets.MODEL_LOADING).eval()
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     # transformers 5.24's loader reads gpt2.context_length into `n_ctx`, which GPT2Config ignores, so a model with
     # n_positions other than GPT-2's 1024 would not load: state it (the file's own value is checked by tests)
     extra = {"n_positions": config["n_positions"]} if config["model_type"] == "gpt2" else {}
+    extra.update(assets.MODEL_LOADING)
     loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, **extra)
     loaded.eval()
     from_file = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

@@ -28,7 +28,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from peftkit import __version__, atomic
+from peftkit import __version__, assets, atomic
 from peftkit.errors import UserError
 from peftkit.exports.common import PROMPTS, merged_folder, require
 from peftkit.run_folder import INFO, finished_adapter
@@ -106,7 +106,8 @@ def _load(folder: Path, task_type: str) -> tuple[PreTrainedModel, PreTrainedToke
 
     auto = getattr(transformers, TASKS[task_type].AUTO_CLASS)
     # eager attention traces to plain matmuls and softmax, which every onnxruntime build runs
-    model = auto.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    model = auto.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager", **assets.MODEL_LOADING)
+    model.eval()
     return model, AutoTokenizer.from_pretrained(folder)
 
 

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.models import OptionInfo
 
+from peftkit import launch
 from peftkit.errors import UserError, is_out_of_memory
 
 if TYPE_CHECKING:
@@ -69,17 +70,20 @@ def run(
     parsed = load_recipe(recipe, overrides or [])
     if processes > 1 and "WORLD_SIZE" not in os.environ:  # not yet inside a launched process
         from peftkit import atomic, tracking
-        from peftkit.launch import launch
 
         atomic.check(parsed.output_dir, overwrite, keep_failed=True, resume=resume)  # before N processes start
         tracking.check_installed(parsed.train.report_to)
 
         flags = ["--overwrite"] * overwrite + ["--resume"] * resume
-        raise typer.Exit(launch(processes, ["run", str(recipe), *(overrides or []), *flags]))
+        try:
+            launch.launch(processes, ["run", str(recipe), *(overrides or []), *flags])
+        except launch.ProcessFailed as failed:  # said first; then its traceback, and what became of the others
+            errors.print(f"error: {failed}", markup=False, style="red")
+            errors.print(failed.details, markup=False, highlight=False)
+            raise typer.Exit(failed.code) from None
+        return
     if "WORLD_SIZE" in os.environ:
-        from peftkit.launch import die_with_launcher
-
-        die_with_launcher()
+        launch.die_with_launcher()
     _quiet_libraries()
     from peftkit.run import run as run_recipe
     from peftkit.run_folder import METRICS
@@ -710,18 +714,18 @@ def main(argv: list[str] | None = None) -> None:
     logger.addHandler(handler)
     try:
         app(args=argv, prog_name="peftkit")
-    except UserError as err:
-        errors.print(f"error: {err}", markup=False, style="red")
-        sys.exit(2)
     except Exception as err:
-        if not is_out_of_memory(err):
+        if is_out_of_memory(err):
+            err = UserError(
+                f"out of memory ({err}). Lower eval.batch_size (eval, predict) or use a machine with "
+                "more memory (merge holds the base in full precision)"
+            )
+        # in a process of `peftkit run --processes N`: kept for the launcher, which reports the job's failure
+        if launch.record_failure(err):
+            sys.exit(2 if isinstance(err, UserError) else 1)
+        if not isinstance(err, UserError):
             raise
-        errors.print(
-            f"error: out of memory ({err}). Lower eval.batch_size (eval, predict) or use a machine with "
-            "more memory (merge holds the base in full precision)",
-            markup=False,
-            style="red",
-        )
+        errors.print(f"error: {err}", markup=False, style="red")
         sys.exit(2)
     except KeyboardInterrupt:
         errors.print("interrupted: nothing was exported (an unfinished run keeps its .partial folder)")

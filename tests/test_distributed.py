@@ -1,5 +1,6 @@
 """Data parallelism: `peftkit run --processes 2` on CPU (torchrun's launcher, gloo), one tiny model."""
 
+import dataclasses
 import json
 import math
 import os
@@ -54,6 +55,52 @@ def test_a_user_error_in_the_processes_exits_2(tmp_path, recipe_file, sentiment_
     result = peftkit("run", recipe_file(data=data), "--processes", "2")
     assert result.returncode == 2, result.stderr
     assert "'pos'" in result.stderr and not (tmp_path / "runs" / "recipe").exists()
+    assert result.stderr.count("'pos'") == 1  # said once, by the launcher, not by each process
+
+
+def test_a_killed_process_is_named_first_in_plain_words(tmp_path, recipe_file):
+    import psutil
+
+    command = [sys.executable, "-m", "peftkit", "run", str(recipe_file()), "--processes", "2"]
+    command += ["train.epochs=50", "train.checkpoint_every=2"]
+    launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    checkpoints = tmp_path / "runs" / "recipe.partial" / "checkpoints"
+    while launcher.poll() is None and not list(checkpoints.glob("step-*")):  # training, both processes in step
+        time.sleep(0.05)
+    assert launcher.poll() is None, launcher.stderr.read()[-2000:]
+    rank_1 = [p for p in psutil.Process(launcher.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+    assert len(rank_1) == 1
+    rank_1[0].kill()  # what the kernel's out-of-memory killer does: SIGKILL, no word from the process
+    stderr = launcher.communicate(timeout=120)[1]
+    assert launcher.returncode == 128 + signal.SIGKILL
+    # the cause, in plain words, before any traceback or gloo's "Connection closed by peer" (none of them printed)
+    before, said, after = stderr.partition("error: process 1 of 2 failed first: ended by SIGKILL\n")
+    assert said and "Traceback" not in stderr and "Connection" not in before, stderr[-3000:]
+    assert after.startswith("The other processes stopped after it (process 0:") and "out-of-memory killer" in after
+
+
+def test_the_job_names_its_cause_not_the_processes_that_died_of_it(tmp_path):
+    from peftkit import launch
+
+    def record(rank, when, cause, message):
+        failure = launch._Failure(rank, when, 1, launch.CAUSES.index(cause), message)
+        (tmp_path / f"rank-{rank}.json").write_text(json.dumps(dataclasses.asdict(failure)))
+
+    # process 1 killed; process 0's collective then fails, recorded a moment before the launcher noticed the kill
+    record(0, 100.25, "collective", "DistBackendError: Connection closed by peer")
+    failures = launch._failures(tmp_path, {0: (1, 100), 1: (-9, 100)})
+    assert [(f.rank, f.message, f.code) for f in failures] == [
+        (1, "ended by SIGKILL", 137),
+        (0, "DistBackendError: Connection closed by peer", 1),
+    ]
+    # process 1's own error; the launcher then stopped process 0 (SIGTERM)
+    (tmp_path / "rank-0.json").unlink()
+    record(1, 100.5, "error", "ValueError: Unsupported device type 'meta'")
+    failures = launch._failures(tmp_path, {0: (-15, 100), 1: (1, 101)})
+    assert [f.rank for f in failures] == [1, 0] and failures[1].message == "ended by SIGTERM"
+    with pytest.raises(launch.ProcessFailed, match="process 1 of 2 failed first: ValueError: Unsupported") as failed:
+        launch._report(failures, 2)
+    assert "process 0: ended by SIGTERM" in failed.value.details and failed.value.code == 1
 
 
 # Sharded training: train.distributed.strategy fsdp (torch's FSDP2, peftkit/sharding.py) against DDP on the same data

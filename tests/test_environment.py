@@ -1,9 +1,9 @@
 """The environment is code: requirements/lock.txt (what `make` installs) answers pyproject.toml's ranges."""
 
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 

@@ -8,30 +8,38 @@ scaler, random states and the position in the data — never the frozen base.
         state.json              ... and the rest of those states, with a reference to each tensor: no pickle
                                 (the method's own training state too, where it has one: AdaLoRA's scores)
         progress.json           step, epoch, batches done in the epoch, history, best score, processes
+        manifest.json           each file's size and SHA-256, written last: what resume checks first
 
 All of it is one TrainingState (training_state.py) and the states of an Optimization: save() writes them, load()
 reads them back.
 
-A checkpoint is written under a temporary name and renamed when complete, so a folder named step-N is whole;
-the last `train.keep_checkpoints` are kept.
+A checkpoint is written under a temporary name and renamed when complete, so a folder named step-N was whole when
+written; the last `train.keep_checkpoints` are kept. What happens to it afterwards (a full disk, a bad copy, a
+file cut short) is found by its manifest: resume takes the newest checkpoint whose files still match (intact()).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import random
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from peftkit import sharding
+from peftkit.errors import UserError
 from peftkit.methods.base import load_trainable
 from peftkit.training_state import Optimization, TrainingState
 
 if TYPE_CHECKING:
     import torch
 
+log = logging.getLogger("peftkit")
+
 DIR = "checkpoints"
+MANIFEST = "manifest.json"
 RNG = ("torch_rng", "cuda_rng", "python_rng")  # state.json's keys for TrainingState.rng
 
 
@@ -75,6 +83,8 @@ def save(
         "stale": state.stale,
     }
     (tmp / "progress.json").write_text(json.dumps(progress, indent=2), encoding="utf-8")
+    manifest = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -87,6 +97,55 @@ def latest(run_dir: Path) -> Path | None:
     """The newest complete checkpoint of a run folder, or None."""
     found = sorted((Path(run_dir) / DIR).glob("step-*"))
     return found[-1] if found else None
+
+
+def intact(run_dir: Path) -> Path | None:
+    """The newest checkpoint of a run folder whose files match its manifest, each damaged one newer than it named
+    in a warning; None when there is no checkpoint. Raises UserError when there are checkpoints but none intact."""
+    found = sorted((Path(run_dir) / DIR).glob("step-*"), reverse=True)
+    damaged = []
+    for folder in found:
+        problem = damage(folder)
+        if problem is None:
+            return folder
+        log.warning("checkpoint %s is damaged (%s): skipped", folder, problem)
+        damaged.append(f"{folder.name} ({problem})")
+    if damaged:
+        raise UserError(
+            f"--resume: no intact checkpoint in {Path(run_dir) / DIR}: {'; '.join(damaged)}. The run cannot continue "
+            "from them; pass --overwrite to start it over"
+        )
+    return None
+
+
+def damage(folder: Path) -> str | None:
+    """What is wrong with a checkpoint's files against its manifest (missing, cut short, changed), or None."""
+    manifest = folder / MANIFEST
+    try:
+        expected = json.loads(manifest.read_text(encoding="utf-8"))
+    except FileNotFoundError:  # written by a peftkit before manifests: whole when renamed, not checkable since
+        log.info("checkpoint %s has no %s (an older peftkit's): its files are not verified", folder, MANIFEST)
+        return None
+    except (OSError, ValueError) as err:
+        return f"{MANIFEST} unreadable: {err}"
+    for name, want in expected.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            return f"{name} has {size:,} bytes, {want['bytes']:,} when written"
+        if _sha256(path) != want["sha256"]:
+            return f"{name} changed since it was written (SHA-256 differs)"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def load(folder: Path, model: torch.nn.Module, optimization: Optimization) -> TrainingState:

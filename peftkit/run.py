@@ -274,7 +274,7 @@ def _run_folder(recipe: Recipe, accelerator: Accelerator, overwrite: bool, resum
 def _resume_point(run_dir: Path, recipe: Recipe) -> Path | None:
     """The checkpoint to continue from; the recipe must be the interrupted run's, or the result would be neither
     run's."""
-    found = checkpoint.latest(run_dir)
+    found = checkpoint.intact(run_dir)
     if found is None:
         log.info("--resume: %s has no checkpoint yet; starting from the beginning", run_dir)
         return None

@@ -3,6 +3,7 @@ an uninterrupted run gives (same seed, CPU), tensor for tensor."""
 
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,3 +131,33 @@ def test_adalora_resumes_its_pruning_exactly(recipe, tmp_path):
     assert all(torch.equal(final[name], expected[name]) for name in final)
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["rank_pattern"] == json.loads((whole / "adapter" / "adapter_config.json").read_text())["rank_pattern"]
+
+
+def test_a_damaged_checkpoint_is_skipped_and_the_run_resumes_from_the_newest_intact_one(
+    recipe, uninterrupted, tmp_path
+):
+    out = tmp_path / "run"
+    kill_after_checkpoint(recipe, out, 6)  # keep_checkpoints 2: the newest two, 3 steps apart
+    partial = out.with_name("run.partial")
+    older, newest = sorted((partial / "checkpoints").glob("step-*"))[-2:]
+    shutil.copytree(partial, tmp_path / "lost.partial")
+    # what a full disk or a bad copy leaves: the file cut short
+    with open(newest / "state.safetensors", "r+b") as f:
+        f.truncate(1000)
+    resumed = peftkit("run", recipe, f"export.output_dir={out}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    said = "".join(resumed.stderr.split())  # the log wraps lines, paths included
+    assert f"checkpoint{newest}isdamaged(state.safetensorshas1,000bytes" in said
+    assert f"resumed from {older.name}" in (out / "train.log").read_text()
+    final = adapter(out)
+    assert max((final[k] - uninterrupted[k]).abs().max().item() for k in final) == 0.0
+
+    # every checkpoint damaged: said, exit 2, nothing started over silently
+    lost = tmp_path / "lost.partial" / "checkpoints"
+    for folder in lost.glob("step-*"):
+        (folder / "trainable.safetensors").write_bytes(b"\0" * 10)
+    again = peftkit("run", recipe, f"export.output_dir={tmp_path / 'lost'}", "--resume")
+    assert again.returncode == 2
+    message = "".join(again.stderr.split())
+    assert "nointactcheckpoint" in message and "trainable.safetensorshas10bytes" in message
+    assert "--overwrite" in message and (tmp_path / "lost.partial").exists()

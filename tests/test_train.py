@@ -70,10 +70,11 @@ def test_a_training_state_goes_through_a_checkpoint_whole(tmp_path):
     )
     folder = save_checkpoint(tmp_path, 2, model, optimization, state)
 
-    # the on-disk layout that checkpoints of earlier versions have too
+    # the on-disk layout that checkpoints of earlier versions have too, and the manifest of its files
     assert folder == tmp_path / "checkpoints" / "step-000007"
     assert sorted(p.name for p in folder.iterdir()) == [
         "best.safetensors",
+        "manifest.json",
         "progress.json",
         "state.json",
         "state.safetensors",

@@ -699,8 +699,12 @@ def _quiet_libraries() -> None:
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    # bitsandbytes' 8-bit matmul logs "inputs will be cast ... to float16" on every call, as a warning
+    # bitsandbytes' 8-bit matmul logs "inputs will be cast ... to float16" on every call, as a warning; and on CPUs
+    # with AVX512-BF16 its import asks the `kernels` package for a Hub build of its 4-bit CPU kernel, and logs the
+    # refusal when offline or unverified ("Failed to load CPU gemm_4bit_forward", "Skipping publisher trust check"):
+    # it then runs its own built-in kernel, the one peftkit's 4-bit numbers were measured with
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("kernels").setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import math
 import resource
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -15,6 +18,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
     from accelerate import Accelerator
+
+log = logging.getLogger("peftkit")
 
 
 class Throughput:
@@ -100,6 +105,72 @@ def memory_now(device: torch.device) -> dict:
         return {"allocated_mib": torch.cuda.memory_allocated(device) / 2**20}
     rss = _proc_status("VmRSS")
     return {"rss_mib": rss} if rss is not None else {}
+
+
+class MemoryTimeline:
+    """This process's memory (memory_now: resident set on CPU, allocated on CUDA) sampled on a background thread
+    from start() to stop(), with the run's phases marked as they begin: where a run's memory went, beside the peaks
+    peak_memory() gives. Every `interval` seconds; when MAX_SAMPLES are taken, every other one is dropped and the
+    interval doubles, so an hours-long run keeps a timeline of the same size as a minute's."""
+
+    MAX_SAMPLES = 2000
+
+    def __init__(self, device: torch.device, interval: float = 0.25) -> None:
+        self.device, self.interval = device, interval
+        self.samples: list[tuple[float, float]] = []  # (seconds since start, MiB)
+        self.events: list[tuple[float, str]] = []  # (seconds since start, the phase that begins)
+        self._start = time.perf_counter()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="peftkit-memory", daemon=True)
+
+    def start(self) -> MemoryTimeline:
+        self._thread.start()
+        return self
+
+    def mark(self, phase: str) -> None:
+        self.events.append((time.perf_counter() - self._start, phase))
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while True:
+            now = memory_now(self.device)
+            if now:
+                self.samples.append((time.perf_counter() - self._start, next(iter(now.values()))))
+            if len(self.samples) >= self.MAX_SAMPLES:
+                self.samples, self.interval = self.samples[::2], 2 * self.interval
+            if self._done.wait(self.interval):
+                return
+
+    def save(self, path: Path, plot: Path) -> None:
+        """The timeline as JSON at `path`, and as a PNG at `plot` where matplotlib is installed (the bench extra)."""
+        kind = "allocated" if self.device.type == "cuda" else "resident set"
+        record = {"memory": f"{kind}, MiB", "samples": self.samples, "events": self.events}
+        path.write_text(json.dumps(record), encoding="utf-8")
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            from matplotlib import pyplot as plt
+        except ImportError:
+            log.debug("memory timeline: no plot (pip install 'peftkit[bench]' for matplotlib)")
+            return
+        figure, axes = plt.subplots(figsize=(9, 3.5))
+        if self.samples:
+            axes.plot(*zip(*self.samples), color="tab:blue", linewidth=1)
+        named = set()
+        for when, phase in self.events:
+            axes.axvline(when, color="grey", linewidth=0.6, linestyle=":")
+            if phase not in named:  # "training" again after each validation: named once
+                axes.annotate(phase, (when, 1), xycoords=("data", "axes fraction"), rotation=90, va="top", fontsize=7)
+                named.add(phase)
+        axes.set(xlabel="seconds", ylabel=f"{kind} (MiB)", title="memory during the run")
+        axes.set_ylim(bottom=0)
+        figure.tight_layout()
+        figure.savefig(plot, dpi=100)
+        plt.close(figure)
 
 
 def model_mib(model: torch.nn.Module) -> float:

@@ -17,7 +17,7 @@ from peftkit.errors import UserError, is_out_of_memory, out_of_memory
 from peftkit.methods import METHODS
 from peftkit.methods.base import trainable_tensors
 from peftkit.recipe import Recipe
-from peftkit.run_folder import ADAPTER, LOG, METRICS, RECIPE
+from peftkit.run_folder import ADAPTER, LOG, MEMORY, MEMORY_PLOT, METRICS, RECIPE
 from peftkit.sharing import hub
 from peftkit.tasks import TASKS, causal_lm
 
@@ -51,6 +51,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
     with _run_folder(recipe, accelerator, overwrite, resume) as run_dir:
         handler = _log_to_file(run_dir / LOG) if main else logging.NullHandler()
         tracked = tracking.Tracking()  # nowhere, until started in the folder
+        timeline = measure.MemoryTimeline(accelerator.device).start() if main else None
+        _mark(timeline, "data")
         try:
             resume_from = _resume_point(run_dir, recipe) if resume else None
             if main and resume_from is None:  # a resumed run's is the same (checked), and other processes read it
@@ -79,6 +81,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
             sharded = sharding.applies(recipe, accelerator.num_processes)
             if sharded:
                 sharding.refuse_unsupported(recipe, method)
+            _mark(timeline, "model")
             tokenizer, model = loading.adapted_model(  # sharded: the main process's weights only (sharding.shard)
                 recipe, task, labels, accelerator.device, train.precision_of(accelerator), steps, sharded and not main
             )
@@ -114,6 +117,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
             collate = task.collator(tokenizer)
             before = {}
             if recipe.eval.before_training and resume_from is None:
+                _mark(timeline, "scored before training")
                 model.to(accelerator.device)
                 for split in recipe.eval.splits:
                     with accelerator.autocast():  # the model is not prepared yet: a half-precision base needs it
@@ -131,8 +135,9 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
                 with accelerator.autocast():
                     generated["before_training"] = _generate(model, tokenizer, prompts, recipe, main, "before training")
             job = train.Job(
-                model, encoded, collate, task, recipe, accelerator, labels, method, run_dir=run_dir, tracking=tracked
+                model, encoded, collate, task, recipe, accelerator, labels, method, run_dir, tracked, timeline
             )
+            _mark(timeline, "training")
             result = train.fit(job, resume=resume_from)
             memory["train_peak"] = measure.peak_memory(accelerator.device)  # training and its validation passes
             if accelerator.num_processes > 1:  # each process's own peaks (the ones above: the main process's)
@@ -148,6 +153,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
                     ]
                 )
 
+            _mark(timeline, "final scores")
             final = {}
             for split in recipe.eval.splits:
                 final[split] = _scored_in_training(result, split)
@@ -172,6 +178,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
             gathered = trainable_tensors(model) if sharding.is_sharded(model) else None
             if not main:
                 return None
+            _mark(timeline, "export")
             adapter_dir = run_dir / ADAPTER
             export.save_adapter(accelerator.unwrap_model(model), tokenizer, adapter_dir, recipe, labels, gathered)
             metrics = {
@@ -186,6 +193,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
                 "memory": memory,
                 **({"warnings": warnings} if warnings else {}),
             }
+            timeline.stop()
+            timeline.save(run_dir / MEMORY, run_dir / MEMORY_PLOT)
             atomic.write_text(run_dir / METRICS, json.dumps(metrics, indent=2))
             checkpoint.remove(run_dir)  # finished: the adapter is what remains
         except BaseException as err:
@@ -195,10 +204,18 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
                 raise out_of_memory(accelerator.device, _memory_knobs(recipe)) from err
             raise
         finally:
+            if timeline is not None:
+                timeline.stop()
             tracked.close()  # (a run that raised was closed as failed above)
             logging.getLogger("peftkit").removeHandler(handler)
             handler.close()
     return recipe.output_dir
+
+
+def _mark(timeline: measure.MemoryTimeline | None, phase: str) -> None:
+    """The phase of the run that begins, on the memory timeline (the main process's: the others keep none)."""
+    if timeline is not None:
+        timeline.mark(phase)
 
 
 def _answer_prompts(

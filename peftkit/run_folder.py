@@ -4,6 +4,7 @@
         recipe.yaml      the fully resolved recipe the run trained with
         metrics.json     per-split metrics, history, parameter counts, throughput, memory
         train.log        the whole log, debug lines included
+        memory.json      the main process's memory over the run, sampled, with its phases (memory.png: plotted)
         adapter/         the trained adapter in its method's format, the tokenizer, and peftkit.json
         tensorboard/     scalars (train.report_to: tensorboard, the default)
         mlruns/          an MLflow file store (train.report_to: mlflow)
@@ -22,6 +23,8 @@ from peftkit.recipe import Recipe, load_recipe
 RECIPE = "recipe.yaml"
 METRICS = "metrics.json"
 LOG = "train.log"
+MEMORY = "memory.json"
+MEMORY_PLOT = "memory.png"
 ADAPTER = "adapter"
 TENSORBOARD = "tensorboard"
 MLRUNS = "mlruns"

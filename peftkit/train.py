@@ -154,6 +154,7 @@ class Job:
     method: Method | None = None  # the method's module, for its optional hooks (MethodHooks)
     run_dir: Path | None = None  # where checkpoints go (train.checkpoint_every, and every epoch end); None: nowhere
     tracking: Tracking = field(default_factory=Tracking)  # where the numbers go besides train.log (default nowhere)
+    timeline: measure.MemoryTimeline | None = None  # where the loop marks its evaluations (default: not kept)
 
 
 @dataclass(frozen=True)
@@ -357,10 +358,15 @@ class _Loop:
         so far, and stop the run if train.early_stopping says so; one entry of the history."""
         recipe, entry = self.job.recipe, {"epoch": state.epoch, "step": state.step}
         if self.val_loader is not None:
+            timeline = self.job.timeline
             with self.meter.paused():  # throughput is the training's own
+                if timeline is not None:
+                    timeline.mark(f"validation, step {state.step}")
                 metrics = evaluate(
                     self.model, self.val_loader, self.job.task, self.job.labels, self.job.accelerator, recipe.task
                 )
+                if timeline is not None:
+                    timeline.mark("training")
             entry["validation"] = metrics
             where = f"epoch {state.epoch}" if self.every is None else f"step {state.step}"
             report.evaluation(where, state.step, metrics, self.cfg)

@@ -30,7 +30,7 @@ def finished_run(tmp_path_factory, tiny_bert, sentiment_csv):
 def test_run_leaves_a_complete_run_folder(finished_run):
     _, run_dir, result = finished_run
     folder = sorted(p.name for p in run_dir.iterdir())
-    assert folder == ["adapter", "metrics.json", "recipe.yaml", "tensorboard", "train.log"]
+    assert folder == ["adapter", "memory.json", "memory.png", "metrics.json", "recipe.yaml", "tensorboard", "train.log"]
     assert not run_dir.with_name("tiny.partial").exists()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["test"]) >= {"accuracy", "macro_f1", "f1_per_class"}
@@ -42,6 +42,18 @@ def test_run_leaves_a_complete_run_folder(finished_run):
     assert "test" in result.stdout and "accuracy" in result.stdout
     adapter = {p.name for p in (run_dir / "adapter").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "peftkit.json"} <= adapter
+
+
+def test_run_records_where_its_memory_went(finished_run):
+    _, run_dir, _ = finished_run
+    timeline = json.loads((run_dir / "memory.json").read_text())
+    phases = [phase for _, phase in timeline["events"]]
+    assert phases[:3] == ["data", "model", "training"] and phases[-2:] == ["final scores", "export"]
+    assert "validation, step 2" in phases  # the loop's evaluations, marked as they begin
+    times = [t for t, _ in timeline["samples"]]
+    assert len(times) >= 2 and times == sorted(times) and all(mib > 100 for _, mib in timeline["samples"])
+    assert timeline["memory"] == "resident set, MiB"  # CPU
+    assert (run_dir / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_run_writes_tensorboard_scalars(finished_run):

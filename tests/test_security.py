@@ -20,7 +20,7 @@ def test_run_writes_no_pickle_and_no_token(recipe_file, tmp_path, monkeypatch, c
         out = run(load_recipe(path))
     assert "trust_remote_code is on" in caplog.text
     files = [p for p in out.rglob("*") if p.is_file()]
-    allowed = {".safetensors", ".json", ".yaml", ".log", ".txt", ".md", ".jinja"}
+    allowed = {".safetensors", ".json", ".yaml", ".log", ".txt", ".md", ".jinja", ".png"}  # .png: memory.png
     scalars = [p for p in files if p.parent.name == "tensorboard"]  # TensorBoard's own protobuf records
     assert scalars and all(p.name.startswith("events.out.tfevents.") for p in scalars)
     other = [p for p in files if p not in scalars]

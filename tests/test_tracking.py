@@ -54,7 +54,8 @@ def logged_losses(run_dir: Path) -> list[tuple[int, float]]:
 
 def test_the_run_folder_holds_each_trackers_store_and_no_tensorboard(tracked_run):
     run_dir, _ = tracked_run
-    expected = {"adapter", "metrics.json", "recipe.yaml", "train.log"} | {FOLDERS[name] for name in INSTALLED}
+    expected = {"adapter", "memory.json", "memory.png", "metrics.json", "recipe.yaml", "train.log"}
+    expected |= {FOLDERS[name] for name in INSTALLED}
     assert {p.name for p in run_dir.iterdir()} == expected  # report_to without tensorboard: no tensorboard/
     assert "tensorboard: false" in (run_dir / "recipe.yaml").read_text()  # the resolved recipe says it too
 

@@ -51,8 +51,8 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
     with _run_folder(recipe, accelerator, overwrite, resume) as run_dir:
         handler = _log_to_file(run_dir / LOG) if main else logging.NullHandler()
         tracked = tracking.Tracking()  # nowhere, until started in the folder
-        timeline = measure.MemoryTimeline(accelerator.device).start() if main else None
-        _mark(timeline, "data")
+        timeline = measure.MemoryTimeline(accelerator.device).start()  # each process its own; the main one saves it
+        timeline.mark("data")
         try:
             resume_from = _resume_point(run_dir, recipe) if resume else None
             if main and resume_from is None:  # a resumed run's is the same (checked), and other processes read it
@@ -81,7 +81,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
             sharded = sharding.applies(recipe, accelerator.num_processes)
             if sharded:
                 sharding.refuse_unsupported(recipe, method)
-            _mark(timeline, "model")
+            timeline.mark("model")
             tokenizer, model = loading.adapted_model(  # sharded: the main process's weights only (sharding.shard)
                 recipe, task, labels, accelerator.device, train.precision_of(accelerator), steps, sharded and not main
             )
@@ -117,7 +117,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
             collate = task.collator(tokenizer)
             before = {}
             if recipe.eval.before_training and resume_from is None:
-                _mark(timeline, "scored before training")
+                timeline.mark("scored before training")
                 model.to(accelerator.device)
                 for split in recipe.eval.splits:
                     with accelerator.autocast():  # the model is not prepared yet: a half-precision base needs it
@@ -137,7 +137,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
             job = train.Job(
                 model, encoded, collate, task, recipe, accelerator, labels, method, run_dir, tracked, timeline
             )
-            _mark(timeline, "training")
+            timeline.mark("training")
             result = train.fit(job, resume=resume_from)
             memory["train_peak"] = measure.peak_memory(accelerator.device)  # training and its validation passes
             if accelerator.num_processes > 1:  # each process's own peaks (the ones above: the main process's)
@@ -153,7 +153,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
                     ]
                 )
 
-            _mark(timeline, "final scores")
+            timeline.mark("final scores")
             final = {}
             for split in recipe.eval.splits:
                 final[split] = _scored_in_training(result, split)
@@ -178,7 +178,7 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
             gathered = trainable_tensors(model) if sharding.is_sharded(model) else None
             if not main:
                 return None
-            _mark(timeline, "export")
+            timeline.mark("export")
             adapter_dir = run_dir / ADAPTER
             export.save_adapter(accelerator.unwrap_model(model), tokenizer, adapter_dir, recipe, labels, gathered)
             metrics = {
@@ -204,18 +204,11 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
                 raise out_of_memory(accelerator.device, _memory_knobs(recipe)) from err
             raise
         finally:
-            if timeline is not None:
-                timeline.stop()
+            timeline.stop()
             tracked.close()  # (a run that raised was closed as failed above)
             logging.getLogger("peftkit").removeHandler(handler)
             handler.close()
     return recipe.output_dir
-
-
-def _mark(timeline: measure.MemoryTimeline | None, phase: str) -> None:
-    """The phase of the run that begins, on the memory timeline (the main process's: the others keep none)."""
-    if timeline is not None:
-        timeline.mark(phase)
 
 
 def _answer_prompts(

@@ -282,8 +282,9 @@ def check(folder: Path, path: Path, dtype: str, tolerance: float) -> dict:
     # transformers 5.24's loader reads gpt2.context_length into `n_ctx`, which GPT2Config ignores, so a model with
     # n_positions other than GPT-2's 1024 would not load: state it (the file's own value is checked by tests)
     extra = {"n_positions": config["n_positions"]} if config["model_type"] == "gpt2" else {}
-    extra.update(assets.MODEL_LOADING)
-    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, **extra)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32, **extra, **assets.MODEL_LOADING
+    )
     loaded.eval()
     from_file = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     same_tokens = all(from_file.encode(p, add_special_tokens=False) == tokenizer.encode(p, add_special_tokens=False)

@@ -169,6 +169,7 @@ def estimate(
         f"{facts['eval_batch_size']}) x {facts['length']} tokens, {facts['precision']}, {facts['attention']}"
         + (", gradient checkpointing" if facts["gradient_checkpointing"] else ""),
         "allocator": "freed temporaries the C heap keeps resident (CPU)",
+        "oneDNN": "bf16 matmul primitives kept for reuse, at most 128 (CPU)",
     }
     for part, mib in result.parts.items():
         table.add_row(part, f"{mib:,.0f}", about[part])

@@ -17,7 +17,8 @@ through the step, and a unit with the next one prefetched); under DDP each proce
 On a CPU, resident memory outgrows the tensors alive at the peak: glibc raises its mmap threshold as large blocks
 are freed, so later activation-sized temporaries come from its heap and stay resident after they are freed
 (measured: a MiniLM fp32 forward's live tensors 471 MiB, resident growth 863 MiB; with the threshold pinned by
-MALLOC_MMAP_THRESHOLD_ growth is 501 MiB, at twice the step time). CPU_ALLOCATOR_SHARE sizes that part.
+MALLOC_MMAP_THRESHOLD_ growth is 501 MiB, at twice the step time). CPU_ALLOCATOR_SHARE sizes that part. Under
+bf16, oneDNN also keeps the matmul primitives it compiled for each shape a run meets (CPU_BF16_PRIMITIVES_MIB).
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ CUDA_CONTEXT_MIB = 500
 # fitted to the measured peaks of benchmarks/RESULTS.md ("Will it fit?"), where the fit's errors are listed.
 CPU_COMPUTE_MIB = 300
 CPU_ALLOCATOR_SHARE = 0.6
+# bf16 on a CPU: the matmul primitives oneDNN compiles and keeps, one set per shape, up to the cache's capacity
+# (train.ONEDNN_CACHE_CAPACITY, which peftkit sets). Measured on the demo recipe, a bf16-native CPU: 1,415 MiB with
+# no cache, 1,575 at 128 primitives, over 150 steps. With it, whole runs of the shipped recipes peak 18% above to
+# 14% below the estimate (benchmarks/RESULTS.md, "Will it fit?").
+CPU_BF16_PRIMITIVES_MIB = 200
 HEADROOM = 0.9  # "fits" below this share of the available memory; "tight" up to all of it
 
 
@@ -177,6 +183,8 @@ def from_model(
     }
     if device.type == "cpu":
         parts["allocator"] = CPU_ALLOCATOR_SHARE * activations / MIB
+        if precision == "bf16":
+            parts["oneDNN"] = float(CPU_BF16_PRIMITIVES_MIB)
     facts = {
         **counts,
         "batch_size": batch,

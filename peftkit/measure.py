@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -149,13 +149,8 @@ class MemoryTimeline:
         kind = "allocated" if self.device.type == "cuda" else "resident set"
         record = {"memory": f"{kind}, MiB", "samples": self.samples, "events": self.events}
         path.write_text(json.dumps(record), encoding="utf-8")
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            from matplotlib import pyplot as plt
-        except ImportError:
-            log.debug("memory timeline: no plot (pip install 'peftkit[bench]' for matplotlib)")
+        plt = pyplot("memory timeline")
+        if plt is None:
             return
         figure, axes = plt.subplots(figsize=(9, 3.5))
         if self.samples:
@@ -171,6 +166,20 @@ class MemoryTimeline:
         figure.tight_layout()
         figure.savefig(plot, dpi=100)
         plt.close(figure)
+
+
+def pyplot(what: str) -> Any:
+    """matplotlib's pyplot drawing to files only, or None (logged, naming `what`) where it is not installed: plots
+    are extras (the bench extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+    except ImportError:
+        log.debug("%s: no plot (pip install 'peftkit[bench]' for matplotlib)", what)
+        return None
+    return plt
 
 
 def model_mib(model: torch.nn.Module) -> float:

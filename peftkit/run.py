@@ -166,8 +166,9 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
                     generated.update(_generate(accelerator.unwrap_model(model), tokenizer, prompts, recipe, main))
             tracked.final(result["steps"], final)
             # a model that answers one class whatever the input learned nothing: said last, loudly (the CLI: red)
+            trained = recipe.train.model_copy(update={"lr": result["lr"]})  # train.lr auto: the rate it chose
             warnings = [
-                f"{split}: {train.collapse_message(final[split], recipe.train)}"
+                f"{split}: {train.collapse_message(final[split], trained)}"
                 for split in recipe.eval.splits
                 if "collapsed_to" in final[split]
             ]

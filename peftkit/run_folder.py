@@ -5,6 +5,7 @@
         metrics.json     per-split metrics, history, parameter counts, throughput, memory
         train.log        the whole log, debug lines included
         memory.json      the main process's memory over the run, sampled, with its phases (memory.png: plotted)
+        lr_search.json   train.lr: auto's range test, the curve and the rate it chose (lr_search.png: plotted)
         adapter/         the trained adapter in its method's format, the tokenizer, and peftkit.json
         tensorboard/     scalars (train.report_to: tensorboard, the default)
         mlruns/          an MLflow file store (train.report_to: mlflow)
@@ -25,6 +26,8 @@ METRICS = "metrics.json"
 LOG = "train.log"
 MEMORY = "memory.json"
 MEMORY_PLOT = "memory.png"
+LR_SEARCH = "lr_search.json"
+LR_SEARCH_PLOT = "lr_search.png"
 ADAPTER = "adapter"
 TENSORBOARD = "tensorboard"
 MLRUNS = "mlruns"

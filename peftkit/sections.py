@@ -7,7 +7,7 @@ Defaults live here (and, for a method's or a task's own options, in its `Config`
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
@@ -132,6 +132,27 @@ class EarlyStoppingSection(Section):
     )
 
 
+class LrSearchSection(Section):
+    """How `train.lr: auto` finds the run's learning rate: a range test before training (peftkit/lr_search.py)."""
+
+    steps: int = Field(100, ge=20, description="Optimizer steps of the test (it stops early once the loss runs away).")
+    min_lr: float = Field(1e-6, gt=0, description="The rate of its first step.")
+    max_lr: float = Field(1.0, gt=0, description="The rate of its last step: rates rise exponentially in between.")
+    rule: Literal["edge", "valley", "steepest", "minimum"] = Field(
+        "valley",
+        description="How the rate is read off the smoothed loss curve. valley: a third to a half along the "
+        "longest stretch where the loss keeps falling (fastai's default); steepest: where it falls fastest "
+        "(Lightning's); minimum: a tenth of the rate at the lowest loss; edge: a twentieth of the rate where the loss "
+        "first climbs 5% above its lowest.",
+    )
+
+    @model_validator(mode="after")
+    def _rising(self) -> LrSearchSection:
+        if self.max_lr <= self.min_lr:
+            raise ValueError(f"train.lr_search: max_lr {self.max_lr:g} must be above min_lr {self.min_lr:g}")
+        return self
+
+
 class DistributedSection(Section):
     """How several processes (`peftkit run --processes N`, torchrun, `accelerate launch`) share the training; a
     single process ignores it."""
@@ -152,7 +173,12 @@ class TrainSection(Section):
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
     batch_size: int = Field(32, gt=0, description="Examples per forward pass.")
     grad_accum: int = Field(1, gt=0, description="Forward passes per optimizer step.")
-    lr: float = Field(5e-4, gt=0, description="Peak learning rate (AdamW).")
+    lr: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        5e-4,
+        description="Peak learning rate (AdamW), or auto: found by a short range test on the training split before "
+        "training (train.lr_search; the chosen rate, its curve and cost go into the run folder and metrics.json).",
+    )
+    lr_search: LrSearchSection = Field(default_factory=LrSearchSection)
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Share of steps with linear warmup.")
     scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="Decay after warmup.")

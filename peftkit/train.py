@@ -15,9 +15,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peftkit import checkpoint, cpu_kind, measure, sharding
+from peftkit import checkpoint, cpu_kind, lr_search, measure, sharding
 from peftkit.errors import UserError
 from peftkit.methods.base import Method, load_trainable, optional, trainable_tensors
+from peftkit.run_folder import LR_SEARCH
 from peftkit.tasks.common import Task
 from peftkit.tracking import Tracking
 from peftkit.training_state import Optimization, TrainingState
@@ -191,6 +192,7 @@ def fit(job: Job, resume: Path | None = None) -> dict:
     (bit for bit in one process; with several, the checkpoint holds the main process's random state, which all of
     them resume with, so dropout masks differ from the uninterrupted run's)."""
     loop = _Loop(job)
+    searched = loop.choose_lr(resumed=resume is not None)
     state = loop.resume(resume) if resume is not None else TrainingState(processes=job.accelerator.num_processes)
     log.info("training: %d epoch(s), %d optimizer steps, %d per epoch", loop.epochs, loop.total, loop.steps_per_epoch)
     with _progress(job.accelerator) as progress:
@@ -200,12 +202,22 @@ def fit(job: Job, resume: Path | None = None) -> dict:
             loop.end_epoch(state, report)
     kept = loop.keep_best(state)
     rates = loop.meter.rates(job.accelerator)
+    search = None
+    if searched is not None:  # its cost, beside the training's (the meter pauses while it runs)
+        search = {**searched.summary(), "share": round(searched.seconds / (searched.seconds + rates["seconds"]), 3)}
+        log.info(
+            "the learning-rate search took %.1f s, %.0f%% of the time spent training",
+            searched.seconds,
+            100 * search["share"],
+        )
     return {
         "history": state.history,
         "best_epoch": state.best_epoch if kept else None,  # the evaluation whose weights the model ends with
         "best_step": state.best_step if kept else None,  # (None: the last weights)
         "stopped_early": state.stopped,
         "steps": state.step,
+        "lr": loop.cfg.lr,  # the peak rate trained with: the recipe's, or the one train.lr auto chose
+        **({"lr_search": search} if search is not None else {}),
         **rates,
         "processes": job.accelerator.num_processes,
     }
@@ -217,7 +229,6 @@ class _Loop:
 
     def __init__(self, job: Job) -> None:
         import torch
-        from transformers import get_scheduler
 
         cfg, accelerator = job.recipe.train, job.accelerator
         self.job, self.cfg, self.hooks = job, cfg, MethodHooks.of(job.method)
@@ -249,9 +260,9 @@ class _Loop:
         self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.grad_accum)
         self.total = total_steps(len(job.splits["train"]), cfg, accelerator.num_processes)
         self.epochs = math.ceil(self.total / self.steps_per_epoch)
-        scheduler_name = {"constant": "constant_with_warmup"}.get(cfg.scheduler, cfg.scheduler)
-        scheduler = get_scheduler(scheduler_name, optimizer, int(cfg.warmup_ratio * self.total), self.total)
-        self.optimization = Optimization(optimizer, accelerator.prepare(scheduler), accelerator.scaler)
+        self.optimization = Optimization(optimizer, None, accelerator.scaler)
+        if cfg.lr != "auto":
+            self._schedule(cfg.lr)
         # parameter names without DDP's "module." prefix (a sharded model keeps its own names)
         self.inner = accelerator.unwrap_model(self.model)
         self.meter, self.losses = measure.Throughput(), _Losses(accelerator)
@@ -264,6 +275,84 @@ class _Loop:
                 f"and the data has none ({', '.join(job.splits)}); cut one with data.splits (e.g. {{train: 0.8, "
                 "validation: 0.1, test: 0.1}) or remove the setting"
             )
+
+    def _schedule(self, lr: float) -> None:
+        """The learning-rate schedule to a peak of `lr` (train.scheduler, after train.warmup_ratio's warm-up)."""
+        from transformers import get_scheduler
+
+        cfg, optimizer = self.cfg, self.optimization.optimizer
+        for group in optimizer.param_groups:  # the schedule starts from these (torch keeps a set initial_lr)
+            group["lr"] = group["initial_lr"] = lr
+        name = {"constant": "constant_with_warmup"}.get(cfg.scheduler, cfg.scheduler)
+        scheduler = get_scheduler(name, optimizer, int(cfg.warmup_ratio * self.total), self.total)
+        self.optimization.scheduler = self.job.accelerator.prepare(scheduler)
+        self.cfg = cfg.model_copy(update={"lr": lr})  # messages and the result name the rate trained with
+
+    def choose_lr(self, resumed: bool) -> lr_search.LrSearch | None:
+        """train.lr auto: the rate found by the range test (lr_search.py), or, resuming, the one the interrupted run
+        found (its run folder keeps it); then the schedule. None for a rate the recipe gives."""
+        if self.cfg.lr != "auto":
+            return None
+        run_dir = self.job.run_dir
+        found = lr_search.load(run_dir) if resumed and run_dir is not None else None
+        if found is not None:
+            log.info("learning rate: %.3g, as the interrupted run's search chose it (%s)", found.lr, LR_SEARCH)
+        else:
+            if self.job.timeline is not None:
+                self.job.timeline.mark("learning-rate search")
+            found = self._search_lr()
+            if self.job.timeline is not None:
+                self.job.timeline.mark("training")
+            if run_dir is not None and self.job.accelerator.is_main_process:
+                lr_search.save(found, run_dir)
+            log.info(
+                "learning rate: %.3g, the %s rule's pick over %d search steps (%s; %.1f s)",
+                found.lr,
+                found.rule,
+                len(found.lrs),
+                found.stopped,
+                found.seconds,
+            )
+        self._schedule(found.lr)
+        return found
+
+    def _search_lr(self) -> lr_search.LrSearch:
+        """The range test on this run's model, optimizer and training split; then everything it changed is put back
+        (trainable weights, optimizer and fp16 scaler states, random states), so the run trains as it would with
+        the chosen rate in its recipe."""
+        from accelerate.utils import send_to_device
+
+        accelerator, optimizer, cfg = self.job.accelerator, self.optimization.optimizer, self.cfg
+        weights, rng = trainable_tensors(self.inner), checkpoint.rng_now()
+        scaler = self.optimization.scaler.state_dict() if self.optimization.scaler is not None else None
+        # its own loader and shuffle, not prepared: the run's loader and accelerate's record of it stay untouched
+        # (with several processes each searches on the same batches; the gradients they average are alike)
+        loader = make_loader(
+            self.job.splits["train"], self.job.collate, cfg.batch_size, True, cfg.group_by_length, cfg.seed
+        )
+        batches = (send_to_device(batch, accelerator.device) for batch in lr_search.cycle(loader))
+        self.model.train()
+
+        def step(lr: float) -> float:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            losses = []
+            while True:  # one optimizer step: train.grad_accum batches
+                with accelerator.accumulate(self.model):
+                    losses.append(self._learn(next(batches)).detach().float())
+                    optimizer.zero_grad(set_to_none=True)
+                if accelerator.sync_gradients:
+                    break
+            return accelerator.reduce(sum(losses) / len(losses), "mean").item()
+
+        with self.meter.paused():
+            found = lr_search.search(step, self.cfg.lr_search)
+        load_trainable(self.inner, weights, "the weights before the learning-rate search")
+        optimizer.state.clear()  # AdamW starts afresh, as it would have without the search
+        if scaler is not None:
+            self.optimization.scaler.load_state_dict(scaler)
+        checkpoint.restore_rng(rng)
+        return found
 
     def resume(self, folder: Path) -> TrainingState:
         """The state of the checkpoint in `folder`, its weights and optimizer states put in place."""
@@ -324,19 +413,10 @@ class _Loop:
 
     def train_batch(self, state: TrainingState, batch: dict) -> bool:
         """One forward and backward pass; returns whether it ended with an optimizer step (counted in state.step)."""
-        accelerator, model, cfg = self.job.accelerator, self.model, self.cfg
+        accelerator, model = self.job.accelerator, self.model
         optimizer, scheduler = self.optimization.optimizer, self.optimization.scheduler
         with accelerator.accumulate(model):
-            if self.loss is None:
-                loss = model(**model_inputs(batch)).loss
-            else:  # the task section's loss (class weights, label smoothing): the model is given no labels
-                inputs = model_inputs(batch)
-                targets = inputs.pop("labels")
-                loss = self.loss(model(**inputs).logits, targets)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
+            loss = self._learn(batch)
             if accelerator.sync_gradients:
                 scheduler.step()
                 if self.hooks.after_optimizer_step is not None:
@@ -347,6 +427,22 @@ class _Loop:
         if accelerator.sync_gradients:
             state.step += 1
         return accelerator.sync_gradients
+
+    def _learn(self, batch: dict) -> torch.Tensor:
+        """Forward and backward on `batch`, then (at the end of an accumulation) clipping and the optimizer's step;
+        the batch's loss. Inside accelerator.accumulate; the caller steps the schedule and clears the gradients."""
+        accelerator, model, cfg = self.job.accelerator, self.model, self.cfg
+        if self.loss is None:
+            loss = model(**model_inputs(batch)).loss
+        else:  # the task section's loss (class weights, label smoothing): the model is given no labels
+            inputs = model_inputs(batch)
+            targets = inputs.pop("labels")
+            loss = self.loss(model(**inputs).logits, targets)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and cfg.max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        self.optimization.optimizer.step()
+        return loss
 
     def end_epoch(self, state: TrainingState, report: _Report) -> None:
         """Evaluate at the epoch's end (or, with eval.every_steps, after the last step), then move to the next
@@ -459,7 +555,8 @@ def _optimizer(model: torch.nn.Module, cfg: TrainSection) -> torch.optim.Optimiz
         if param.requires_grad:
             (no_decay if param.ndim < 2 else decay).append(param)  # biases and norms take no weight decay
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr_search.min_lr if cfg.lr == "auto" else cfg.lr,  # auto: set once the search has chosen (_Loop)
     )
 
 

@@ -161,3 +161,27 @@ def test_a_damaged_checkpoint_is_skipped_and_the_run_resumes_from_the_newest_int
     message = "".join(again.stderr.split())
     assert "nointactcheckpoint" in message and "trainable.safetensorshas10bytes" in message
     assert "--overwrite" in message and (tmp_path / "lost.partial").exists()
+
+
+def test_lr_auto_resumes_with_the_rate_its_search_chose(recipe, tmp_path):
+    """A resumed run does not search again (its shuffles and random states would move): it reads the rate the
+    interrupted run chose back from the run folder, and ends with the uninterrupted run's adapter."""
+    import yaml
+
+    spec = yaml.safe_load(recipe.read_text())
+    spec["train"].update(lr="auto", lr_search={"steps": 20})
+    path = tmp_path / "auto.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    whole = tmp_path / "whole"
+    assert peftkit("run", path, f"export.output_dir={whole}").returncode == 0
+    out = tmp_path / "run"
+    kill_after_checkpoint(path, out, 12)
+    resumed = peftkit("run", path, f"export.output_dir={out}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "as the interrupted run's search chose it" in (out / "train.log").read_text()
+    final, expected = adapter(out), adapter(whole)
+    assert all(torch.equal(final[name], expected[name]) for name in final)
+    assert (
+        json.loads((out / "metrics.json").read_text())["train"]["lr"]
+        == json.loads((whole / "metrics.json").read_text())["train"]["lr"]
+    )

@@ -16,7 +16,7 @@ from peftkit.training_state import Optimization, TrainingState
 
 RESULT_KEYS = {
     *("history", "best_epoch", "best_step", "stopped_early", "steps"),
-    *("samples_per_s", "tokens_per_s", "seconds", "tokens", "processes"),
+    *("samples_per_s", "tokens_per_s", "seconds", "tokens", "processes", "lr"),
 }
 
 
@@ -166,7 +166,7 @@ def test_fit_returns_its_record_and_ends_on_the_best_epochs_weights(recipe_file,
     job = job_for(recipe_file(train={"epochs": 3, "batch_size": 16, "lr": 5e-3}))
     seen = scripted_evaluation(monkeypatch, [0.5, 0.9, 0.7])
     result = train.fit(job)
-    assert set(result) == RESULT_KEYS and result["processes"] == 1
+    assert set(result) == RESULT_KEYS and result["processes"] == 1 and result["lr"] == 5e-3
     assert result["steps"] == train.total_steps(160, job.recipe.train) == 30
     assert [(e["epoch"], e["step"], e["validation"]["accuracy"]) for e in result["history"]] == [
         (1, 10, 0.5),

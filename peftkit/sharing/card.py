@@ -166,6 +166,14 @@ def _training_facts(metrics: dict) -> list[str]:
         best = f", kept the adapter of {where} (best on validation)" if kept else ""
         stopped = ", stopped early (validation no longer improved)" if train.get("stopped_early") else ""
         facts.append(f"- {epochs} epoch(s), {train.get('steps', '?')} optimizer steps{best}{stopped}")
+        search = train.get("lr_search")
+        if search:  # train.lr auto
+            facts.append(
+                f"- learning rate {search['lr']:.3g}, found by a {search['steps']}-step range test "
+                f"({search['rule']} rule, {search['seconds']:.0f} s)"
+            )
+        elif isinstance(train.get("lr"), float):
+            facts.append(f"- learning rate {train['lr']:g}")
     if "precision" in metrics:
         facts.append(f"- precision {metrics['precision']} on {metrics.get('device', '?')}")
     return facts

@@ -91,9 +91,7 @@ def suggest(lrs: list[float], smoothed: list[float], rule: str) -> float:
     end = max(len(smoothed) - SKIP_END, 1)
     start = min(SKIP_START, end - 1)
     lrs, curve = lrs[start:end], smoothed[start:end]
-    if len(curve) < 3:
-        return lrs[int(min(range(len(curve)), key=curve.__getitem__))] / 10
-    if rule == "minimum":
+    if rule == "minimum" or len(curve) < 3:  # too short a curve for a slope or a stretch: the minimum's rule
         return lrs[min(range(len(curve)), key=curve.__getitem__)] / 10
     if rule == "steepest":
         logs = [math.log(lr) for lr in lrs]

@@ -81,6 +81,8 @@ def save(
         "processes": state.processes,
         "best_step": state.best_step,
         "stale": state.stale,
+        "first_loss": state.first_loss,
+        "recoveries": state.recoveries,
     }
     (tmp / "progress.json").write_text(json.dumps(progress, indent=2), encoding="utf-8")
     manifest = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
@@ -176,6 +178,8 @@ def load(folder: Path, model: torch.nn.Module, optimization: Optimization) -> Tr
         processes=progress.get("processes", 1),  # likewise
         best_step=progress.get("best_step"),  # likewise (epoch-end evaluations only then: best_epoch says it)
         stale=progress.get("stale", 0),
+        first_loss=progress.get("first_loss"),  # likewise
+        recoveries=progress.get("recoveries", []),  # likewise
     )
 
 

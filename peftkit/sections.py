@@ -153,6 +153,18 @@ class LrSearchSection(Section):
         return self
 
 
+class RecoverSection(Section):
+    """How `train.recover` rolls a run back when it goes wrong (peftkit/recovery.py)."""
+
+    times: int = Field(2, ge=1, description="At most this many rollbacks in one run; after them it trains on.")
+    spike: float = Field(
+        2.0,
+        gt=1,
+        description="A loss spike: a logged training loss (the mean over train.log_every steps) above this many "
+        "times the loss of the run's first step, the untrained model's.",
+    )
+
+
 class DistributedSection(Section):
     """How several processes (`peftkit run --processes N`, torchrun, `accelerate launch`) share the training; a
     single process ignores it."""
@@ -227,6 +239,14 @@ class TrainSection(Section):
         "it. Given both, they must agree.",
     )
     distributed: DistributedSection = Field(default_factory=DistributedSection)
+    recover: RecoverSection | None = Field(
+        None,
+        description="Roll back when training goes wrong: a validation that collapsed to one class, a loss spike "
+        "(train.recover.spike) or a non-finite loss puts back the last good state (the start, or the last healthy "
+        "evaluation: weights, optimizer, schedule, position in the data) with the learning rate halved, at most "
+        "train.recover.times times; each rollback is logged and listed in metrics.json (train.recoveries). true: "
+        "the defaults; omitted or false: off.",
+    )
     early_stopping: EarlyStoppingSection | None = Field(
         None,
         description="Stop before the last step when validation has stopped improving, e.g. {patience: 3}; the "
@@ -240,6 +260,15 @@ class TrainSection(Section):
         if twice:
             raise ValueError(f"train.report_to lists {', '.join(twice)} more than once")
         return report_to
+
+    @field_validator("recover", mode="before")
+    @classmethod
+    def _recover_switch(cls, value: Any) -> Any:
+        """train.recover: true is the section's defaults, false (as null) turns it off; a mapping is the section."""
+        switch = _as_bool(value) if isinstance(value, (bool, str, int)) else None
+        if switch is None:
+            return value
+        return {} if switch else None
 
     @model_validator(mode="before")
     @classmethod

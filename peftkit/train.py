@@ -1,11 +1,13 @@
 """The one training loop, on accelerate: AdamW, warmup + decay, gradient accumulation, clipping, mixed
-precision, evaluation each epoch, and the best trainable weights (by eval.metric_for_best) kept in memory.
+precision, evaluation each epoch, the best trainable weights (by eval.metric_for_best) kept in memory, and
+train.recover's rollbacks (recovery.py).
 
 The same loop runs on one CPU, one GPU, or several processes started by `accelerate launch` / torchrun.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peftkit import checkpoint, cpu_kind, lr_search, measure, sharding
+from peftkit import checkpoint, cpu_kind, lr_search, measure, recovery, sharding
 from peftkit.errors import UserError
 from peftkit.methods.base import Method, load_trainable, optional, trainable_tensors
 from peftkit.run_folder import LR_SEARCH
@@ -194,12 +196,16 @@ def fit(job: Job, resume: Path | None = None) -> dict:
     loop = _Loop(job)
     searched = loop.choose_lr(resumed=resume is not None)
     state = loop.resume(resume) if resume is not None else TrainingState(processes=job.accelerator.num_processes)
+    loop.remember(state)  # train.recover's first good state: the start, or the checkpoint resumed from
     log.info("training: %d epoch(s), %d optimizer steps, %d per epoch", loop.epochs, loop.total, loop.steps_per_epoch)
     with _progress(job.accelerator) as progress:
         report = _Report(progress, job.tracking, loop.total, state.step)
         while state.epoch <= loop.epochs and state.step < loop.total and not state.stopped:
-            loop.train_epoch(state, report)
-            loop.end_epoch(state, report)
+            try:
+                loop.train_epoch(state, report)
+                loop.end_epoch(state, report)
+            except _RolledBack:  # raised from deep in an epoch: `state` is the last good one again, train on from it
+                report.rewind(state.step)
     kept = loop.keep_best(state)
     rates = loop.meter.rates(job.accelerator)
     search = None
@@ -216,16 +222,23 @@ def fit(job: Job, resume: Path | None = None) -> dict:
         "best_step": state.best_step if kept else None,  # (None: the last weights)
         "stopped_early": state.stopped,
         "steps": state.step,
-        "lr": loop.cfg.lr,  # the peak rate trained with: the recipe's, or the one train.lr auto chose
+        # the peak rate trained with: the recipe's, or the one train.lr auto chose, halved by each rollback
+        "lr": loop.now(state).lr,
+        **({"recoveries": state.recoveries} if loop.recover is not None else {}),
         **({"lr_search": search} if search is not None else {}),
         **rates,
         "processes": job.accelerator.num_processes,
     }
 
 
+class _RolledBack(Exception):
+    """train.recover put the run back to its last good state: the epoch under way ends here (fit goes on)."""
+
+
 class _Loop:
     """One run's training, wired once: the prepared model, optimizer, scheduler and loaders, the schedule, the
-    throughput meter. Its methods advance a TrainingState, which they are given; they keep none of their own."""
+    throughput meter. Its methods advance a TrainingState, which they are given; they keep none of their own but
+    train.recover's last good state (`good`, in memory only)."""
 
     def __init__(self, job: Job) -> None:
         import torch
@@ -267,6 +280,8 @@ class _Loop:
         self.inner = accelerator.unwrap_model(self.model)
         self.meter, self.losses = measure.Throughput(), _Losses(accelerator)
         self.every = job.recipe.eval.every_steps  # None: evaluate at epoch ends
+        self.recover, self.good = cfg.recover, None  # train.recover (None: off) and its last good snapshot
+        self.spent_said = False  # whether the log has said that train.recover has no rollback left
         self.loss = job.task.loss(job.recipe.task, job.splits["train"], job.labels)  # None: the model's own
         stopping = cfg.early_stopping
         if (self.every or stopping) and self.val_loader is None:
@@ -389,9 +404,16 @@ class _Loop:
             state.batches = index + 1
             if not self.train_batch(state, batch):  # accumulating gradients: no optimizer step yet
                 continue
+            if state.first_loss is None:  # the untrained model's: what train.recover measures a spike against
+                first = self.losses.mean()  # (one host sync, once: step 1's batches alone so far)
+                state.first_loss = first if math.isfinite(first) else None
             if state.step % self.cfg.log_every == 0 or state.step == self.total:
                 loss = self.losses.mean()  # the only host sync: once per log interval
-                _check_finite(loss, state.step, self.job.run_dir, self.cfg, precision_of(self.job.accelerator))
+                if self.recover is not None:
+                    wrong = recovery.loss_went_wrong(loss, state.first_loss, self.recover)
+                    if wrong is not None:
+                        self.roll_back(state, f"step {state.step}: {wrong}")
+                _check_finite(loss, state.step, self.job.run_dir, self.now(state), precision_of(self.job.accelerator))
                 report.step(
                     state.step,
                     loss,
@@ -407,6 +429,7 @@ class _Loop:
                 self.evaluate(state, report)
                 if state.stopped:
                     break
+                self.remember(state)
             every = self.cfg.checkpoint_every
             if self.job.run_dir is not None and (evaluated or (every and state.step % every == 0)):
                 self.save(state)  # after an evaluation too: a resumed run does not score it again
@@ -448,14 +471,17 @@ class _Loop:
         """Evaluate at the epoch's end (or, with eval.every_steps, after the last step), then move to the next
         epoch and checkpoint its start, unless the run is over."""
         last = state.step >= self.total or state.stopped
-        if self.every is None:
+        # with eval.every_steps, the final weights are scored as they would be at an epoch's end
+        final = last and not state.stopped and (not state.history or state.history[-1]["step"] != state.step)
+        if self.every is None or final:
             self.evaluate(state, report)
-        elif last and not state.stopped and (not state.history or state.history[-1]["step"] != state.step):
-            self.evaluate(state, report)  # the final weights are scored, as at an epoch's end
         state.epoch, state.batches = state.epoch + 1, 0
         state.data_generator = self.generator.get_state()
-        if self.job.run_dir is not None and not last and not state.stopped:
-            self.save(state)
+        if not last and not state.stopped:
+            if self.every is None:
+                self.remember(state)  # evaluated and healthy: the next epoch starts from a good state
+            if self.job.run_dir is not None:
+                self.save(state)
 
     def evaluate(self, state: TrainingState, report: _Report) -> None:
         """Score the weights as they are now on validation (when there is one), keep them if they are the best
@@ -473,7 +499,11 @@ class _Loop:
                     timeline.mark("training")
             entry["validation"] = metrics
             where = f"epoch {state.epoch}" if self.every is None else f"step {state.step}"
-            report.evaluation(where, state.step, metrics, self.cfg)
+            collapsed = recovery.collapse(metrics) if self.recover is not None else None
+            # a collapse that is rolled back is said once, by the rollback
+            report.evaluation(where, state.step, metrics, self.now(state), warn_collapse=not self.can_roll_back(state))
+            if collapsed is not None:
+                self.roll_back(state, f"{where}: {collapsed}")
             self.judge(state, metrics)
         state.history.append(entry)
 
@@ -513,11 +543,13 @@ class _Loop:
             # each process checks its own weights (its shards under FSDP); any process's non-finite one counts
             finite = torch.stack([_local(p.detach()).isfinite().all() for p in params]).all().float()
             finite = accelerator.reduce(finite, "sum").item() == accelerator.num_processes
+            if not finite and self.recover is not None:
+                self.roll_back(state, f"step {state.step}: the trained weights are no longer finite")
             _check_finite(
                 self.losses.mean() if finite else math.nan,
                 state.step,
                 self.job.run_dir,
-                self.cfg,
+                self.now(state),
                 precision_of(accelerator),
             )
             # every process takes them (under FSDP gathering is a collective); the main process saves them
@@ -530,6 +562,60 @@ class _Loop:
                     self.job.run_dir, self.cfg.keep_checkpoints, weights, optimizer_state, self.optimization, now
                 )
             accelerator.wait_for_everyone()
+
+    def remember(self, state: TrainingState) -> None:
+        """train.recover: keep `state` and what goes with it (taken now) as the one to come back to."""
+        if self.recover is None:
+            return
+        with self.meter.paused():
+            taken = self.hooks.training_state(self.inner) if self.hooks.training_state is not None else None
+            now = replace(
+                state,
+                rng=checkpoint.rng_now(),
+                method_state=copy.deepcopy(taken),
+                # at the run's start no epoch has begun: its shuffle starts from the generator as it is
+                data_generator=state.data_generator if state.data_generator is not None else self.generator.get_state(),
+            )
+            self.good = recovery.take(now, self.inner, self.optimization)
+
+    def now(self, state: TrainingState) -> TrainSection:
+        """The train section with the peak rate the run trains at now (halved by each rollback): for messages."""
+        return self.cfg.model_copy(update={"lr": self.cfg.lr * 0.5 ** len(state.recoveries)})
+
+    def can_roll_back(self, state: TrainingState) -> bool:
+        """Whether train.recover is on and has a rollback left."""
+        return self.recover is not None and self.good is not None and len(state.recoveries) < self.recover.times
+
+    def roll_back(self, state: TrainingState, why: str) -> None:
+        """Put the run back to its last good state with the learning rate halved (raising _RolledBack to end the
+        epoch under way), or, its rollbacks used up, say so and return: the run goes on as it is."""
+        cfg, done = self.recover, len(state.recoveries)
+        if not self.can_roll_back(state):
+            if not self.spent_said:  # once: a run that keeps going wrong would say it at every log step
+                log.warning(
+                    "%s; train.recover has made its %d rollback(s) (train.recover.times): training on", why, done
+                )
+                self.spent_said = True
+            return
+        back_to = self.good.state.step
+        lr = self.now(state).lr / 2
+        state.recoveries = [*state.recoveries, {"at_step": state.step, "why": why, "back_to_step": back_to, "lr": lr}]
+        recovery.put_back(self.good, self.inner, self.optimization, state)
+        self.generator.set_state(state.data_generator)
+        if state.method_state is not None:
+            self.hooks.load_training_state(self.inner, copy.deepcopy(state.method_state))
+            state.method_state = None
+        self.losses.reset()
+        log.warning(
+            "%s. train.recover: back to step %d, the last good state, with the learning rate halved to %.3g; "
+            "rollback %d of at most %d",
+            why,
+            back_to,
+            lr,
+            done + 1,
+            cfg.times,
+        )
+        raise _RolledBack
 
     def keep_best(self, state: TrainingState) -> bool:
         """End on the best evaluation's trainable weights, where they were kept; returns whether they were."""
@@ -606,10 +692,14 @@ class _Report:
     def advance(self) -> None:
         self.progress.update(self.bar, advance=1)
 
-    def evaluation(self, where: str, step: int, metrics: dict, cfg: TrainSection) -> None:
+    def rewind(self, step: int) -> None:
+        """Back to `step` of the bar (train.recover rolled the run back)."""
+        self.progress.update(self.bar, completed=step)
+
+    def evaluation(self, where: str, step: int, metrics: dict, cfg: TrainSection, warn_collapse: bool) -> None:
         log.info("%s: %s", where, short(metrics))
         self.tracking.log(step, {f"validation/{k}": v for k, v in metrics.items()})
-        if "collapsed_to" in metrics:  # said at once, not only at the end
+        if warn_collapse and "collapsed_to" in metrics:  # said at once, not only at the end (unless rolled back)
             log.warning("validation, %s: %s", where, collapse_message(metrics, cfg))
 
 

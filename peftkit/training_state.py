@@ -30,6 +30,8 @@ class TrainingState:
     rng: dict | None = None  # torch_rng, cuda_rng, python_rng: the process's random states (checkpoint.rng_now)
     method_state: dict | None = None  # the method's own training state (AdaLoRA's importance scores), or None
     processes: int = 1  # a checkpoint's batch positions and schedule hold for this many processes only
+    first_loss: float | None = None  # the loss of step 1 (untrained): what train.recover measures a spike against
+    recoveries: list[dict] = field(default_factory=list)  # train.recover's rollbacks so far (recovery.py)
 
 
 @dataclass

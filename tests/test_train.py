@@ -67,6 +67,8 @@ def test_a_training_state_goes_through_a_checkpoint_whole(tmp_path):
         data_generator=shuffle.get_state(),
         rng=checkpoint.rng_now(),
         method_state={"ipt": {"layer.lora_E": torch.rand(4)}, "rank_pattern": {"layer": [True, False]}},
+        first_loss=0.6931,
+        recoveries=[{"at_step": 6, "why": "step 6: the training loss became nan", "back_to_step": 4, "lr": 2.5e-4}],
     )
     folder = save_checkpoint(tmp_path, 2, model, optimization, state)
 
@@ -82,7 +84,8 @@ def test_a_training_state_goes_through_a_checkpoint_whole(tmp_path):
     ]
     progress = json.loads((folder / "progress.json").read_text())
     assert list(progress)[:7] == ["step", "epoch", "batches", "history", "best_score", "best_epoch", "processes"]
-    assert list(progress)[7:] == ["best_step", "stale"]  # added with step evaluation and early stopping
+    # added with step evaluation and early stopping, then train.recover
+    assert list(progress)[7:] == ["best_step", "stale", "first_loss", "recoveries"]
     stored = json.loads((folder / "state.json").read_text())["dict"]  # [[key, value], ...] as _to_json writes them
     assert [key["value"] for key, _ in stored] == [
         "optimizer",

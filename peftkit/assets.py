@@ -4,8 +4,8 @@ installed package (pkg://PACKAGE/PATH), or a Hugging Face Hub name.
 A Hub model id whose exact weights an installed package ships resolves to that package, and so does a Hub
 dataset whose exact files one ships, so one recipe works for a user with Hub access and for one offline with the
 package installed; other Hub ids load from the Hub (and its local cache) as usual. A GGUF file (llama.cpp's
-format) is dequantised once into a normal model
-folder under the cache (PEFTKIT_CACHE, default ~/.cache/peftkit) and loaded from there afterwards.
+format) is dequantised once into a normal model folder under the cache (PEFTKIT_CACHE, default ~/.cache/peftkit)
+and loaded from there afterwards.
 """
 
 import importlib.util
@@ -127,7 +127,7 @@ def packaged_dataset(ref: str) -> dict[str, Path] | None:
         files = {split: package_path(file) for split, file in PACKAGED_DATASETS[ref].items()}
     except UserError:
         return None  # not installed: the Hub it is
-    log.info("data.source %s: using the copy shipped in %s", ref, PACKAGED_DATASETS[ref]["train"].split("/")[2])
+    log.info("data.source %s: using the copy shipped in %s", ref, ", ".join(PACKAGED_DATASETS[ref].values()))
     return files
 
 

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from peftkit import assets, measure, train
+from peftkit import assets, devices, measure
 
 
 def lora_model(attn: str):
@@ -50,7 +50,7 @@ def lora_rates(model, bf16: bool, steps=5) -> tuple[float, float]:
 
 def main():
     cpu = torch.device("cpu")
-    native_bf16 = train.resolve_precision("auto", cpu) == "bf16"
+    native_bf16 = devices.resolve_precision("auto", cpu) == "bf16"
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     peak = {p: measure.matmul_peak_tflops(p, cpu) for p in ("fp32", "bf16")}  # what `peftkit bench` divides by
     print(f"matmul: fp32 {peak['fp32']:.3f} TFLOP/s, bf16 {peak['bf16']:.4f} "
@@ -65,8 +65,11 @@ def main():
         for attn, rates in runs.items():
             train_rates = sorted(r[0] for r in rates)
             eval_rates = sorted(r[1] for r in rates)
-            print(f"| {'bf16' if bf16 else 'fp32'} | {attn} | {' / '.join(f'{r:.0f}' for r in train_rates)} | "
-                  f"{eval_rates[1]:.0f} |", flush=True)
+            print(
+                f"| {'bf16' if bf16 else 'fp32'} | {attn} | {' / '.join(f'{r:.0f}' for r in train_rates)} | "
+                f"{eval_rates[1]:.0f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

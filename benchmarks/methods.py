@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from peftkit import data, loading, train
+from peftkit import batches, data, loading
 from peftkit.methods import METHODS
 from peftkit.recipe import load_recipe
 from peftkit.tasks import TASKS
@@ -33,7 +33,7 @@ def build(name: str):
     model = method.apply(model, recipe.method, loading.method_context(recipe, task, model))
     tokenizer.padding_side = getattr(model, "peftkit_padding_side", tokenizer.padding_side)
     encoded = task.preprocess(splits, tokenizer, recipe.task)
-    loader = train.make_loader(encoded["train"], task.collator(tokenizer), recipe.train.batch_size, True, True, 0)
+    loader = batches.make_loader(encoded["train"], task.collator(tokenizer), recipe.train.batch_size, True, True, 0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.train.lr)
     return model, iter(loader), optimizer
 
@@ -60,8 +60,8 @@ def main():
     built = {name: build(name) for name in METHOD_RECIPES}
     rates = {name: [] for name in built}
     for _ in range(args.rounds):
-        for name, (model, batches, optimizer) in built.items():
-            rates[name].append(samples_per_second(model, batches, optimizer, args.steps))
+        for name, (model, loader, optimizer) in built.items():
+            rates[name].append(samples_per_second(model, loader, optimizer, args.steps))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.steps} steps x {args.rounds} rounds\n")
     print("| recipe | training samples/s (min / median / max) |\n|---|---|")
     for name, values in rates.items():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from peftkit import data, loading, train
+from peftkit import batches, data, devices, loading
 from peftkit.recipe import load_recipe
 from peftkit.tasks import TASKS
 
@@ -58,8 +58,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     recipe = load_recipe(RECIPE)
-    accelerator = train.make_accelerator(recipe.train.precision, 1)
-    precision = train.precision_of(accelerator)
+    accelerator = devices.make_accelerator(recipe.train.precision, 1)
+    precision = devices.precision_of(accelerator)
     task = TASKS[recipe.task.type]
     torch.manual_seed(0)
     tokenizer, model = loading.adapted_model(recipe, task, None, accelerator.device, "no", 100)
@@ -77,20 +77,20 @@ def main() -> None:
             real.append(sum(len(f["input_ids"]) for f in features))  # the tokens before padding
             return collate(features)
 
-        loader = train.make_loader(split, counting, recipe.train.batch_size, True, grouped, 0)
+        loader = batches.make_loader(split, counting, recipe.train.batch_size, True, grouped, 0)
         ways[name] = {"loader": loader, "real": real, "rows": len(split), "tokens": 0, "slots": 0, "seconds": []}
     print(f"{precision}, batch {recipe.train.batch_size}, max_length {recipe.task.max_length}")
     for _ in range(args.rounds):
         for way in ways.values():
-            batches = iter(way["loader"])
+            stream = iter(way["loader"])
             tokens = slots = 0
             start = time.perf_counter()
             for _ in range(args.steps):
                 try:
-                    batch = next(batches)
+                    batch = next(stream)
                 except StopIteration:
-                    batches = iter(way["loader"])
-                    batch = next(batches)
+                    stream = iter(way["loader"])
+                    batch = next(stream)
                 with accelerator.autocast():
                     loss = model(**batch).loss
                 loss.backward()

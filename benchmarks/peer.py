@@ -55,8 +55,14 @@ def peer(steps: int, tuned: bool) -> dict:
     """The peft documentation's recipe: get_peft_model + Trainer, nothing else changed unless `tuned`."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainerCallback, TrainingArguments)  # fmt: skip
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,  # fmt: skip
+        TrainingArguments,
+    )
 
     from peftkit import assets, data, measure
     from peftkit import train as loop

@@ -86,14 +86,12 @@ def run(
         launch.die_with_launcher()
     _quiet_libraries()
     from peftkit.run import run as run_recipe
-    from peftkit.run_folder import METRICS
 
-    out = run_recipe(parsed, overwrite=overwrite, resume=resume)
-    if out is None:  # another process than the main one of a distributed run: the main one reports
+    report = run_recipe(parsed, overwrite=overwrite, resume=resume)
+    if report is None:  # another process than the main one of a distributed run: the main one reports
         return
-    metrics = json.loads((out / METRICS).read_text())
-    _metrics_table(metrics, parsed.eval.splits)
-    console.print(f"run folder: [bold]{out}[/]  (adapter in {out / 'adapter'})")
+    _metrics_table(report.metrics, parsed.eval.splits)
+    console.print(f"run folder: [bold]{report.output}[/]  (adapter in {report.output / 'adapter'})")
 
 
 @app.command()
@@ -195,7 +193,7 @@ def evaluate(
 ) -> None:
     """Evaluate a finished run's adapter on one split of its recipe's data."""
     _quiet_libraries()
-    from peftkit.loading import evaluate_run
+    from peftkit.evaluation import evaluate_run
     from peftkit.sharing.hub import resolve_run
 
     _metrics_table(evaluate_run(resolve_run(run_dir, hub_dir), [split]), [split])

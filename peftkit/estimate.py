@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peftkit import assets, data, loading, measure, sharding, train
+from peftkit import assets, batches, data, devices, loading, measure, sharding, train
 from peftkit.errors import UserError
 from peftkit.recipe import Recipe
 from peftkit.tasks import TASKS
@@ -58,7 +58,7 @@ CUDA_CONTEXT_MIB = 500
 CPU_COMPUTE_MIB = 300
 CPU_ALLOCATOR_SHARE = 0.6
 # bf16 on a CPU: the matmul primitives oneDNN compiles and keeps, one set per shape, up to the cache's capacity
-# (train.ONEDNN_CACHE_CAPACITY, which peftkit sets). Measured on the demo recipe, a bf16-native CPU: 1,415 MiB with
+# (devices.ONEDNN_CACHE_CAPACITY, which peftkit sets). Measured on the demo recipe, a bf16-native CPU: 1,415 MiB with
 # no cache, 1,575 at 128 primitives, over 150 steps. With it, whole runs of the shipped recipes peak 18% above to
 # 14% below the estimate (benchmarks/RESULTS.md, "Will it fit?").
 CPU_BF16_PRIMITIVES_MIB = 200
@@ -119,7 +119,7 @@ def estimate(recipe: Recipe, processes: int = 1, device: str | None = None) -> E
 
     task = TASKS[recipe.task.type]
     where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    precision = train.resolve_precision(recipe.train.precision, where)
+    precision = devices.resolve_precision(recipe.train.precision, where)
     splits, labels = data.load(recipe.data, task, kind=task.label_kind(recipe.task))
     ref = assets.resolve_model(recipe.model.name)
     try:
@@ -137,7 +137,7 @@ def estimate(recipe: Recipe, processes: int = 1, device: str | None = None) -> E
     runtime = runtime_mib(where)
     model = meta_model(config, task.AUTO_CLASS, labels, tokenizer, loading.attention(recipe, where, precision),
                        loading.base_dtype(recipe, precision))  # fmt: skip
-    steps = train.total_steps(len(splits["train"]), recipe.train, processes)
+    steps = batches.total_steps(len(splits["train"]), recipe.train, processes)
     model = loading.adapt(model, tokenizer, recipe, task, where, steps)
     return from_model(
         model, recipe, where, precision, length, length_source, runtime, processes, "validation" in splits

@@ -10,8 +10,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from peftkit import assets, data, quant, train
-from peftkit.errors import UserError
+from peftkit import assets, quant
 from peftkit.methods import METHODS, storage
 from peftkit.methods.base import Context, optional, trainable_in_fp32
 from peftkit.recipe import Recipe
@@ -179,33 +178,3 @@ def load_trained(
     _, model = load_base(recipe, task, labels, device, dequantize=dequantize, inference=inference)
     model = storage.load(model, adapter_dir, method_context(recipe, task, model))
     return recipe, task, tokenizer, model.to(device).eval(), labels
-
-
-def evaluate_run(run_dir: Path, splits: list[str] | None = None) -> dict:
-    """{split: metrics} of a finished run's adapter on its recipe's data (`splits`: default eval.splits), computed
-    as in training (no inference-only 4-bit layout), so that they compare with the run's own metrics.json."""
-    recipe, task, tokenizer, model, labels = load_trained(run_dir, inference=False)
-    # the ids the run was trained with
-    data_splits, _ = data.load(recipe.data, task, order=labels, kind=task.label_kind(recipe.task))
-    splits = splits or recipe.eval.splits
-    if not splits:  # eval.splits: [] scores nothing
-        return {}
-    missing = [s for s in splits if s not in data_splits]
-    if missing:
-        raise UserError(f"--split {', '.join(missing)}: the data has only {', '.join(data_splits)}")
-    from datasets import DatasetDict
-
-    encoded = task.preprocess(DatasetDict({s: data_splits[s] for s in splits}), tokenizer, recipe.task)  # scored only
-    accelerator = train.make_accelerator(recipe.train.precision, 1)
-    model = accelerator.prepare(model)
-    return {
-        split: train.evaluate(
-            model,
-            train.eval_loader(encoded[split], task.collator(tokenizer), recipe, accelerator),
-            task,
-            labels,
-            accelerator,
-            recipe.task,
-        )
-        for split in splits
-    }

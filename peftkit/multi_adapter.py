@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from peftkit import atomic, export
 from peftkit.errors import UserError, did_you_mean
-from peftkit.loading import evaluate_run, load_base
+from peftkit.evaluation import evaluate_run
+from peftkit.loading import load_base
 from peftkit.recipe import Recipe, validate
 from peftkit.run_folder import METRICS, RECIPE, finished_adapter
 from peftkit.sharing.hub import resolve_run

@@ -23,7 +23,7 @@ _registered = False  # reference_gemv_4bit, once per process
 
 def load_kwargs(cfg: QuantizationSection, head_modules: list[str], device: torch.device, precision: str = "no") -> dict:
     """from_pretrained keyword arguments for a quantised base. `precision`: the run's (bf16/fp16/fp32/no), which
-    compute_dtype auto follows: bf16 only where the machine computes it natively (train.resolve_precision)."""
+    compute_dtype auto follows: bf16 only where the machine computes it natively (devices.resolve_precision)."""
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:

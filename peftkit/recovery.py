@@ -2,7 +2,7 @@
 learning rate.
 
 What counts as going wrong, and where the loop (train.py) sees it:
-- a validation that predicts one class for everything (`collapsed_to`, train.evaluate), at an evaluation;
+- a validation that predicts one class for everything (`collapsed_to`, evaluation.evaluate), at an evaluation;
 - a logged training loss (the mean over train.log_every steps) that is not finite, or above train.recover.spike
   times the loss of the run's first step, the untrained model's, at a log step;
 - trained weights that are not finite, when a checkpoint is about to be written.

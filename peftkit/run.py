@@ -1,6 +1,12 @@
-"""`peftkit run`, top to bottom: the whole pipeline in one reading.
+"""`peftkit run`, top to bottom: the pipeline as phases, each a function with a typed result.
 
-recipe -> data (splits, labels) -> base model (+ 8/4-bit) -> method -> train -> evaluate -> export
+    run(recipe) -> _session: the accelerator, the run folder, its log and trackers
+                -> prepare: data (splits, labels) -> base model (+ 8/4-bit) -> method -> encoded splits
+                -> score_before -> train_model (train.fit) -> score_after -> export_adapter -> report
+
+`run` returns the RunReport that the CLI prints and metrics.json is written from. Started by torchrun /
+`accelerate launch` (or `peftkit run --processes N`), every process runs every phase, each on its share of every
+batch of batches; only the main process writes, and only it returns a report.
 """
 
 from __future__ import annotations
@@ -8,11 +14,27 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peftkit import atomic, checkpoint, data, estimate, export, generation, loading, measure, sharding, tracking, train
+from peftkit import (
+    atomic,
+    batches,
+    checkpoint,
+    data,
+    devices,
+    estimate,
+    evaluation,
+    export,
+    generation,
+    loading,
+    measure,
+    sharding,
+    tracking,
+    train,
+)
 from peftkit.errors import UserError, is_out_of_memory, out_of_memory
 from peftkit.methods import METHODS
 from peftkit.methods.base import trainable_tensors
@@ -27,23 +49,104 @@ if TYPE_CHECKING:
     from datasets import DatasetDict
     from transformers import PreTrainedTokenizerBase
 
+    from peftkit.methods.base import Method
+    from peftkit.tasks.common import Task
+
 log = logging.getLogger("peftkit")
 
+Prompts = dict[str, list[tuple[list[int], str]]]  # eval.generate: per split, (prompt ids, reference answer)
 
-def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path | None:
-    """Train and export; the run folder appears complete or not at all (`<folder>.partial` while running).
-    `resume`: continue an interrupted run from the newest checkpoint in its `.partial` folder.
 
-    Started by torchrun / `accelerate launch` (or `peftkit run --processes N`), every process runs this, each on
-    its share of every batch of batches; only the main process writes (and returns the folder; the others
-    return None)."""
+@dataclass
+class Session:
+    """What every phase works in: the recipe with its task and method, the accelerator, the run folder (its
+    `.partial` while running), the trackers and the memory timeline."""
+
+    recipe: Recipe
+    task: Task
+    method: Method
+    accelerator: Accelerator
+    run_dir: Path
+    resume_from: Path | None  # the checkpoint a resumed run continues from
+    tracked: tracking.Tracking
+    timeline: measure.MemoryTimeline
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+@dataclass
+class Prepared:
+    """`prepare`'s result: the data encoded and the model adapted, ready to train."""
+
+    labels: list[str] | None  # the task's label names (None for causal LM)
+    encoded: DatasetDict
+    collate: Callable
+    tokenizer: PreTrainedTokenizerBase
+    model: torch.nn.Module  # sharded in place where train.distributed.strategy is fsdp
+    prompts: Prompts  # eval.generate's (empty when it is off)
+    counts: dict  # parameter counts and training FLOPs per token (measure.py)
+    memory: dict  # what loading took (measure.py)
+
+
+@dataclass
+class Scores:
+    """One scoring of the model: each eval split's metrics, and eval.generate's answers, scored."""
+
+    splits: dict[str, dict]
+    generated: dict
+
+
+@dataclass
+class Trained:
+    """`train_model`'s result: train.fit's (history, the kept evaluation, steps, rate, throughput), and memory
+    with training's peaks added."""
+
+    result: dict
+    memory: dict
+
+
+@dataclass
+class RunReport:
+    """A finished run: its folder and what its metrics.json holds."""
+
+    output: Path
+    metrics: dict
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.metrics.get("warnings", [])
+
+
+def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> RunReport | None:
+    """Train, score and export; the run folder appears complete or not at all (`<folder>.partial` while running).
+    `resume`: continue an interrupted run from the newest checkpoint in its `.partial` folder. Every process of a
+    distributed run calls this; the main one returns the report, the others None."""
+    with _session(recipe, overwrite, resume) as session:
+        prepared = prepare(session)
+        before = score_before(session, prepared)
+        trained = train_model(session, prepared)
+        after = score_after(session, prepared, trained)
+        warnings = _collapse_warnings(session.recipe, after, trained)
+        # a sharded model's trained tensors, gathered whole: a collective, so by every process
+        gathered = trainable_tensors(prepared.model) if sharding.is_sharded(prepared.model) else None
+        if not session.main:
+            return None
+        adapter = export_adapter(session, prepared, gathered)
+        return report(session, prepared, before, trained, after, warnings, adapter)
+
+
+@contextlib.contextmanager
+def _session(recipe: Recipe, overwrite: bool, resume: bool) -> Iterator[Session]:
+    """The accelerator, the run folder with its log file and trackers, and the memory timeline, for the phases
+    to run in; a failure is recorded as such by the trackers, and running out of memory says what to lower."""
     from accelerate.utils import set_seed
 
-    task, method = TASKS[recipe.task.type], METHODS[recipe.method.name]
     tracking.check_installed(recipe.train.report_to)  # a missing mlflow / wandb: said now, not after the training
-    if train.launched_fsdp():  # `accelerate launch` with an FSDP config: peftkit's own sharding (sharding.py)
+    if devices.launched_fsdp():  # `accelerate launch` with an FSDP config: peftkit's own sharding (sharding.py)
         recipe.train.distributed.strategy = "fsdp"
-    accelerator = train.make_accelerator(
+    accelerator = devices.make_accelerator(
         recipe.train.precision, recipe.train.grad_accum, log_with=tracking.accelerate_trackers(recipe.train.report_to)
     )
     set_seed(recipe.train.seed)
@@ -61,143 +164,13 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
                 "run %s -> %s (precision %s, device %s%s)",
                 recipe.name,
                 recipe.output_dir,
-                train.precision_of(accelerator),
+                devices.precision_of(accelerator),
                 accelerator.device,
                 f", {accelerator.num_processes} processes" if accelerator.num_processes > 1 else "",
             )
             tracked = tracking.start(recipe, accelerator, run_dir, resumed=resume_from is not None)
-            if main and accelerator.device.type == "cuda":
-                _warn_if_too_big(recipe, accelerator.num_processes)
-            splits, labels = data.load(recipe.data, task, kind=task.label_kind(recipe.task))
-            missing = [s for s in recipe.eval.splits if s not in splits]
-            if missing:
-                raise UserError(f"eval.splits: no {', '.join(missing)} split (the data has {', '.join(splits)})")
-
-            start = None
-            if recipe.model.adapter:  # continue from a published adapter: checked before minutes of loading
-                with accelerator.main_process_first():  # one download, which the other processes then find
-                    start = hub.starting_adapter(recipe, labels)
-            steps = train.total_steps(len(splits["train"]), recipe.train, accelerator.num_processes)
-            sharded = sharding.applies(recipe, accelerator.num_processes)
-            if sharded:
-                sharding.refuse_unsupported(recipe, method)
-            timeline.mark("model")
-            tokenizer, model = loading.adapted_model(  # sharded: the main process's weights only (sharding.shard)
-                recipe, task, labels, accelerator.device, train.precision_of(accelerator), steps, sharded and not main
-            )
-            if start is not None and (main or not sharded):
-                hub.load_start(model, start, recipe.model.adapter)
-            counts = {**measure.parameter_counts(model), "flops_per_token": measure.training_flops_per_token(model)}
-            model_mib = measure.model_mib(model)
-            if sharded:
-                sharding.shard(model, accelerator)  # in place
-            memory = {
-                "model_mib": model_mib,
-                "load_peak": measure.peak_memory(accelerator.device),
-                "after_load": measure.memory_now(accelerator.device),
-            }
-            measure.reset_peak_memory(accelerator.device)
-            log.info(
-                "trainable parameters: %s of %s (%.3f%%)",
-                f"{counts['trainable_params']:,}",
-                f"{counts['total_params']:,}",
-                100 * counts["trainable_share"],
-            )
-
-            encoded = task.preprocess(splits, tokenizer, recipe.task)
-            _check_encoded(encoded, recipe)
-            prompts = _answer_prompts(splits, tokenizer, recipe)  # eval.generate's, checked before training
-            if prompts and sharded:
-                raise UserError(
-                    "eval.generate with train.distributed.strategy fsdp: answers are generated on the main process "
-                    "alone, and a sharded model needs every process for each forward; use strategy ddp, or generate "
-                    "after the run with `peftkit predict RUN --file PROMPTS`"
-                )
-            generated = {}
-            collate = task.collator(tokenizer)
-            before = {}
-            if recipe.eval.before_training and resume_from is None:
-                timeline.mark("scored before training")
-                model.to(accelerator.device)
-                for split in recipe.eval.splits:
-                    with accelerator.autocast():  # the model is not prepared yet: a half-precision base needs it
-                        before[split] = train.evaluate(
-                            model,
-                            train.eval_loader(encoded[split], collate, recipe, accelerator),
-                            task,
-                            labels,
-                            accelerator,
-                            recipe.task,
-                        )
-                    log.info("before training, %s: %s", split, train.short(before[split]))
-            if prompts and resume_from is None:
-                model.to(accelerator.device)
-                with accelerator.autocast():
-                    generated["before_training"] = _generate(model, tokenizer, prompts, recipe, main, "before training")
-            job = train.Job(
-                model, encoded, collate, task, recipe, accelerator, labels, method, run_dir, tracked, timeline
-            )
-            timeline.mark("training")
-            result = train.fit(job, resume=resume_from)
-            memory["train_peak"] = measure.peak_memory(accelerator.device)  # training and its validation passes
-            if accelerator.num_processes > 1:  # each process's own peaks (the ones above: the main process's)
-                from accelerate.utils import gather_object
-
-                memory["per_process"] = gather_object(
-                    [
-                        {
-                            "process": accelerator.process_index,
-                            "load_peak": memory["load_peak"],
-                            "train_peak": memory["train_peak"],
-                        }
-                    ]
-                )
-
-            timeline.mark("final scores")
-            final = {}
-            for split in recipe.eval.splits:
-                final[split] = _scored_in_training(result, split)
-                if final[split] is None:
-                    loader = train.eval_loader(encoded[split], collate, recipe, accelerator)
-                    final[split] = train.evaluate(model, loader, task, labels, accelerator, recipe.task)
-                log.info("%s: %s", split, train.short(final[split]))
-            if prompts:
-                with accelerator.autocast():
-                    generated.update(_generate(accelerator.unwrap_model(model), tokenizer, prompts, recipe, main))
-            tracked.final(result["steps"], final)
-            # a model that answers one class whatever the input learned nothing: said last, loudly (the CLI: red)
-            trained = recipe.train.model_copy(update={"lr": result["lr"]})  # train.lr auto: the rate it chose
-            warnings = [
-                f"{split}: {train.collapse_message(final[split], trained)}"
-                for split in recipe.eval.splits
-                if "collapsed_to" in final[split]
-            ]
-            for warning in warnings:
-                log.warning("%s", warning)
-
-            # a sharded model's trained tensors, gathered whole: a collective, so by every process
-            gathered = trainable_tensors(model) if sharding.is_sharded(model) else None
-            if not main:
-                return None
-            timeline.mark("export")
-            adapter_dir = run_dir / ADAPTER
-            export.save_adapter(accelerator.unwrap_model(model), tokenizer, adapter_dir, recipe, labels, gathered)
-            metrics = {
-                **final,
-                **({"before_training": before} if before else {}),
-                **({"generation": generated} if generated else {}),
-                **counts,
-                "adapter_bytes": export.adapter_bytes(adapter_dir),
-                "train": result,
-                "precision": train.precision_of(accelerator),
-                "device": str(accelerator.device),
-                "memory": memory,
-                **({"warnings": warnings} if warnings else {}),
-            }
-            timeline.stop()
-            timeline.save(run_dir / MEMORY, run_dir / MEMORY_PLOT)
-            atomic.write_text(run_dir / METRICS, json.dumps(metrics, indent=2))
-            checkpoint.remove(run_dir)  # finished: the adapter is what remains
+            task, method = TASKS[recipe.task.type], METHODS[recipe.method.name]
+            yield Session(recipe, task, method, accelerator, run_dir, resume_from, tracked, timeline)
         except BaseException as err:
             log.debug("run failed: %s: %s", type(err).__name__, err)  # debug: the log file only; the CLI prints it
             tracked.close(err)
@@ -209,7 +182,192 @@ def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> Path |
             tracked.close()  # (a run that raised was closed as failed above)
             logging.getLogger("peftkit").removeHandler(handler)
             handler.close()
-    return recipe.output_dir
+
+
+def prepare(session: Session) -> Prepared:
+    """The data loaded, split and encoded; the base model loaded (8/4-bit where asked) and adapted by the method,
+    from a published adapter where model.adapter names one, sharded where asked; what that cost."""
+    recipe, task, accelerator, main = session.recipe, session.task, session.accelerator, session.main
+    if main and accelerator.device.type == "cuda":
+        _warn_if_too_big(recipe, accelerator.num_processes)
+    splits, labels = data.load(recipe.data, task, kind=task.label_kind(recipe.task))
+    missing = [s for s in recipe.eval.splits if s not in splits]
+    if missing:
+        raise UserError(f"eval.splits: no {', '.join(missing)} split (the data has {', '.join(splits)})")
+
+    start = None
+    if recipe.model.adapter:  # continue from a published adapter: checked before minutes of loading
+        with accelerator.main_process_first():  # one download, which the other processes then find
+            start = hub.starting_adapter(recipe, labels)
+    steps = batches.total_steps(len(splits["train"]), recipe.train, accelerator.num_processes)
+    sharded = sharding.applies(recipe, accelerator.num_processes)
+    if sharded:
+        sharding.refuse_unsupported(recipe, session.method)
+    session.timeline.mark("model")
+    tokenizer, model = loading.adapted_model(  # sharded: the main process's weights only (sharding.shard)
+        recipe, task, labels, accelerator.device, devices.precision_of(accelerator), steps, sharded and not main
+    )
+    if start is not None and (main or not sharded):
+        hub.load_start(model, start, recipe.model.adapter)
+    counts = {**measure.parameter_counts(model), "flops_per_token": measure.training_flops_per_token(model)}
+    model_mib = measure.model_mib(model)
+    if sharded:
+        sharding.shard(model, accelerator)  # in place
+    memory = {
+        "model_mib": model_mib,
+        "load_peak": measure.peak_memory(accelerator.device),
+        "after_load": measure.memory_now(accelerator.device),
+    }
+    measure.reset_peak_memory(accelerator.device)
+    log.info(
+        "trainable parameters: %s of %s (%.3f%%)",
+        f"{counts['trainable_params']:,}",
+        f"{counts['total_params']:,}",
+        100 * counts["trainable_share"],
+    )
+
+    encoded = task.preprocess(splits, tokenizer, recipe.task)
+    _check_encoded(encoded, recipe)
+    prompts = _answer_prompts(splits, tokenizer, recipe)  # eval.generate's, checked before training
+    if prompts and sharded:
+        raise UserError(
+            "eval.generate with train.distributed.strategy fsdp: answers are generated on the main process "
+            "alone, and a sharded model needs every process for each forward; use strategy ddp, or generate "
+            "after the run with `peftkit predict RUN --file PROMPTS`"
+        )
+    return Prepared(labels, encoded, task.collator(tokenizer), tokenizer, model, prompts, counts, memory)
+
+
+def score_before(session: Session, prepared: Prepared) -> Scores:
+    """The untrained model's scores (eval.before_training) and generated answers (eval.generate), the baseline
+    the trained one is read against; none for a resumed run, whose model is no longer the untrained one."""
+    recipe, accelerator, model = session.recipe, session.accelerator, prepared.model
+    scores = Scores({}, {})
+    if session.resume_from is not None:
+        return scores
+    if recipe.eval.before_training:
+        session.timeline.mark("scored before training")
+        model.to(accelerator.device)
+        for split in recipe.eval.splits:
+            with accelerator.autocast():  # the model is not prepared yet: a half-precision base needs it
+                loader = batches.eval_loader(prepared.encoded[split], prepared.collate, recipe, accelerator)
+                scores.splits[split] = evaluation.evaluate(
+                    model, loader, session.task, prepared.labels, accelerator, recipe.task
+                )
+            log.info("before training, %s: %s", split, evaluation.short(scores.splits[split]))
+    if prepared.prompts:
+        model.to(accelerator.device)
+        with accelerator.autocast():
+            scores.generated = _generate(
+                model, prepared.tokenizer, prepared.prompts, recipe, session.main, "before training"
+            )
+    return scores
+
+
+def train_model(session: Session, prepared: Prepared) -> Trained:
+    """train.fit on the training split (the one loop), and the memory peaks it reached."""
+    accelerator = session.accelerator
+    job = train.Job(
+        prepared.model,
+        prepared.encoded,
+        prepared.collate,
+        session.task,
+        session.recipe,
+        accelerator,
+        prepared.labels,
+        session.method,
+        session.run_dir,
+        session.tracked,
+        session.timeline,
+    )
+    session.timeline.mark("training")
+    result = train.fit(job, resume=session.resume_from)
+    memory = {**prepared.memory, "train_peak": measure.peak_memory(accelerator.device)}  # with its validation passes
+    if accelerator.num_processes > 1:  # each process's own peaks (the ones above: the main process's)
+        from accelerate.utils import gather_object
+
+        mine = {
+            "process": accelerator.process_index,
+            "load_peak": memory["load_peak"],
+            "train_peak": memory["train_peak"],
+        }
+        memory["per_process"] = gather_object([mine])
+    return Trained(result, memory)
+
+
+def score_after(session: Session, prepared: Prepared, trained: Trained) -> Scores:
+    """The trained model's scores on every eval split (taken from training's own evaluation of the kept weights
+    where it made one, so that pass is not run twice) and its generated answers."""
+    recipe, accelerator = session.recipe, session.accelerator
+    session.timeline.mark("final scores")
+    scores = Scores({}, {})
+    for split in recipe.eval.splits:
+        scores.splits[split] = train.kept_scores(trained.result, split)
+        if scores.splits[split] is None:
+            loader = batches.eval_loader(prepared.encoded[split], prepared.collate, recipe, accelerator)
+            scores.splits[split] = evaluation.evaluate(
+                prepared.model, loader, session.task, prepared.labels, accelerator, recipe.task
+            )
+        log.info("%s: %s", split, evaluation.short(scores.splits[split]))
+    if prepared.prompts:
+        with accelerator.autocast():
+            model = accelerator.unwrap_model(prepared.model)
+            scores.generated = _generate(model, prepared.tokenizer, prepared.prompts, recipe, session.main)
+    session.tracked.final(trained.result["steps"], scores.splits)
+    return scores
+
+
+def export_adapter(session: Session, prepared: Prepared, gathered: dict | None) -> Path:
+    """The trained adapter (and head) saved in the run folder in its method's format (export.py)."""
+    session.timeline.mark("export")
+    adapter = session.run_dir / ADAPTER
+    model = session.accelerator.unwrap_model(prepared.model)
+    export.save_adapter(model, prepared.tokenizer, adapter, session.recipe, prepared.labels, gathered)
+    return adapter
+
+
+def report(
+    session: Session,
+    prepared: Prepared,
+    before: Scores,
+    trained: Trained,
+    after: Scores,
+    warnings: list[str],
+    adapter: Path,
+) -> RunReport:
+    """Everything the run measured, written as metrics.json (and the memory timeline beside it); the checkpoints
+    removed, the adapter being what remains."""
+    generated = {**({"before_training": before.generated} if before.generated else {}), **after.generated}
+    metrics = {
+        **after.splits,
+        **({"before_training": before.splits} if before.splits else {}),
+        **({"generation": generated} if generated else {}),
+        **prepared.counts,
+        "adapter_bytes": export.adapter_bytes(adapter),
+        "train": trained.result,
+        "precision": devices.precision_of(session.accelerator),
+        "device": str(session.accelerator.device),
+        "memory": trained.memory,
+        **({"warnings": warnings} if warnings else {}),
+    }
+    session.timeline.stop()
+    session.timeline.save(session.run_dir / MEMORY, session.run_dir / MEMORY_PLOT)
+    atomic.write_text(session.run_dir / METRICS, json.dumps(metrics, indent=2))
+    checkpoint.remove(session.run_dir)  # finished: the adapter is what remains
+    return RunReport(session.recipe.output_dir, metrics)
+
+
+def _collapse_warnings(recipe: Recipe, after: Scores, trained: Trained) -> list[str]:
+    """A model that answers one class whatever the input learned nothing: said last, loudly (the CLI: red)."""
+    rate = recipe.train.model_copy(update={"lr": trained.result["lr"]})  # train.lr auto: the rate it chose
+    warnings = [
+        f"{split}: {evaluation.collapse_message(scores, rate)}"
+        for split, scores in after.splits.items()
+        if "collapsed_to" in scores
+    ]
+    for warning in warnings:
+        log.warning("%s", warning)
+    return warnings
 
 
 def _answer_prompts(
@@ -362,16 +520,6 @@ def _check_encoded(encoded: DatasetDict, recipe: Recipe) -> None:
             rows,
             batch,
         )
-
-
-def _scored_in_training(result: dict, split: str) -> dict | None:
-    """The metrics of `split` from the evaluation during training of the weights the model ends with (the best
-    evaluation's, or the last one), so that pass is not run twice."""
-    history = result["history"]
-    kept = result["best_step"] or (history[-1]["step"] if history else None)
-    if result["best_step"] is None and history and history[-1]["step"] != result["steps"]:
-        return None  # the last weights were never scored during training
-    return next((entry.get(split) for entry in reversed(history) if entry["step"] == kept), None)
 
 
 def _log_to_file(path: Path) -> logging.Handler:

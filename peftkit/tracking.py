@@ -6,7 +6,7 @@
     wandb/        a Weights & Biases run in offline mode: `wandb sync runs/NAME/wandb/offline-run-*` uploads it
 
 MLflow and W&B go through accelerate's trackers: the Accelerator is built with them (`log_with`, which only its
-constructor takes: train.make_accelerator), they start once the run folder exists (`start`: init_trackers, with the
+constructor takes: devices.make_accelerator), they start once the run folder exists (`start`: init_trackers, with the
 resolved recipe as MLflow params / W&B config), `Tracking.log` hands each step's numbers to them (accelerator.log),
 and `Tracking.close` ends them (each tracker's finish(): accelerator.end_training() would also tear down the
 process group that the final evaluation still uses). A missing package is a UserError before anything is loaded

@@ -10,14 +10,12 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from peftkit import checkpoint, cpu_kind, lr_search, measure, recovery, sharding
+from peftkit import batches, checkpoint, devices, evaluation, lr_search, measure, progress, recovery, sharding
 from peftkit.errors import UserError
 from peftkit.methods.base import Method, load_trainable, optional, trainable_tensors
 from peftkit.run_folder import LR_SEARCH
@@ -29,126 +27,10 @@ if TYPE_CHECKING:
     import torch
     from accelerate import Accelerator
     from datasets import Dataset
-    from rich.progress import Progress
-    from torch.utils.data import DataLoader
 
     from peftkit.recipe import Recipe, TrainSection
 
 log = logging.getLogger("peftkit")
-
-LOWER_IS_BETTER = {"loss", "perplexity", "mse", "rmse", "mae"}
-# oneDNN keeps each matmul primitive it builds, 1,024 of them by default, and batches padded to their own longest
-# row meet a new set of shapes with each new length: on bf16-native CPUs that cache grew the demo's resident memory
-# by ~0.6 GB over a run. 128 still holds every shape a step uses again (the layers share them): measured on 150
-# demo steps, 1,575 MiB and 170 samples/s against 1,965 MiB and 149 at the default; 32 was slower (RESULTS.md).
-ONEDNN_CACHE_CAPACITY = 128
-
-
-def resolve_precision(choice: str, device: torch.device) -> str:
-    """'auto' -> bf16 where the hardware computes it natively, else fp32. On a CPU without AMX or AVX512-BF16,
-    bf16 matmuls are emulated and hundreds of times slower than fp32 (measured: benchmarks/RESULTS.md); which
-    kind of CPU this is, cpu_kind.py says (PEFTKIT_CPU_BF16 overrides it)."""
-    import torch
-
-    if choice != "auto":
-        return choice
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        return "bf16" if cpu_kind.cpu_bf16_native() else "fp32"
-    return "fp32"
-
-
-def precision_of(accelerator: Accelerator) -> str:
-    """bf16 / fp16 / fp32 (accelerate calls full precision "no")."""
-    return {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
-
-
-def make_accelerator(
-    precision_choice: str, grad_accum: int, cpu: bool = False, log_with: Sequence[str] = ()
-) -> Accelerator:
-    """`log_with`: the accelerate trackers the run reports to (tracking.accelerate_trackers), which only the
-    constructor takes; they start later, in the run folder (tracking.start)."""
-    import torch
-    from accelerate import Accelerator
-
-    device = torch.device("cuda") if torch.cuda.is_available() and not cpu else torch.device("cpu")
-    if device.type == "cpu":  # read by oneDNN when it first caches a primitive; a user's own value is kept
-        os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
-    precision = resolve_precision(precision_choice, device)
-    mixed = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision]
-    # The scheduler is stepped once per optimizer step, whatever the number of processes (accelerate's default
-    # steps it once per process, for schedules planned in single-process steps); fit() plans in per-process steps.
-    accelerator = Accelerator(
-        mixed_precision=mixed,
-        gradient_accumulation_steps=grad_accum,
-        cpu=device.type == "cpu",
-        step_scheduler_with_optimizer=False,
-        log_with=list(log_with) or None,
-    )
-    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
-        # DeepSpeed: saving the adapter, the best epoch's weights and checkpoints would need ZeRO's partitions
-        # gathered, which is not written; refused rather than saved wrong. (FSDP never gets here: launched_fsdp
-        # turned accelerate's FSDP config into train.distributed.strategy fsdp first.)
-        raise UserError(
-            f"accelerate config: {accelerator.distributed_type.name} is not supported by peftkit yet "
-            "(the adapter is saved from the main process's weights, which ZeRO partitions); use "
-            "train.distributed.strategy fsdp to shard the model (torch's FSDP2), or data parallelism (DDP: "
-            "`peftkit run RECIPE --processes N`, or `accelerate launch --multi_gpu`)"
-        )
-    return accelerator
-
-
-def launched_fsdp() -> bool:
-    """Whether `accelerate launch` was given an FSDP config (ACCELERATE_USE_FSDP). The variable is taken out of the
-    environment, so that accelerate does not wrap the model itself (on GPUs): peftkit shards it with torch's FSDP2
-    (sharding.py), as `train.distributed.strategy: fsdp` asks, on CPU and GPU alike. The config's other FSDP
-    settings are not read: the wrap policy is the model's block class, the state dict gathered whole."""
-    import os
-
-    return os.environ.pop("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1")
-
-
-def make_loader(
-    dataset: Dataset,
-    collate: Callable,
-    batch_size: int,
-    shuffle: bool,
-    group_by_length: bool,
-    seed: int,
-    generator: torch.Generator | None = None,
-) -> DataLoader:
-    """Batches padded to their own longest example; grouping similar lengths keeps that padding small.
-    `generator`: the shuffle's random source, for a caller that keeps it (fit checkpoints its state); by default a
-    new one seeded with `seed`."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    generator = generator if generator is not None else torch.Generator().manual_seed(seed)
-    lengths = [len(ids) for ids in dataset["input_ids"]] if group_by_length else None
-    if shuffle and group_by_length:
-        # transformers' sampler: shuffle, then sort within mega-batches of 50 batches, so each batch holds
-        # similar lengths while the order stays random.
-        from transformers.trainer_pt_utils import LengthGroupedSampler
-
-        sampler = LengthGroupedSampler(batch_size, lengths=lengths, generator=generator)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate)
-    if group_by_length:  # evaluation: order does not matter, so sort outright
-        order = sorted(range(len(lengths)), key=lengths.__getitem__)
-        return DataLoader(dataset, batch_size=batch_size, sampler=order, collate_fn=collate)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate)
-
-
-def eval_loader(split: Dataset, collate: Callable, recipe: Recipe, accelerator: Accelerator) -> DataLoader:
-    """An evaluation split's loader, sorted by length, prepared for the accelerator's processes."""
-    return accelerator.prepare(make_loader(split, collate, recipe.eval.batch_size, False, True, recipe.train.seed))
-
-
-def total_steps(train_rows: int, cfg: TrainSection, processes: int = 1) -> int:
-    """Optimizer steps of a run: what the scheduler, and AdaLoRA's rank budget, plan over. With several
-    processes each takes its own train.batch_size per step, so an epoch has `processes` times fewer steps."""
-    batches = math.ceil(train_rows / (cfg.batch_size * processes))
-    return cfg.max_steps or cfg.epochs * math.ceil(batches / cfg.grad_accum)
 
 
 @dataclass
@@ -198,8 +80,8 @@ def fit(job: Job, resume: Path | None = None) -> dict:
     state = loop.resume(resume) if resume is not None else TrainingState(processes=job.accelerator.num_processes)
     loop.remember(state)  # train.recover's first good state: the start, or the checkpoint resumed from
     log.info("training: %d epoch(s), %d optimizer steps, %d per epoch", loop.epochs, loop.total, loop.steps_per_epoch)
-    with _progress(job.accelerator) as progress:
-        report = _Report(progress, job.tracking, loop.total, state.step)
+    with progress.bar(job.accelerator) as shown:
+        report = progress.Report(shown, job.tracking, loop.total, state.step)
         while state.epoch <= loop.epochs and state.step < loop.total and not state.stopped:
             try:
                 loop.train_epoch(state, report)
@@ -231,6 +113,16 @@ def fit(job: Job, resume: Path | None = None) -> dict:
     }
 
 
+def kept_scores(result: dict, split: str) -> dict | None:
+    """The metrics of `split` from fit's own evaluation of the weights the model ends with (the best
+    evaluation's, or the last one), or None where those weights were never scored during training."""
+    history = result["history"]
+    kept = result["best_step"] or (history[-1]["step"] if history else None)
+    if result["best_step"] is None and history and history[-1]["step"] != result["steps"]:
+        return None  # the last weights were never scored during training
+    return next((entry.get(split) for entry in reversed(history) if entry["step"] == kept), None)
+
+
 class _RolledBack(Exception):
     """train.recover put the run back to its last good state: the epoch under way ends here (fit goes on)."""
 
@@ -246,7 +138,7 @@ class _Loop:
         cfg, accelerator = job.recipe.train, job.accelerator
         self.job, self.cfg, self.hooks = job, cfg, MethodHooks.of(job.method)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # the shuffle's: checkpoints hold its state
-        train_loader = make_loader(
+        train_loader = batches.make_loader(
             job.splits["train"],
             job.collate,
             cfg.batch_size,
@@ -256,7 +148,9 @@ class _Loop:
             generator=self.generator,
         )
         val_loader = (
-            make_loader(job.splits["validation"], job.collate, job.recipe.eval.batch_size, False, True, cfg.seed)
+            batches.make_loader(
+                job.splits["validation"], job.collate, job.recipe.eval.batch_size, False, True, cfg.seed
+            )
             if "validation" in job.splits
             else None
         )
@@ -271,7 +165,7 @@ class _Loop:
         self.val_loader = accelerator.prepare(val_loader) if val_loader is not None else None
 
         self.steps_per_epoch = math.ceil(len(self.train_loader) / cfg.grad_accum)
-        self.total = total_steps(len(job.splits["train"]), cfg, accelerator.num_processes)
+        self.total = batches.total_steps(len(job.splits["train"]), cfg, accelerator.num_processes)
         self.epochs = math.ceil(self.total / self.steps_per_epoch)
         self.optimization = Optimization(optimizer, None, accelerator.scaler)
         if cfg.lr != "auto":
@@ -342,10 +236,10 @@ class _Loop:
         scaler = self.optimization.scaler.state_dict() if self.optimization.scaler is not None else None
         # its own loader and shuffle, not prepared: the run's loader and accelerate's record of it stay untouched
         # (with several processes each searches on the same batches; the gradients they average are alike)
-        loader = make_loader(
+        loader = batches.make_loader(
             self.job.splits["train"], self.job.collate, cfg.batch_size, True, cfg.group_by_length, cfg.seed
         )
-        batches = (send_to_device(batch, accelerator.device) for batch in lr_search.cycle(loader))
+        stream = (send_to_device(batch, accelerator.device) for batch in lr_search.cycle(loader))
         self.model.train()
 
         def step(lr: float) -> float:
@@ -354,7 +248,7 @@ class _Loop:
             losses = []
             while True:  # one optimizer step: train.grad_accum batches
                 with accelerator.accumulate(self.model):
-                    losses.append(self._learn(next(batches)).detach().float())
+                    losses.append(self._learn(next(stream)).detach().float())
                     optimizer.zero_grad(set_to_none=True)
                 if accelerator.sync_gradients:
                     break
@@ -386,7 +280,7 @@ class _Loop:
         log.info("resumed from %s: step %d of %d, epoch %d", folder.name, state.step, self.total, state.epoch)
         return state
 
-    def train_epoch(self, state: TrainingState, report: _Report) -> None:
+    def train_epoch(self, state: TrainingState, report: progress.Report) -> None:
         """Train on state.epoch's batches from state.batches on (0, or where the interrupted run stopped), until the
         epoch or the run's steps end; checkpoints every train.checkpoint_every steps."""
         if state.rng is not None and state.batches == 0:  # resuming at an epoch boundary
@@ -413,7 +307,8 @@ class _Loop:
                     wrong = recovery.loss_went_wrong(loss, state.first_loss, self.recover)
                     if wrong is not None:
                         self.roll_back(state, f"step {state.step}: {wrong}")
-                _check_finite(loss, state.step, self.job.run_dir, self.now(state), precision_of(self.job.accelerator))
+                precision = devices.precision_of(self.job.accelerator)
+                _check_finite(loss, state.step, self.job.run_dir, self.now(state), precision)
                 report.step(
                     state.step,
                     loss,
@@ -456,9 +351,9 @@ class _Loop:
         the batch's loss. Inside accelerator.accumulate; the caller steps the schedule and clears the gradients."""
         accelerator, model, cfg = self.job.accelerator, self.model, self.cfg
         if self.loss is None:
-            loss = model(**model_inputs(batch)).loss
+            loss = model(**batches.model_inputs(batch)).loss
         else:  # the task section's loss (class weights, label smoothing): the model is given no labels
-            inputs = model_inputs(batch)
+            inputs = batches.model_inputs(batch)
             targets = inputs.pop("labels")
             loss = self.loss(model(**inputs).logits, targets)
         accelerator.backward(loss)
@@ -467,7 +362,7 @@ class _Loop:
         self.optimization.optimizer.step()
         return loss
 
-    def end_epoch(self, state: TrainingState, report: _Report) -> None:
+    def end_epoch(self, state: TrainingState, report: progress.Report) -> None:
         """Evaluate at the epoch's end (or, with eval.every_steps, after the last step), then move to the next
         epoch and checkpoint its start, unless the run is over."""
         last = state.step >= self.total or state.stopped
@@ -483,7 +378,7 @@ class _Loop:
             if self.job.run_dir is not None:
                 self.save(state)
 
-    def evaluate(self, state: TrainingState, report: _Report) -> None:
+    def evaluate(self, state: TrainingState, report: progress.Report) -> None:
         """Score the weights as they are now on validation (when there is one), keep them if they are the best
         so far, and stop the run if train.early_stopping says so; one entry of the history."""
         recipe, entry = self.job.recipe, {"epoch": state.epoch, "step": state.step}
@@ -492,7 +387,7 @@ class _Loop:
             with self.meter.paused():  # throughput is the training's own
                 if timeline is not None:
                     timeline.mark(f"validation, step {state.step}")
-                metrics = evaluate(
+                metrics = evaluation.evaluate(
                     self.model, self.val_loader, self.job.task, self.job.labels, self.job.accelerator, recipe.task
                 )
                 if timeline is not None:
@@ -511,7 +406,7 @@ class _Loop:
         """The best evaluation so far (its weights kept unless the method ends on its last ones), and early
         stopping's count of evaluations that did not improve on it by more than min_delta."""
         name, stopping = self.job.recipe.eval.metric_for_best, self.cfg.early_stopping
-        score = (-1 if name in LOWER_IS_BETTER else 1) * metrics[name]
+        score = (-1 if name in evaluation.LOWER_IS_BETTER else 1) * metrics[name]
         margin = stopping.min_delta if stopping else 0.0
         state.stale = 0 if score > state.best_score + margin else state.stale + 1
         if score > state.best_score:
@@ -550,7 +445,7 @@ class _Loop:
                 state.step,
                 self.job.run_dir,
                 self.now(state),
-                precision_of(accelerator),
+                devices.precision_of(accelerator),
             )
             # every process takes them (under FSDP gathering is a collective); the main process saves them
             weights = trainable_tensors(self.inner)
@@ -668,121 +563,6 @@ class _Losses:
         return self.accelerator.reduce(self.running, "mean").item() / self.seen if self.seen else 0.0
 
 
-class _Report:
-    """What a run shows as it trains: the progress bar, the log (train.log) and its tracking (train.report_to)."""
-
-    def __init__(self, progress: Progress, tracking: Tracking, total: int, done: int) -> None:
-        self.progress, self.tracking = progress, tracking
-        self.bar = progress.add_task("train", total=total, completed=done, loss=float("nan"), rate="")
-
-    def step(self, step: int, loss: float, lr: float, rates: dict) -> None:
-        rate = f"{rates['samples_per_s']:.3g} samples/s, {rates['tokens_per_s']:.4g} tok/s"
-        self.progress.update(self.bar, loss=loss, rate=rate)
-        log.debug("step %d  loss %.4f  lr %.2e  %s", step, loss, lr, rate)
-        self.tracking.log(
-            step,
-            {
-                "train/loss": loss,
-                "train/lr": lr,
-                "train/samples_per_s": rates["samples_per_s"],
-                "train/tokens_per_s": rates["tokens_per_s"],
-            },
-        )
-
-    def advance(self) -> None:
-        self.progress.update(self.bar, advance=1)
-
-    def rewind(self, step: int) -> None:
-        """Back to `step` of the bar (train.recover rolled the run back)."""
-        self.progress.update(self.bar, completed=step)
-
-    def evaluation(self, where: str, step: int, metrics: dict, cfg: TrainSection, warn_collapse: bool) -> None:
-        log.info("%s: %s", where, short(metrics))
-        self.tracking.log(step, {f"validation/{k}": v for k, v in metrics.items()})
-        if warn_collapse and "collapsed_to" in metrics:  # said at once, not only at the end (unless rolled back)
-            log.warning("validation, %s: %s", where, collapse_message(metrics, cfg))
-
-
-def evaluate(
-    model: torch.nn.Module,
-    loader: DataLoader,
-    task: Task,
-    labels: list[str] | None,
-    accelerator: Accelerator,
-    config: Any,
-) -> dict:
-    """The task's metrics over a whole split (`config`: the recipe's task section); predictions gathered from
-    every process exactly once."""
-    import torch
-
-    model.eval()
-    predictions, references = [], []
-    with torch.no_grad():
-        for batch in loader:
-            preds, refs = task.eval_outputs(model(**model_inputs(batch)), batch)
-            # per-position outputs: the processes' batches differ in length; padded positions are never scored
-            preds, refs = (
-                accelerator.pad_across_processes(t, dim=t.ndim - 1, pad_index=-100) if t.ndim > 1 else t
-                for t in (preds, refs)
-            )
-            preds, refs = accelerator.gather_for_metrics((preds, refs))
-            predictions.extend(preds.cpu().tolist())
-            references.extend(refs.cpu().tolist())
-    if sharding.is_sharded(model):
-        # forwards without a backward leave the root's parameters gathered (FSDP2 reshards them in the backward):
-        # sharded again, they are the ones the optimizer holds and the ones named in state dicts
-        model.reshard()
-    model.train()
-    metrics = task.compute_metrics(predictions, references, labels, config, loader.dataset)
-    # rows: how many encoded rows were scored (QA: windows) — the split's size, whatever the process count
-    metrics["rows"] = len(predictions)
-    if task.LABEL_ROLE is not None and task.label_kind(config) == "class":
-        # a label set: say how many classes the model predicts, and if only one (label sets and numbers: the
-        # task's compute_metrics checks for its own kind of collapse)
-        metrics.update(_class_counts(predictions, references, labels))
-    return metrics
-
-
-def _class_counts(predictions: list, references: list, labels: list[str]) -> dict:
-    """How many distinct classes the model predicted and the references hold, over the scored positions
-    (per token for tagging: -100 marks the unscored ones); `collapsed_to` names the one class predicted for
-    everything when the references hold several: a model that learned to answer one class."""
-    predicted, actual, per_token = Counter(), Counter(), False
-    for pred, ref in zip(predictions, references):
-        per_token = isinstance(ref, list)
-        for p, r in zip(pred, ref) if per_token else [(pred, ref)]:
-            if r != -100:
-                predicted[p] += 1
-                actual[r] += 1
-    counts = {"predicted_classes": len(predicted), "reference_classes": len(actual)}
-    if len(predicted) == 1 and len(actual) > 1:
-        (only,) = predicted
-        counts["collapsed_to"] = labels[only] if 0 <= only < len(labels) else str(only)
-        counts["collapsed_share"] = actual[only] / sum(actual.values())  # what the accuracy of that answer is
-        counts["collapsed_over"] = f"{sum(actual.values()):,} {'tokens' if per_token else 'rows'}"
-    return counts
-
-
-def collapse_message(metrics: dict, cfg: TrainSection) -> str:
-    """What a collapsed evaluation means, with the numbers and what to change (`cfg`: the run's train section).
-    A task that checks its own kind of collapse (multi-label, regression) says what it saw in `collapse_detail`."""
-    seen = metrics.get("collapse_detail") or (
-        f"the model predicts '{metrics['collapsed_to']}' for all {metrics['collapsed_over']} scored, while the data "
-        f"has {metrics['reference_classes']} classes: it has collapsed to one class (its accuracy, "
-        f"{metrics['collapsed_share']:.3f}, is that class's share)"
-    )
-    return (
-        f"{seen}. Likely fixes: a lower train.lr (now "
-        f"{cfg.lr:g}; try 2-5x lower), a longer train.warmup_ratio (now {cfg.warmup_ratio:g}), more epochs, or "
-        "a learnable signal in the data (check the labels)"
-    )
-
-
-def model_inputs(batch: Mapping[str, Any]) -> dict:
-    """The batch without the task's bookkeeping columns (meta_*: e.g. which QA window a row is)."""
-    return {k: v for k, v in batch.items() if not k.startswith("meta_")}
-
-
 def _check_finite(loss: float, step: int, run_dir: Path | None, cfg: TrainSection, precision: str) -> None:
     """Stop a diverged run, naming the likely causes and the last good checkpoint (the run folder is kept)."""
     if math.isfinite(loss):
@@ -806,31 +586,4 @@ def _check_finite(loss: float, step: int, run_dir: Path | None, cfg: TrainSectio
     raise UserError(
         f"the training loss (or the trained weights) became {loss} at step {step}; the run stopped and {where}. "
         f"Likely causes: {'; '.join(causes)}."
-    )
-
-
-def short(metrics: dict) -> str:
-    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-
-
-def _progress(accelerator: Accelerator) -> Progress:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        disable=not accelerator.is_main_process,
     )

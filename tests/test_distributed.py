@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peftkit import train
+from peftkit import batches
 from peftkit.recipe import TrainSection
 
 from .conftest import NEGATIVE, POSITIVE, make_bert, make_llama, peftkit, peftkit_here, small_recipe, write_csv
@@ -22,10 +22,10 @@ from .conftest import NEGATIVE, POSITIVE, make_bert, make_llama, peftkit, peftki
 
 def test_an_epoch_has_fewer_steps_per_process():
     cfg = TrainSection(epochs=2, batch_size=16, grad_accum=1)
-    assert train.total_steps(160, cfg) == 20
-    assert train.total_steps(160, cfg, processes=2) == 10
-    assert train.total_steps(161, cfg, processes=2) == 2 * math.ceil(161 / 32)
-    assert train.total_steps(160, TrainSection(max_steps=7), processes=4) == 7  # optimizer steps, as given
+    assert batches.total_steps(160, cfg) == 20
+    assert batches.total_steps(160, cfg, processes=2) == 10
+    assert batches.total_steps(161, cfg, processes=2) == 2 * math.ceil(161 / 32)
+    assert batches.total_steps(160, TrainSection(max_steps=7), processes=4) == 7  # optimizer steps, as given
 
 
 def test_two_processes_train_once_and_score_every_row_once(tmp_path, recipe_file):

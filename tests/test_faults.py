@@ -48,12 +48,12 @@ def test_diverging_run_stops_and_keeps_the_last_good_checkpoint(recipe_file, tmp
 def test_out_of_memory_names_the_knobs_with_the_recipe_values(recipe_file, tmp_path, monkeypatch):
     import torch
 
-    from peftkit import train
+    from peftkit import batches
 
     def hungry(batch):
         return {"x": torch.empty(1 << 50, dtype=torch.uint8)}  # 1 PiB: the CPU allocator's real refusal
 
-    monkeypatch.setattr(train, "model_inputs", hungry)
+    monkeypatch.setattr(batches, "model_inputs", hungry)
     with pytest.raises(UserError) as err:
         run(load_recipe(recipe_file()))
     message = str(err.value)
@@ -79,7 +79,7 @@ def test_train_split_smaller_than_a_batch_trains_on_all_of_it(recipe_file, tmp_p
         train={"epochs": 2, "batch_size": 32, "lr": 5e-3},
     )
     with caplog.at_level("WARNING", logger="peftkit"):
-        out = run(load_recipe(path))
+        report = run(load_recipe(path))
     assert "fewer than train.batch_size 32" in caplog.text
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["train"]["steps"] == 2  # one (partial) batch per epoch
+    assert report.metrics == json.loads((report.output / "metrics.json").read_text())  # what was written
+    assert report.metrics["train"]["steps"] == 2  # one (partial) batch per epoch

@@ -8,6 +8,8 @@ import json
 import pytest
 from safetensors.torch import load_file
 
+from peftkit import devices
+
 from .conftest import peftkit, peftkit_here
 
 BF16 = ["train.precision=bf16", "train.max_steps=3", "eval.before_training=true"]
@@ -80,12 +82,12 @@ def test_the_cpu_kind_switch_decides_what_auto_takes(monkeypatch, kind, precisio
     """PEFTKIT_CPU_BF16 (cpu_kind.py): any machine takes the other kind's paths, the test suite's second pass."""
     import torch
 
-    from peftkit import cpu_kind, train
+    from peftkit import cpu_kind
 
     monkeypatch.setenv(cpu_kind.ENV, kind)
     cpu = torch.device("cpu")
-    assert train.resolve_precision("auto", cpu) == precision
-    assert train.resolve_precision("fp32", cpu) == "fp32" and train.resolve_precision("bf16", cpu) == "bf16"
+    assert devices.resolve_precision("auto", cpu) == precision
+    assert devices.resolve_precision("fp32", cpu) == "fp32" and devices.resolve_precision("bf16", cpu) == "bf16"
     assert cpu_kind.describe() == f"bf16-{kind} CPU (PEFTKIT_CPU_BF16={kind})"
 
 

@@ -184,8 +184,8 @@ def test_regression_metrics_match_scipy():
 
 
 def test_collapse_is_one_label_set_for_every_row_or_a_constant():
+    from peftkit.evaluation import collapse_message
     from peftkit.sections import TrainSection
-    from peftkit.train import collapse_message
 
     multi = classification.Config(type="classification", problem_type="multi_label")
     actual = [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]]
@@ -267,7 +267,7 @@ def test_the_loss_falls_with_the_tasks_loss(problem, tmp_path, tiny_bert, tagged
     dtype), and training on a batch with it brings it down."""
     import torch
 
-    from peftkit.train import model_inputs
+    from peftkit.batches import model_inputs
 
     from .test_train import job_for
 

@@ -157,7 +157,7 @@ def quantized_runs(tmp_path_factory, tiny_bert, sentiment_csv):
         }
         path = folder / f"q{bits}.yaml"
         path.write_text(yaml.safe_dump(recipe))
-        runs[bits] = run(load_recipe(path))
+        runs[bits] = run(load_recipe(path)).output
         assert json.loads((runs[bits] / "metrics.json").read_text())["train"]["steps"] == 6
     return runs
 

@@ -17,7 +17,7 @@ def test_run_writes_no_pickle_and_no_token(recipe_file, tmp_path, monkeypatch, c
         train={"max_steps": 2, "batch_size": 8, "checkpoint_every": 1},
     )
     with caplog.at_level("DEBUG", logger="peftkit"):
-        out = run(load_recipe(path))
+        out = run(load_recipe(path)).output
     assert "trust_remote_code is on" in caplog.text
     files = [p for p in out.rglob("*") if p.is_file()]
     allowed = {".safetensors", ".json", ".yaml", ".log", ".txt", ".md", ".jinja", ".png"}  # .png: memory.png

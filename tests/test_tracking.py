@@ -184,7 +184,7 @@ def test_a_resumed_run_continues_its_mlflow_and_wandb_runs(recipe_file, tmp_path
     """Interrupted at its second evaluation (after the checkpoint of the first), then resumed: MLflow continues
     the interrupted run (marked FAILED meanwhile); W&B writes a second offline folder under the same run id."""
     pytest.importorskip("mlflow")
-    from peftkit import train
+    from peftkit import evaluation
     from peftkit.recipe import load_recipe
     from peftkit.run import run
 
@@ -195,7 +195,7 @@ def test_a_resumed_run_continues_its_mlflow_and_wandb_runs(recipe_file, tmp_path
         train={"max_steps": 4, "batch_size": 16, "lr": 5e-3, "log_every": 1, "report_to": report_to},
         eval={"every_steps": 2},
     )
-    evaluate, calls = train.evaluate, []
+    evaluate, calls = evaluation.evaluate, []
 
     def crash_at_the_second(*args, **kwargs) -> dict:
         calls.append(1)
@@ -203,15 +203,15 @@ def test_a_resumed_run_continues_its_mlflow_and_wandb_runs(recipe_file, tmp_path
             raise RuntimeError("simulated crash")
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(train, "evaluate", crash_at_the_second)
+    monkeypatch.setattr(evaluation, "evaluate", crash_at_the_second)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(load_recipe(path))
     partial = tmp_path / "runs" / "recipe.partial"
     crashed = only_run(mlflow_client(partial / "mlruns", monkeypatch), "recipe")
     assert crashed.info.status == "FAILED"
 
-    monkeypatch.setattr(train, "evaluate", evaluate)
-    out = run(load_recipe(path), resume=True)
+    monkeypatch.setattr(evaluation, "evaluate", evaluate)
+    out = run(load_recipe(path), resume=True).output
     client = mlflow_client(out / "mlruns", monkeypatch)
     resumed = only_run(client, "recipe")
     assert resumed.info.run_id == crashed.info.run_id and resumed.info.status == "FINISHED"

@@ -9,7 +9,7 @@ from types import ModuleType, SimpleNamespace
 import pytest
 import torch
 
-from peftkit import checkpoint, train
+from peftkit import batches, checkpoint, devices, evaluation, train
 from peftkit.methods.base import trainable_tensors
 from peftkit.recipe import TrainSection, load_recipe
 from peftkit.training_state import Optimization, TrainingState
@@ -131,12 +131,12 @@ def job_for(path: Path, run_dir: Path | None = None, method: ModuleType | Simple
 
     recipe = load_recipe(path)
     task, module = TASKS[recipe.task.type], METHODS[recipe.method.name]
-    accelerator = train.make_accelerator(recipe.train.precision, recipe.train.grad_accum)
+    accelerator = devices.make_accelerator(recipe.train.precision, recipe.train.grad_accum)
     set_seed(recipe.train.seed)
     splits, labels = data.load(recipe.data, task, kind=task.label_kind(recipe.task))
-    steps = train.total_steps(len(splits["train"]), recipe.train, accelerator.num_processes)
+    steps = batches.total_steps(len(splits["train"]), recipe.train, accelerator.num_processes)
     tokenizer, model = loading.adapted_model(
-        recipe, task, labels, accelerator.device, train.precision_of(accelerator), steps
+        recipe, task, labels, accelerator.device, devices.precision_of(accelerator), steps
     )
     encoded = task.preprocess(splits, tokenizer, recipe.task)
     return train.Job(
@@ -161,7 +161,7 @@ def scripted_evaluation(monkeypatch: pytest.MonkeyPatch, scores: list[float]) ->
         seen.append(trainable_tensors(accelerator.unwrap_model(model)))
         return {"accuracy": next(upcoming), "macro_f1": 0.0, "rows": 20}
 
-    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(evaluation, "evaluate", evaluate)
     return seen
 
 
@@ -170,7 +170,7 @@ def test_fit_returns_its_record_and_ends_on_the_best_epochs_weights(recipe_file,
     seen = scripted_evaluation(monkeypatch, [0.5, 0.9, 0.7])
     result = train.fit(job)
     assert set(result) == RESULT_KEYS and result["processes"] == 1 and result["lr"] == 5e-3
-    assert result["steps"] == train.total_steps(160, job.recipe.train) == 30
+    assert result["steps"] == batches.total_steps(160, job.recipe.train) == 30
     assert [(e["epoch"], e["step"], e["validation"]["accuracy"]) for e in result["history"]] == [
         (1, 10, 0.5),
         (2, 20, 0.9),
@@ -188,7 +188,7 @@ def test_the_method_hooks_run_per_optimizer_step_and_may_keep_the_last_epoch(rec
     seen = scripted_evaluation(monkeypatch, [0.9, 0.1])
     result = train.fit(job)
     # 10 batches an epoch in steps of 3 + 3 + 3 + 1: the epoch's last batch always ends a step
-    assert steps == list(range(1, 9)) and result["steps"] == train.total_steps(160, job.recipe.train) == 8
+    assert steps == list(range(1, 9)) and result["steps"] == batches.total_steps(160, job.recipe.train) == 8
     assert result["best_epoch"] is None and same(trainable_tensors(job.model), seen[1])
 
 
@@ -222,7 +222,7 @@ def test_fit_resumed_from_its_checkpoints_ends_as_the_uninterrupted_run(recipe_f
     ],
 )
 def test_total_steps(rows, settings, processes, steps):
-    assert train.total_steps(rows, TrainSection(**settings), processes) == steps
+    assert batches.total_steps(rows, TrainSection(**settings), processes) == steps
 
 
 def test_a_loader_shuffles_with_the_generator_it_is_given():
@@ -232,8 +232,8 @@ def test_a_loader_shuffles_with_the_generator_it_is_given():
     for grouped in (True, False):
         given = torch.Generator().manual_seed(5)
         start = given.get_state()
-        ours = train.make_loader(rows, lambda batch: batch, 8, True, grouped, 0, generator=given)
-        theirs = train.make_loader(rows, lambda batch: batch, 8, True, grouped, 5)
+        ours = batches.make_loader(rows, lambda batch: batch, 8, True, grouped, 0, generator=given)
+        theirs = batches.make_loader(rows, lambda batch: batch, 8, True, grouped, 5)
         assert list(ours) == list(theirs)  # the seed's order: the generator is the shuffle's only source
         assert not torch.equal(given.get_state(), start)  # the shuffle drew from it: fit saves its state
 
@@ -262,7 +262,7 @@ def test_early_stopping_ends_the_run_after_patience_evaluations_without_improvem
     seen = scripted_evaluation(monkeypatch, [0.5, 0.6, 0.62, 0.55, 0.9, 0.9])
     result = train.fit(job)
     assert [e["step"] for e in result["history"]] == [3, 6, 9, 12]  # 9 and 12 did not improve by 0.05: stop
-    assert result["stopped_early"] and result["steps"] == 12 < train.total_steps(160, job.recipe.train)
+    assert result["stopped_early"] and result["steps"] == 12 < batches.total_steps(160, job.recipe.train)
     assert result["best_step"] == 9 and same(trainable_tensors(job.model), seen[2])
 
 
@@ -292,7 +292,7 @@ def test_step_evaluation_and_early_stopping_need_a_validation_split(recipe_file)
     ],
 )
 def test_evaluations_count_the_predicted_classes_and_name_a_collapse(predictions, references, expected):
-    counts = train._class_counts(predictions, references, ["neg", "pos", "x", "y"])
+    counts = evaluation._class_counts(predictions, references, ["neg", "pos", "x", "y"])
     assert {k: counts[k] for k in expected} == expected and ("collapsed_to" in counts) == ("collapsed_to" in expected)
 
 

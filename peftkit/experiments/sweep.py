@@ -21,10 +21,10 @@ from pathlib import Path
 
 from peftkit import atomic
 from peftkit.errors import UserError
+from peftkit.evaluation import LOWER_IS_BETTER  # the same direction as the best-epoch choice
 from peftkit.experiments import bench
 from peftkit.recipe import load_recipe
 from peftkit.run_folder import RECIPE
-from peftkit.train import LOWER_IS_BETTER  # the same direction as the best-epoch choice
 
 
 def parse_grid(items: list[str]) -> dict[str, list[str]]:

@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from peftkit import assets, train
+from peftkit import assets, devices
 from peftkit.data import blank
 from peftkit.errors import UserError
 from peftkit.init.profile import assign_roles, label_set, problem_type, profile, read_data
@@ -478,7 +478,7 @@ def hardware() -> tuple[str, str]:
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return device.type, train.resolve_precision("auto", device)
+    return device.type, devices.resolve_precision("auto", device)
 
 
 def _method(d: Design, task: str, facts: ModelFacts) -> None:

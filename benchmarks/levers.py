@@ -14,7 +14,7 @@ fast_dropout: peftkit's fast CPU dropout installed (peftkit/dropout.py: what pef
 default). Reports the median step time after 4 warm-up steps (which include compilation). --profile profiles
 the base variant, or the first of --variants when given.
 
-LoRA on every layer against query/value (issue 18 part 2), variants joined with "+": qv or all (LoRA's targets:
+LoRA on every layer against query/value, variants joined with "+": qv or all (LoRA's targets:
 query/value, or every linear layer, as peftkit's default), bf16 (the base held in bf16, the step under bf16
 autocast, as peftkit's bf16 runs), unshared (the fast dropout without dropout.share_adapter_dropouts: each
 adapted layer draws its own mask and peft casts its input to fp32), nodrop (LoRA's own dropout 0, peft's default;

@@ -31,7 +31,7 @@ RECIPE = ROOT / "recipes" / "sentiment-lora.yaml"
 # would score it after each epoch, inside its training-memory peak, and the peer evaluates nothing.
 DATA = ["data.max_samples=1200", "data.splits={train: 0.8, validation: 0, test: 0.2}"]
 # The peer's LoRA: r 8, alpha 16, dropout 0.1 on peft's default layers for BERT, query and value. The recipe has
-# moved on since (issue 17: r 16 on every linear layer, no dropout), so peftkit's LoRA variants are told the
+# moved on since (now r 16 on every linear layer, no dropout), so peftkit's LoRA variants are told the
 # peer's settings: the same adapter on both sides.
 PEER_LORA = ["method.r=8", "method.alpha=16", "method.dropout=0.1", "method.target_modules=[query, value]"]
 VARIANTS = ["peftkit-lora", "peer-default", "peer-tuned", "peftkit-full", "peftkit-lora-2proc"]

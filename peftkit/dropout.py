@@ -123,7 +123,7 @@ class SharedInputDropout(FastDropout):
     the block's hidden states; a decoder's gate and up projections the normed stream) drop the same elements of
     it, drawn once, as one dropout in front of a fused qkv projection (GPT-2's c_attn) does. Each branch still
     sees a Bernoulli(1 - p) keep-mask scaled by 1 / (1 - p); the branches' masks are now one mask. Saves the
-    repeated draws and mask multiplies of LoRA on every layer (issue 18 part 2). "The same input" is the same
+    repeated draws and mask multiplies of LoRA on every layer (benchmarks/RESULTS.md). "The same input" is the same
     tensor object, unmodified (its version), in the same grad mode and the same forward or recomputation, with
     the same p."""
 

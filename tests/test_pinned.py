@@ -18,7 +18,7 @@ from .conftest import make_bert, sentiment_rows, small_recipe, write_csv
 # distribution, other draws. With train.fast_dropout: false the run still gives the values pinned before it
 # (0.6946322, 0.6865886, 0.6926648, 0.6934558, 0.7129263, 0.6892793, 0.6985517, 0.7044311, 0.7068878, 0.6855808).
 # Re-pinned again when query and value, which read the same hidden states, came to share one LoRA dropout mask
-# (dropout.SharedInputDropout, issue 18 part 2), and when the masks' random words came from numpy's SFC64 seeded
+# (dropout.SharedInputDropout), and when the masks' random words came from numpy's SFC64 seeded
 # by torch's generator instead of torch's generator itself (dropout.random_words). LoRA's own layer forward
 # (methods/lora_branch.py: one addmm for the branch, then one autograd node per layer with the dropout's scale on
 # the up-projection) moves them by less than 1e-5: with fast dropout off the values above still hold.

@@ -83,6 +83,7 @@ def save(
         "stale": state.stale,
         "first_loss": state.first_loss,
         "recoveries": state.recoveries,
+        "logged_losses": state.logged_losses,
     }
     (tmp / "progress.json").write_text(json.dumps(progress, indent=2), encoding="utf-8")
     manifest = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
@@ -180,6 +181,7 @@ def load(folder: Path, model: torch.nn.Module, optimization: Optimization) -> Tr
         stale=progress.get("stale", 0),
         first_loss=progress.get("first_loss"),  # likewise
         recoveries=progress.get("recoveries", []),  # likewise
+        logged_losses=progress.get("logged_losses", []),  # likewise
     )
 
 

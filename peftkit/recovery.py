@@ -2,7 +2,9 @@
 learning rate.
 
 What counts as going wrong, and where the loop (train.py) sees it:
-- a validation that predicts one class for everything (`collapsed_to`, evaluation.evaluate), at an evaluation;
+- a validation that predicts one class for everything (`collapsed_to`, evaluation.evaluate), at an evaluation,
+  unless the training loss logged since the evaluation before is still falling (`still_learning`): a tagger or a
+  classifier on imbalanced data first learns to answer the majority class, and gets past it on its own;
 - a logged training loss (the mean over train.log_every steps) that is not finite, or above train.recover.spike
   times the loss of the run's first step, the untrained model's, at a log step;
 - trained weights that are not finite, when a checkpoint is about to be written.
@@ -52,7 +54,12 @@ def take(state: TrainingState, model: torch.nn.Module, optimization: Optimizatio
     """A copy of the run as it is now (`state` already holds the random, data and method states). Under FSDP
     gathering the weights and optimizer state is a collective: every process takes it."""
     return Snapshot(
-        state=replace(state, history=copy.deepcopy(state.history), recoveries=list(state.recoveries)),
+        state=replace(
+            state,
+            history=copy.deepcopy(state.history),
+            recoveries=list(state.recoveries),
+            logged_losses=list(state.logged_losses),
+        ),
         weights=trainable_tensors(model),
         optimizer=_on_cpu(sharding.optimizer_state(model, optimization.optimizer)),
         scheduler=copy.deepcopy(optimization.scheduler.state_dict()),
@@ -74,6 +81,7 @@ def put_back(snapshot: Snapshot, model: torch.nn.Module, optimization: Optimizat
     restored = replace(
         snapshot.state,
         history=copy.deepcopy(snapshot.state.history),
+        logged_losses=list(snapshot.state.logged_losses),
         recoveries=now.recoveries,
         first_loss=now.first_loss if now.first_loss is not None else snapshot.state.first_loss,
     )
@@ -111,6 +119,24 @@ def collapse(metrics: dict) -> str | None:
         f"validation predicts '{metrics['collapsed_to']}' for all {metrics['collapsed_over']} scored (a collapse "
         f"to one class; its accuracy {metrics['collapsed_share']:.3f} is that class's share)"
     )
+
+
+STILL_FALLING = 0.05  # the later half of the logged losses at least this much under the earlier half
+
+
+def still_learning(losses: list[float]) -> str | None:
+    """Whether the training losses logged since the last evaluation still fall (the mean of their later half is
+    STILL_FALLING under their earlier half's): then a one-class validation is a model on its way, not a collapse.
+    Measured on the NER recipe at half its rate: validation predicted 'O' for every token after its first epoch,
+    while the loss fell from 3.0 to 0.3; left alone it reached F1 0.42 by the fourth. The demo's collapses sat at
+    chance (0.69) instead. None when the losses do not fall, or are too few to tell (under 4)."""
+    if len(losses) < 4:
+        return None
+    half = len(losses) // 2
+    earlier, later = sum(losses[:half]) / half, sum(losses[half:]) / (len(losses) - half)
+    if later >= (1 - STILL_FALLING) * earlier:
+        return None
+    return f"the training loss is still falling ({earlier:.3g} -> {later:.3g} over the {len(losses)} logged since)"
 
 
 def _on_cpu(value: object) -> object:

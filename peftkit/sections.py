@@ -144,11 +144,11 @@ class LrSearchSection(Section):
     min_lr: float = Field(1e-6, gt=0, description="The rate of its first step.")
     max_lr: float = Field(1.0, gt=0, description="The rate of its last step: rates rise exponentially in between.")
     rule: Literal["edge", "valley", "steepest", "minimum"] = Field(
-        "valley",
-        description="How the rate is read off the smoothed loss curve. valley: a third to a half along the "
+        "edge",
+        description="How the rate is read off the smoothed loss curve. edge: a 25th of the rate where the loss first "
+        "climbs 10% above its lowest (measured on the shipped recipes); valley: a third to a half along the "
         "longest stretch where the loss keeps falling (fastai's default); steepest: where it falls fastest "
-        "(Lightning's); minimum: a tenth of the rate at the lowest loss; edge: a twentieth of the rate where the loss "
-        "first climbs 5% above its lowest.",
+        "(Lightning's); minimum: a tenth of the rate at the lowest loss.",
     )
 
     @model_validator(mode="after")

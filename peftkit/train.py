@@ -176,6 +176,7 @@ class _Loop:
         self.every = job.recipe.eval.every_steps  # None: evaluate at epoch ends
         self.recover, self.good = cfg.recover, None  # train.recover (None: off) and its last good snapshot
         self.spent_said = False  # whether the log has said that train.recover has no rollback left
+        self.on_its_way = False  # the last evaluation collapsed while the loss still fell (recovery.still_learning)
         self.loss = job.task.loss(job.recipe.task, job.splits["train"], job.labels)  # None: the model's own
         stopping = cfg.early_stopping
         if (self.every or stopping) and self.val_loader is None:
@@ -303,6 +304,7 @@ class _Loop:
                 state.first_loss = first if math.isfinite(first) else None
             if state.step % self.cfg.log_every == 0 or state.step == self.total:
                 loss = self.losses.mean()  # the only host sync: once per log interval
+                state.logged_losses.append(loss)
                 if self.recover is not None:
                     wrong = recovery.loss_went_wrong(loss, state.first_loss, self.recover)
                     if wrong is not None:
@@ -395,11 +397,17 @@ class _Loop:
             entry["validation"] = metrics
             where = f"epoch {state.epoch}" if self.every is None else f"step {state.step}"
             collapsed = recovery.collapse(metrics) if self.recover is not None else None
-            # a collapse that is rolled back is said once, by the rollback
-            report.evaluation(where, state.step, metrics, self.now(state), warn_collapse=not self.can_roll_back(state))
-            if collapsed is not None:
+            learning = recovery.still_learning(state.logged_losses) if collapsed is not None else None
+            self.on_its_way = learning is not None  # not rolled back, and not a good state to come back to
+            # a collapse that is rolled back is said once, by the rollback; one on its way, by the line below
+            said = collapsed is not None and (self.on_its_way or self.can_roll_back(state))
+            report.evaluation(where, state.step, metrics, self.now(state), warn_collapse=not said)
+            if self.on_its_way:
+                log.info("%s: %s, but %s: judged again at the next evaluation", where, collapsed, learning)
+            elif collapsed is not None:
                 self.roll_back(state, f"{where}: {collapsed}")
             self.judge(state, metrics)
+        state.logged_losses = []
         state.history.append(entry)
 
     def judge(self, state: TrainingState, metrics: dict) -> None:
@@ -459,8 +467,9 @@ class _Loop:
             accelerator.wait_for_everyone()
 
     def remember(self, state: TrainingState) -> None:
-        """train.recover: keep `state` and what goes with it (taken now) as the one to come back to."""
-        if self.recover is None:
+        """train.recover: keep `state` and what goes with it (taken now) as the one to come back to (not one whose
+        evaluation collapsed on the model's way: the state before it stays the one)."""
+        if self.recover is None or self.on_its_way:
             return
         with self.meter.paused():
             taken = self.hooks.training_state(self.inner) if self.hooks.training_state is not None else None

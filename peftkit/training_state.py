@@ -32,6 +32,7 @@ class TrainingState:
     processes: int = 1  # a checkpoint's batch positions and schedule hold for this many processes only
     first_loss: float | None = None  # the loss of step 1 (untrained): what train.recover measures a spike against
     recoveries: list[dict] = field(default_factory=list)  # train.recover's rollbacks so far (recovery.py)
+    logged_losses: list[float] = field(default_factory=list)  # the training losses logged since the last evaluation
 
 
 @dataclass

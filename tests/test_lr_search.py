@@ -43,7 +43,30 @@ def test_each_rule_picks_a_rate_where_the_loss_falls_before_it_runs_away():
     assert picks["steepest"] == pytest.approx(10**-3.5, rel=0.15)  # the curve's steepest point
     assert picks["minimum"] == pytest.approx(lowest / 10)
     turned = picks["edge"] * lr_search.EDGE_MARGIN  # where the loss has climbed EDGE_RISE past its lowest
-    assert turned > lowest and 1 + lr_search.EDGE_RISE < curve(turned) / min(smoothed) < 1.1
+    assert turned > lowest and 1 + lr_search.EDGE_RISE < curve(turned) / min(smoothed) < 1 + 2 * lr_search.EDGE_RISE
+
+
+def test_edge_reads_the_turn_through_noise_that_moves_the_other_rules(monkeypatch):
+    """A LoRA classifier's curve (as on the shipped recipes): flat with noise until it turns at 2e-2, with a bump
+    on the way (one tweets seed had one) that lifts the smoothed loss ~7%. The edge rule reads the turn on every
+    seed; valley reads the noise; a 5% rise would have read the bump."""
+    import random
+
+    rates = lr_search.rates(1e-6, 1.0, 100)
+    curves = []
+    for seed in range(5):
+        noise = random.Random(seed)
+        losses = [
+            0.69 + 0.004 * noise.gauss(0, 1) + (0.7 if 7e-3 < lr < 1e-2 else 0.0) + 5 * max(0.0, math.log10(lr / 2e-2))
+            for lr in rates
+        ]
+        curves.append(lr_search.smooth(losses))
+    edge = [lr_search.suggest(rates, smoothed, "edge") * lr_search.EDGE_MARGIN for smoothed in curves]
+    assert all(2e-2 < turn < 2e-2 * 3 for turn in edge), edge
+    valley = [lr_search.suggest(rates, smoothed, "valley") for smoothed in curves]
+    assert max(valley) / min(valley) > 3  # what the edge rule is for
+    monkeypatch.setattr(lr_search, "EDGE_RISE", 0.05)
+    assert all(lr_search.suggest(rates, smoothed, "edge") * lr_search.EDGE_MARGIN < 1.2e-2 for smoothed in curves)
 
 
 def test_search_stops_once_the_loss_runs_away_or_is_not_finite():

@@ -43,6 +43,31 @@ def test_what_calls_for_a_rollback():
     assert "predicts 'pos' for all 20 rows" in recovery.collapse(collapsed)
 
 
+def test_a_one_class_validation_while_the_loss_still_falls_is_a_model_on_its_way():
+    assert recovery.still_learning([3.0, 2.0, 1.0, 0.5, 0.3, 0.3]) == (
+        "the training loss is still falling (2 -> 0.367 over the 6 logged since)"
+    )
+    assert recovery.still_learning([0.69, 0.68, 0.69, 0.69, 0.70, 0.69]) is None  # at chance: collapsed
+    assert recovery.still_learning([0.53, 0.60, 0.69, 0.69]) is None  # climbing back: collapsed
+    assert recovery.still_learning([3.0, 0.3, 0.2]) is None  # too few to tell: as a collapse
+
+
+def test_a_collapse_while_the_loss_falls_is_judged_again_at_the_next_evaluation(recover_recipe, tmp_path, monkeypatch):
+    """Not rolled back, and not a state to come back to: the next collapse, with the loss no longer falling, goes
+    back to the start."""
+    path = recover_recipe()
+    collapse_at(monkeypatch, {1, 2})
+    verdicts = iter(["the training loss is still falling (made so by the test)", None])
+    monkeypatch.setattr(recovery, "still_learning", lambda losses: next(verdicts))
+    out = tmp_path / "run"
+    result = peftkit_here("run", path, f"export.output_dir={out}")
+    assert result.returncode == 0, result.stderr
+    (event,) = metrics(out)["train"]["recoveries"]
+    assert (event["at_step"], event["back_to_step"], event["lr"]) == (20, 0, 2.5e-3)
+    log = (out / "train.log").read_text()
+    assert "but the training loss is still falling (made so by the test): judged again at the next evaluation" in log
+
+
 def test_scaling_the_rate_scales_the_whole_schedule():
     from transformers import get_scheduler
 

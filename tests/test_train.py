@@ -69,6 +69,7 @@ def test_a_training_state_goes_through_a_checkpoint_whole(tmp_path):
         method_state={"ipt": {"layer.lora_E": torch.rand(4)}, "rank_pattern": {"layer": [True, False]}},
         first_loss=0.6931,
         recoveries=[{"at_step": 6, "why": "step 6: the training loss became nan", "back_to_step": 4, "lr": 2.5e-4}],
+        logged_losses=[0.69, 0.61],
     )
     folder = save_checkpoint(tmp_path, 2, model, optimization, state)
 
@@ -85,7 +86,7 @@ def test_a_training_state_goes_through_a_checkpoint_whole(tmp_path):
     progress = json.loads((folder / "progress.json").read_text())
     assert list(progress)[:7] == ["step", "epoch", "batches", "history", "best_score", "best_epoch", "processes"]
     # added with step evaluation and early stopping, then train.recover
-    assert list(progress)[7:] == ["best_step", "stale", "first_loss", "recoveries"]
+    assert list(progress)[7:] == ["best_step", "stale", "first_loss", "recoveries", "logged_losses"]
     stored = json.loads((folder / "state.json").read_text())["dict"]  # [[key, value], ...] as _to_json writes them
     assert [key["value"] for key, _ in stored] == [
         "optimizer",

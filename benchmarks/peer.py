@@ -7,7 +7,7 @@ settings (r 8, alpha 16, dropout 0.1, query and value), batch size (32) and numb
 Variants: peftkit LoRA (`peftkit run recipes/sentiment-lora.yaml`), peftkit full fine-tuning, peftkit LoRA in 2
 data-parallel processes (`--processes 2`; opt-in with --variants), the peer at its
 defaults, and the peer tuned (length-grouped batches; bf16 only where the machine computes it natively — on a
-CPU without AMX bf16 is emulated and ~50x slower, benchmarks/kernels.py). Every measurement is a fresh process
+CPU without AMX bf16 is emulated and ~50x slower, benchmarks/cpu_kernels.py). Every measurement is a fresh process
 (its memory peak is its own); rounds alternate the variants (A B C D A B C D ...) so machine drift hits all
 alike. Training samples/s: peftkit's metrics.json (training steps only), the peer's Trainer metrics
 (train_samples_per_second). Peak memory: during training (reset when training starts), the resident set size on

@@ -1,7 +1,7 @@
 """Which precision and attention kernel to use on this machine: the measurements behind `train.precision: auto`
 and `model.attn_implementation: auto`.
 
-    .venv/bin/python benchmarks/kernels.py          # prints a Markdown table; ~2 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/cpu_kernels.py          # prints a Markdown table; ~2 minutes on 2 CPU cores
 
 Measures (1) the matmul rate in fp32 and bf16 (the peak `peftkit bench` computes MFU against), (2) LoRA
 training and inference throughput of the real all-MiniLM-L6-v2 (batch 32 x 30 tokens) with eager vs SDPA

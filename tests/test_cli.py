@@ -80,6 +80,9 @@ def test_eval_reproduces_the_run_metrics(finished_run):
     assert result.returncode == 0, result.stderr
     expected = json.loads((run_dir / "metrics.json").read_text())["test"]["accuracy"]
     assert f"{expected:.4f}" in result.stdout
+    scripted = peftkit_here("eval", run_dir, "--split", "test", "--json")
+    assert scripted.returncode == 0, scripted.stderr
+    assert json.loads(scripted.stdout)["test"]["accuracy"] == expected  # stdout is the JSON alone
 
 
 def test_predict_texts_and_file(finished_run, tmp_path):
@@ -91,6 +94,11 @@ def test_predict_texts_and_file(finished_run, tmp_path):
     for text in ("good movie", "a lovely film", "the plot was dull"):
         assert text in result.stdout
     assert result.stdout.count("pos") + result.stdout.count("neg") >= 3
+    scripted = peftkit_here("predict", run_dir, "good movie", "--file", texts, "--json")
+    assert scripted.returncode == 0, scripted.stderr
+    rows = json.loads(scripted.stdout)
+    assert [row["text"] for row in rows] == ["good movie", "a lovely film", "the plot was dull"]
+    assert all(row["label"] in ("pos", "neg") for row in rows)
 
 
 def test_merge_writes_a_verified_standalone_model(finished_run, tmp_path):

@@ -1,5 +1,6 @@
 """Commands that use a finished run: eval, predict, merge, export, combine."""
 
+import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,19 +11,28 @@ from peftkit.cli.app import HubDir, RunDir, app, console, overwrite_option, quie
 from peftkit.cli.tables import cell, metrics_table
 from peftkit.errors import UserError
 
+AsJson = Annotated[
+    bool, typer.Option("--json", help="Print the result as JSON on stdout (for scripts) instead of a table.")
+]
+
 
 @app.command("eval")
 def evaluate(
     run_dir: RunDir,
     split: Annotated[str, typer.Option(help="train, validation or test.")] = "test",
     hub_dir: HubDir = None,
+    as_json: AsJson = False,
 ) -> None:
     """Evaluate a finished run's adapter on one split of its recipe's data."""
     quiet_libraries()
     from peftkit.evaluation import evaluate_run
     from peftkit.sharing.hub import resolve_run
 
-    metrics_table(evaluate_run(resolve_run(run_dir, hub_dir), [split]), [split])
+    scores = evaluate_run(resolve_run(run_dir, hub_dir), [split])
+    if as_json:  # {split: metrics}, as metrics.json holds them
+        print(json.dumps(scores, indent=2))
+    else:
+        metrics_table(scores, [split])
 
 
 @app.command()
@@ -54,6 +64,7 @@ def predict(
         Optional[float], typer.Option(help="Causal LM: sample from this nucleus probability mass, in (0, 1].")
     ] = None,
     seed: Annotated[int, typer.Option(help="Causal LM, sampling: the seed (the same seed, the same answers).")] = 0,
+    as_json: AsJson = False,
 ) -> None:
     """Run a finished run's adapter on texts given inline or in a file; with --adapter, several runs' adapters on
     one base, switched without reloading it."""
@@ -98,6 +109,9 @@ def predict(
         rows = multi_adapter.predict(loaded, items, **options)
     else:
         rows = task.predict(model, tokenizer, items, recipe.task, **options)
+    if as_json:  # one object per text, the table's columns as keys
+        print(json.dumps(rows, indent=2))
+        return
     table = Table(*rows[0])
     for row in rows:
         table.add_row(*map(cell, row.values()))

@@ -138,7 +138,7 @@ def estimate(recipe: Recipe, processes: int = 1, device: str | None = None) -> E
     model = meta_model(config, task.AUTO_CLASS, labels, tokenizer, loading.attention(recipe, where, precision),
                        loading.base_dtype(recipe, precision))  # fmt: skip
     steps = batches.total_steps(len(splits["train"]), recipe.train, processes)
-    model = loading.adapt(model, tokenizer, recipe, task, where, steps)
+    _, model = loading.adapt(model, tokenizer, recipe, task, where, steps)
     return from_model(
         model, recipe, where, precision, length, length_source, runtime, processes, "validation" in splits
     )

@@ -99,7 +99,7 @@ def adapted_model(
     the side the method needs. What `peftkit run` trains; `total_steps`: the run's optimizer steps; `weightless`:
     on the meta device (load_base)."""
     tokenizer, model = load_base(recipe, task, labels, device, precision, weightless=weightless)
-    return tokenizer, adapt(model, tokenizer, recipe, task, device, total_steps)
+    return adapt(model, tokenizer, recipe, task, device, total_steps)
 
 
 def adapt(
@@ -109,9 +109,10 @@ def adapt(
     task: Task,
     device: torch.device,
     total_steps: int,
-) -> torch.nn.Module:
-    """The base `model` made ready to train, as adapted_model does it (and `peftkit estimate` on a model without
-    weights, on the meta device): gradient checkpointing, the method, fp32 trainables, fast dropout, padding side."""
+) -> tuple[PreTrainedTokenizerBase, torch.nn.Module]:
+    """(tokenizer, model): the base `model` made ready to train, as adapted_model does it (and `peftkit estimate` on
+    a model without weights, on the meta device): gradient checkpointing, the method, fp32 trainables, fast
+    dropout; and the tokenizer padding on the side the method needs (both changed in place, both returned)."""
     if recipe.train.gradient_checkpointing:
         # Non-reentrant: the reentrant variant drops gradients when the checkpointed block's inputs do not
         # require grad, which is the case with a frozen (e.g. quantised) base.
@@ -122,7 +123,7 @@ def adapt(
     trainable_in_fp32(model)  # a bf16 base (model.dtype) left the copied task head in bf16
     use_fast_dropout(model, recipe, device)
     tokenizer.padding_side = optional(method, "padding_side")(context) or tokenizer.padding_side
-    return model
+    return tokenizer, model
 
 
 def use_fast_dropout(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> None:

@@ -249,7 +249,7 @@ def _memory(d: Design, task: str, facts: ModelFacts, labels: list | None, length
         loading.attention(recipe, device, precision),
         loading.base_dtype(recipe, precision),
     )
-    model = loading.adapt(model, facts.tokenizer, recipe, TASKS[task], device, 1000)
+    _, model = loading.adapt(model, facts.tokenizer, recipe, TASKS[task], device, 1000)
     found = estimate.from_model(model, recipe, device, precision, length, "", estimate.runtime_mib(device))
     parts = ", ".join(f"{name} {mib:,.0f}" for name, mib in found.parts.items())
     line = f"memory: about {found.total_mib:,.0f} MiB at the peak ({parts} MiB; `peftkit estimate` splits it)"

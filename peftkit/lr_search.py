@@ -14,8 +14,8 @@ Lightning its Trainer), so the few lines are here; the rules are theirs:
               reached: where one step per rate starts to undo the training. A LoRA classifier's loss barely falls
               in one step per rate, so its curve is flat until it turns: the rules below then read noise, while
               the turn is plain to see. Measured on the shipped recipes (benchmarks/RESULTS.md): over seeds, that
-              turn moved 1.5x at most where valley's pick moved 8x, and the margin of 25 lands each recipe within
-              its best rates.
+              turn moved 1.5x at most where valley's pick moved 8x; the margin of 25 lands the sentiment and
+              tweets recipes on their best rates, and the NER recipe at 0.5-0.7x of its own (1.65 F1 under).
     valley    fastai's default since 2.4: the longest stretch over which the smoothed loss keeps falling, and a
               rate a third to a half of the way along it. It keeps off the edge where the loss turns; on a flat
               curve its stretch starts in noise, and it picked 2 to 3 times under the best rate of each recipe.

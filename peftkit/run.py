@@ -114,10 +114,6 @@ class RunReport:
     output: Path
     metrics: dict
 
-    @property
-    def warnings(self) -> list[str]:
-        return self.metrics.get("warnings", [])
-
 
 def run(recipe: Recipe, overwrite: bool = False, resume: bool = False) -> RunReport | None:
     """Train, score and export; the run folder appears complete or not at all (`<folder>.partial` while running).
@@ -250,10 +246,7 @@ def score_before(session: Session, prepared: Prepared) -> Scores:
         model.to(accelerator.device)
         for split in recipe.eval.splits:
             with accelerator.autocast():  # the model is not prepared yet: a half-precision base needs it
-                loader = batches.eval_loader(prepared.encoded[split], prepared.collate, recipe, accelerator)
-                scores.splits[split] = evaluation.evaluate(
-                    model, loader, session.task, prepared.labels, accelerator, recipe.task
-                )
+                scores.splits[split] = _score(session, prepared, split)
             log.info("before training, %s: %s", split, evaluation.short(scores.splits[split]))
     if prepared.prompts:
         model.to(accelerator.device)
@@ -304,10 +297,7 @@ def score_after(session: Session, prepared: Prepared, trained: Trained) -> Score
     for split in recipe.eval.splits:
         scores.splits[split] = train.kept_scores(trained.result, split)
         if scores.splits[split] is None:
-            loader = batches.eval_loader(prepared.encoded[split], prepared.collate, recipe, accelerator)
-            scores.splits[split] = evaluation.evaluate(
-                prepared.model, loader, session.task, prepared.labels, accelerator, recipe.task
-            )
+            scores.splits[split] = _score(session, prepared, split)
         log.info("%s: %s", split, evaluation.short(scores.splits[split]))
     if prepared.prompts:
         with accelerator.autocast():
@@ -355,6 +345,13 @@ def report(
     atomic.write_text(session.run_dir / METRICS, json.dumps(metrics, indent=2))
     checkpoint.remove(session.run_dir)  # finished: the adapter is what remains
     return RunReport(session.recipe.output_dir, metrics)
+
+
+def _score(session: Session, prepared: Prepared, split: str) -> dict:
+    """The task's metrics of the model as it is now on one encoded split."""
+    recipe, accelerator = session.recipe, session.accelerator
+    loader = batches.eval_loader(prepared.encoded[split], prepared.collate, recipe, accelerator)
+    return evaluation.evaluate(prepared.model, loader, session.task, prepared.labels, accelerator, recipe.task)
 
 
 def _collapse_warnings(recipe: Recipe, after: Scores, trained: Trained) -> list[str]:

@@ -304,8 +304,8 @@ class _Loop:
                 state.first_loss = first if math.isfinite(first) else None
             if state.step % self.cfg.log_every == 0 or state.step == self.total:
                 loss = self.losses.mean()  # the only host sync: once per log interval
-                state.logged_losses.append(loss)
                 if self.recover is not None:
+                    state.logged_losses.append(loss)  # what recovery.still_learning reads at the next evaluation
                     wrong = recovery.loss_went_wrong(loss, state.first_loss, self.recover)
                     if wrong is not None:
                         self.roll_back(state, f"step {state.step}: {wrong}")
